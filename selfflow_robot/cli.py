@@ -1,0 +1,71 @@
+"""Hydra entry points shared by every `python -m selfflow_robot.<command>`.
+
+Configs live in the top-level `configs/` folder, installed as the package
+`selfflow_robot.configs`. `run(name, main)` parses `key=value` overrides with Hydra
+(so `--help`, `--cfg job` and multirun work as Hydra users expect) and calls
+`main(cfg)`. `compose(name, overrides)` builds the same config in-process (tests).
+An optional leading verb (`bench params model=xl`) is passed to main as cfg.verb.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import sys
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONFIG_DIR = str(importlib.resources.files("selfflow_robot.configs"))
+
+
+def _pop_verb(argv: list[str], verbs: tuple[str, ...]) -> str | None:
+    if verbs and len(argv) > 1 and argv[1] in verbs:
+        return argv.pop(1)
+    if verbs and len(argv) > 1 and not argv[1].startswith("-") and "=" not in argv[1]:
+        raise SystemExit(f"unknown command '{argv[1]}'; expected one of: {', '.join(verbs)}")
+    return None
+
+
+def _with_verb(cfg: DictConfig, verb: str | None) -> DictConfig:
+    if verb is not None:
+        with open_dict(cfg):
+            cfg.verb = verb
+    return cfg
+
+
+def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str, ...] = ()) -> None:
+    """Parse sys.argv with Hydra and call main(cfg)."""
+    import hydra
+
+    verb = _pop_verb(sys.argv, verbs)
+    if verbs and verb is None and not any(a.startswith("-") for a in sys.argv[1:]):
+        raise SystemExit(f"usage: python -m {sys.modules['__main__'].__spec__.name} "
+                         f"{{{'|'.join(verbs)}}} [key=value ...]")
+
+    @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
+    def _entry(cfg: DictConfig) -> None:
+        main(_with_verb(cfg, verb))
+
+    _entry()
+
+
+def compose(config_name: str, overrides: list[str] | None = None, verb: str | None = None) -> DictConfig:
+    """Build a config exactly as the command line would, without Hydra's run-dir handling."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
+    return _with_verb(cfg, verb)
+
+
+def hydra_run_dir() -> str | None:
+    """The Hydra output directory of the current job, or None outside @hydra.main."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except Exception:
+        return None
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
