@@ -1,0 +1,100 @@
+"""Websocket client for a policy server. Imports only numpy, msgpack, websockets and stdlib
+(plus the numpy-only sibling modules), works with numpy >= 1.24 on Python 3.10+, so it runs
+on a robot computer or inside a SimplerEnv venv without torch.
+
+    policy = WebsocketClientPolicy("ws://127.0.0.1:8000", api_key=None)
+    policy.reset("pick coke can")
+    action = policy.act({"image": img_uint8_hw3, "state": state})   # float32 [A]
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.sync.client import connect
+
+from . import msgpack_numpy
+from .chunking import ActionChunker, ChunkConfig
+from .safety import SafetyConfig, SafetyFilter
+
+
+class PolicyServerError(RuntimeError):
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind, self.message = kind, message
+
+
+class WebsocketClientPolicy:
+    def __init__(self, url: str = "ws://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
+                 chunk: ChunkConfig | None = None, safety: SafetyConfig | None = None,
+                 wait_for_server: float = 0.0):
+        """timeout: seconds for connect and for each reply. wait_for_server: keep retrying a refused
+        connection this long (the server may still be loading the model)."""
+        self.url, self.timeout = url, float(timeout)
+        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+        self._packer = msgpack_numpy.Packer()
+        deadline = time.monotonic() + float(wait_for_server)
+        while True:
+            try:
+                self._ws = connect(url, additional_headers=headers, compression=None, max_size=None,
+                                   open_timeout=self.timeout, close_timeout=5)
+                break
+            except InvalidStatus as e:
+                code = getattr(getattr(e, "response", None), "status_code", None)
+                raise PermissionError(f"{url} refused the connection (HTTP {code}); check api_key") from e
+            except (OSError, TimeoutError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+        self.metadata: dict = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
+        self.action_dim = self.metadata.get("action_dim")
+        self.chunker = ActionChunker(chunk or ChunkConfig())
+        # Server-side safety already bounds each chunk; this re-applies bounds and per-step
+        # deltas to the actions actually executed (they depend on ensembling done here).
+        self.safety = SafetyFilter(safety, int(self.action_dim)) if safety is not None else None
+        self.last_action: np.ndarray | None = None
+        self.last_timing: dict = {}
+
+    def _call(self, request: dict) -> dict:
+        t0 = time.perf_counter()
+        try:
+            self._ws.send(self._packer.pack(request))
+            reply = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
+        except WebSocketException as e:
+            raise ConnectionError(f"policy server connection failed: {e}") from e
+        if isinstance(reply, dict) and "error" in reply:
+            err = reply["error"] if isinstance(reply["error"], dict) else {}
+            raise PolicyServerError(str(err.get("type", "error")), str(err.get("message", reply["error"])))
+        self.last_timing = {**(reply.get("server_timing") or {}), "roundtrip_ms": (time.perf_counter() - t0) * 1e3}
+        return reply
+
+    def reset(self, instruction: str | None = None) -> None:
+        self._call({"type": "reset", "instruction": instruction})
+        self.chunker.reset()
+        self.last_action = None
+
+    def infer(self, obs: dict) -> dict:
+        """One round trip: {"actions": float32 [H, A], "server_timing": {...}, "safety": {...}}."""
+        reply = self._call({"type": "infer", "obs": obs})
+        reply["actions"] = np.asarray(reply["actions"], dtype=np.float32)
+        reply["server_timing"] = dict(self.last_timing)  # adds the client-side roundtrip_ms
+        return reply
+
+    def act(self, obs: dict) -> np.ndarray:
+        if self.chunker.needs_chunk():
+            self.chunker.push(self.infer(obs)["actions"])
+        a = self.chunker.pop()
+        if self.safety is not None:
+            a, _ = self.safety.step(a, self.last_action)
+        self.last_action = a
+        return a
+
+    def close(self) -> None:
+        self._ws.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,206 @@
+"""`Policy`: observation -> safe, un-normalised action chunk / single action.
+
+The model sits behind `predict_fn(obs) -> normalised [H, A]` (or a dict with "actions" plus
+extras such as "video"), so everything here is numpy and testable with a fake predictor.
+`Policy.load` builds the predictor from a checkpoint with the model engineer's
+`load_checkpoint_model` + `ActionSampler`, imported lazily: importing this module never
+imports torch (the server and tests rely on that).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .chunking import ActionChunker, ChunkConfig
+from .normalize import Normalizer
+from .safety import SafetyConfig, SafetyFilter
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json")
+MAX_IMAGE_SIDE = 4096
+MAX_INSTRUCTION_CHARS = 4096
+
+
+class ObservationError(ValueError):
+    """The observation does not follow {"image": uint8[H,W,3], "instruction": str, "state": float[S]}."""
+
+
+def validate_obs(obs: Any, state_dim: int | None = None) -> dict:
+    if not isinstance(obs, dict):
+        raise ObservationError(f"obs must be a dict, got {type(obs).__name__}")
+    if "image" not in obs:
+        raise ObservationError("obs lacks 'image'")
+    img = obs["image"]
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        raise ObservationError(f"obs['image'] must be a uint8 array, got "
+                               f"{getattr(img, 'dtype', type(img).__name__)}")
+    if img.ndim != 3 or img.shape[2] != 3 or not (0 < img.shape[0] <= MAX_IMAGE_SIDE
+                                                   and 0 < img.shape[1] <= MAX_IMAGE_SIDE):
+        raise ObservationError(f"obs['image'] must be [H, W, 3] with 0 < H, W <= {MAX_IMAGE_SIDE}, "
+                               f"got {list(img.shape)}")
+    instr = obs.get("instruction")
+    if instr is not None and (not isinstance(instr, str) or len(instr) > MAX_INSTRUCTION_CHARS):
+        raise ObservationError(f"obs['instruction'] must be a str of <= {MAX_INSTRUCTION_CHARS} chars")
+    state = obs.get("state")
+    if state is not None:
+        if not isinstance(state, np.ndarray) or state.dtype.kind not in "fiu" or state.ndim != 1:
+            raise ObservationError("obs['state'] must be a 1-D numeric array")
+        if state_dim is not None and state.shape[0] != state_dim:
+            raise ObservationError(f"obs['state'] has {state.shape[0]} dims, the policy expects {state_dim}")
+        if not np.all(np.isfinite(state)):
+            raise ObservationError("obs['state'] contains NaN or inf")
+    return obs
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint dir, or a run dir whose checkpoints/latest names one."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"policy path {p} does not exist")
+    latest = p / "checkpoints" / "latest"
+    if not (p / "config.json").exists() and latest.is_file():
+        name = latest.read_text().strip()
+        p = (p / "checkpoints" / name) if not Path(name).is_absolute() else Path(name)
+        if not p.is_dir():
+            raise FileNotFoundError(f"{latest} names {name!r}, which is not a checkpoint directory")
+    missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{p} is not a selfflow-robot policy checkpoint: missing {', '.join(missing)}")
+    return p
+
+
+def _first(d: dict, paths: list[str], default=None):
+    for path in paths:
+        cur: Any = d
+        for k in path.split("."):
+            cur = cur.get(k) if isinstance(cur, dict) else None
+        if cur is not None:
+            return cur
+    return default
+
+
+def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise ValueError(f"{source}: no 'model' section; not a selfflow-robot run config")
+    action_dim = cfg["model"].get("action_dim") or 0
+    if int(action_dim) <= 0:
+        raise ValueError(f"{source}: model.action_dim is {action_dim!r}, so the model has no action head "
+                         "(a pretraining checkpoint?); fine-tune it on robot episodes first")
+    return {
+        "model": cfg["model"].get("name"),
+        "action_dim": int(action_dim),
+        "action_chunk": _first(cfg, ["dataset.action_chunk", "data.action_chunk", "model.action_chunk"]),
+        "image_size": _first(cfg, ["dataset.image_size", "data.image_size", "model.image_size"]),
+        "state_dim": _first(cfg, ["dataset.state_dim", "data.state_dim", "model.state_dim"]),
+        "fps": _first(cfg, ["dataset.fps", "data.fps", "env.fps"]),
+    }
+
+
+class Policy:
+    def __init__(self, predict_fn: Callable[[dict], Any], metadata: dict, normalization: dict | None = None,
+                 chunk: ChunkConfig | None = None, safety: SafetyConfig | None = None):
+        if "action_dim" not in metadata:
+            raise ValueError("metadata must give action_dim")
+        self.predict_fn = predict_fn
+        self.normalizer = Normalizer(normalization) if normalization is not None else None
+        self.action_dim = int(metadata["action_dim"])
+        if self.normalizer is not None and self.normalizer.action.dim != self.action_dim:
+            raise ValueError(f"normalization has {self.normalizer.action.dim} action dims, "
+                             f"metadata.action_dim is {self.action_dim}")
+        self.chunk_cfg = chunk or ChunkConfig()
+        self.safety_cfg = safety or SafetyConfig()
+        mode = self.normalizer.mode if self.normalizer else None
+        self.safety = SafetyFilter(self.safety_cfg, self.action_dim, mode,
+                                   self.normalizer.action.mask if self.normalizer else None)
+        self.metadata = {**metadata, "normalization": mode,
+                         "chunk": dataclasses.asdict(self.chunk_cfg),
+                         "safety": dataclasses.asdict(self.safety_cfg)}
+        self.chunker = ActionChunker(self.chunk_cfg)
+        self._lock = threading.Lock()  # one model call at a time, even from several threads
+        self.reset()
+
+    def reset(self, instruction: str | None = None) -> None:
+        if instruction is not None and not isinstance(instruction, str):
+            raise TypeError("instruction must be a str or None")
+        self.instruction = instruction
+        self.chunker.reset()
+        self.last_action: np.ndarray | None = None
+        self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
+
+    def infer(self, obs: dict) -> dict:
+        obs = validate_obs(obs, self.metadata.get("state_dim"))
+        if obs.get("instruction") is None:
+            obs = {**obs, "instruction": self.instruction or ""}
+        if obs.get("state") is not None and self.normalizer is not None and self.normalizer.state is not None:
+            obs = {**obs, "state": self.normalizer.normalize_state(obs["state"])}  # the model sees normalised state
+        t0 = time.perf_counter()
+        with self._lock:
+            out = self.predict_fn(obs)
+        infer_ms = (time.perf_counter() - t0) * 1e3
+        extras = {}
+        if isinstance(out, dict):
+            extras = {k: v for k, v in out.items() if k != "actions" and v is not None}
+            out = out.get("actions")
+        x = np.asarray(out, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.action_dim or x.shape[0] < 1:
+            raise RuntimeError(f"predictor returned actions of shape {list(x.shape)}, "
+                               f"expected [H, {self.action_dim}]")
+        t1 = time.perf_counter()
+        flags = {"hold": False, "clipped": False, "delta_limited": False}
+        if np.all(np.isfinite(x)):  # check before clipping: clip would turn inf into a finite bound
+            x, flags["clipped"] = self.safety.clip_normalized(x)
+            if self.normalizer is not None:
+                x = self.normalizer.unnormalize_action(x)
+        actions, f = self.safety.chunk(x, self.last_action)
+        flags = {k: bool(flags[k] or f[k]) for k in flags}
+        timing = {"infer_ms": infer_ms, "postprocess_ms": (time.perf_counter() - t1) * 1e3}
+        return {"actions": actions, "server_timing": timing, "safety": flags, **extras}
+
+    def act(self, obs: dict) -> np.ndarray:
+        if self.chunker.needs_chunk():
+            self.chunker.push(self.infer(obs)["actions"])
+        a, self.last_safety = self.safety.step(self.chunker.pop(), self.last_action)
+        self.last_action = a
+        return a
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", *, sampler_steps: int = 10,
+             mode: str = "action_first", chunk: ChunkConfig | None = None,
+             safety: SafetyConfig | None = None, **overrides) -> "Policy":
+        """Load a checkpoint dir (or a run dir's latest). `overrides` are ChunkConfig /
+        SafetyConfig fields, e.g. execute_steps=2, ensemble=True, max_delta=0.05."""
+        ckpt = resolve_checkpoint(path)
+        chunk_fields = {f.name for f in dataclasses.fields(ChunkConfig)}
+        safety_fields = {f.name for f in dataclasses.fields(SafetyConfig)}
+        unknown = set(overrides) - chunk_fields - safety_fields
+        if unknown:
+            raise TypeError(f"unknown Policy.load options: {sorted(unknown)}")
+        chunk = dataclasses.replace(chunk or ChunkConfig(), **{k: v for k, v in overrides.items() if k in chunk_fields})
+        safety = dataclasses.replace(safety or SafetyConfig(),
+                                     **{k: v for k, v in overrides.items() if k in safety_fields})
+        with open(ckpt / "config.json", encoding="utf-8") as f:
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{ckpt / 'config.json'}: not valid JSON ({e})") from e
+        metadata = metadata_from_config(cfg, str(ckpt / "config.json"))
+        normalization = Normalizer.from_json(ckpt / "normalization.json").raw
+
+        # Lazy: torch and the model code are only needed here, not by the server or client.
+        from selfflow_robot.models import load_checkpoint_model
+        from selfflow_robot.sampling import ActionSampler
+
+        model, model_cfg = load_checkpoint_model(str(ckpt), device)
+        sampler = ActionSampler(model, model_cfg, device, steps=sampler_steps, mode=mode)
+
+        def predict(obs: dict):
+            return sampler(obs["image"], obs.get("instruction") or "", state=obs.get("state"))
+
+        metadata.update(checkpoint=str(ckpt), device=str(device), sampler_steps=int(sampler_steps), mode=mode)
+        return cls(predict, metadata, normalization, chunk, safety)

@@ -1,0 +1,123 @@
+"""Safety limits on actions (numpy only), applied in this order:
+
+1. non-finite guard: a chunk/step with NaN or inf is replaced by the "hold" action and flagged;
+2. clip in normalised space (before un-normalising; masked dims only) - `normalized_clip`;
+3. absolute bounds in robot units - `action_low` / `action_high`;
+4. per-step delta limit relative to the previously executed action - `max_delta`.
+"Hold" keeps the robot still: zeros for delta-action robots (`hold="zeros"`, with
+`hold_keep_dims` such as the gripper keeping their last value) or the last executed action
+for absolute-position robots (`hold="last"`). A watchdog that stops the arm when no action
+arrives within k*dt belongs on the robot side.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HOLD_MODES = ("zeros", "last")
+
+
+@dataclass
+class SafetyConfig:
+    normalized_clip: float | str | None = "auto"  # "auto": 1.0 in q99 mode, off in mean_std mode
+    action_low: list[float] | None = None
+    action_high: list[float] | None = None
+    max_delta: float | list[float] | None = None  # per step, robot units, |a_t - a_{t-1}|
+    hold: str = "zeros"
+    hold_keep_dims: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.hold not in HOLD_MODES:
+            raise ValueError(f"hold must be one of {HOLD_MODES}, got {self.hold!r}")
+        if isinstance(self.normalized_clip, str) and self.normalized_clip != "auto":
+            raise ValueError("normalized_clip must be a number, 'auto' or None")
+        if self.max_delta is not None and np.any(np.asarray(self.max_delta, float) < 0):
+            raise ValueError("max_delta must be >= 0")
+        if self.action_low is not None and self.action_high is not None and \
+                np.any(np.asarray(self.action_low, float) > np.asarray(self.action_high, float)):
+            raise ValueError("action_low > action_high in some dimension")
+
+    def clip_value(self, mode: str | None) -> float | None:
+        if self.normalized_clip == "auto":
+            return 1.0 if mode == "q99" else None
+        return None if self.normalized_clip is None else float(self.normalized_clip)
+
+
+class SafetyFilter:
+    def __init__(self, cfg: SafetyConfig | None, action_dim: int, norm_mode: str | None = None,
+                 norm_mask: np.ndarray | None = None):
+        self.cfg = cfg or SafetyConfig()
+        self.dim = int(action_dim)
+        self.clip = self.cfg.clip_value(norm_mode) if norm_mode is not None else None
+        self.mask = np.ones(self.dim, bool) if norm_mask is None else np.asarray(norm_mask, bool)
+        self.low = self._vec(self.cfg.action_low, "action_low")
+        self.high = self._vec(self.cfg.action_high, "action_high")
+        self.max_delta = self._vec(self.cfg.max_delta, "max_delta")
+        bad = [d for d in self.cfg.hold_keep_dims if not 0 <= int(d) < self.dim]
+        if bad:
+            raise ValueError(f"hold_keep_dims {bad} out of range for action_dim {self.dim}")
+
+    def _vec(self, v, name):
+        if v is None:
+            return None
+        a = np.broadcast_to(np.asarray(v, dtype=np.float64), (self.dim,)) if np.ndim(v) == 0 \
+            else np.asarray(v, dtype=np.float64)
+        if a.shape != (self.dim,):
+            raise ValueError(f"safety.{name} has {a.shape[0]} entries, action_dim is {self.dim}")
+        return a
+
+    def hold_action(self, last: np.ndarray | None) -> np.ndarray:
+        if last is None:
+            return np.zeros(self.dim, np.float32)
+        if self.cfg.hold == "last":
+            return np.asarray(last, np.float32).copy()
+        out = np.zeros(self.dim, np.float32)
+        keep = [int(d) for d in self.cfg.hold_keep_dims]
+        out[keep] = np.asarray(last, np.float32)[keep]
+        return out
+
+    def clip_normalized(self, x: np.ndarray) -> tuple[np.ndarray, bool]:
+        if self.clip is None:
+            return x, False
+        y = np.where(self.mask, np.clip(x, -self.clip, self.clip), x)
+        return y.astype(np.float32), bool(np.any(y != x))
+
+    def bound(self, a: np.ndarray) -> tuple[np.ndarray, bool]:
+        if self.low is None and self.high is None:
+            return a, False
+        y = np.clip(a, self.low if self.low is not None else -np.inf,
+                    self.high if self.high is not None else np.inf).astype(np.float32)
+        return y, bool(np.any(y != a))
+
+    def limit_step(self, a: np.ndarray, last: np.ndarray | None) -> tuple[np.ndarray, bool]:
+        if self.max_delta is None or last is None:
+            return a, False
+        y = np.clip(a, last - self.max_delta, last + self.max_delta).astype(np.float32)
+        return y, bool(np.any(y != a))
+
+    def step(self, a: np.ndarray, last: np.ndarray | None) -> tuple[np.ndarray, dict]:
+        """One executed action (robot units): finite guard, bounds, delta limit."""
+        a = np.asarray(a, np.float32)
+        if not np.all(np.isfinite(a)):
+            return self.hold_action(last), {"hold": True, "clipped": False, "delta_limited": False}
+        a, clipped = self.bound(a)
+        a, limited = self.limit_step(a, last)
+        return a, {"hold": False, "clipped": clipped, "delta_limited": limited}
+
+    def chunk(self, actions: np.ndarray, last: np.ndarray | None) -> tuple[np.ndarray, dict]:
+        """A whole un-normalised chunk: a non-finite value anywhere makes the chunk untrustworthy,
+        so every row becomes the hold action; otherwise bounds and deltas row by row."""
+        actions = np.asarray(actions, np.float32)
+        if not np.all(np.isfinite(actions)):
+            hold = self.hold_action(last)
+            return np.repeat(hold[None], len(actions), 0), {"hold": True, "clipped": False, "delta_limited": False}
+        out = np.empty_like(actions)
+        flags = {"hold": False, "clipped": False, "delta_limited": False}
+        prev = last
+        for i, a in enumerate(actions):
+            out[i], f = self.step(a, prev)
+            flags["clipped"] |= f["clipped"]
+            flags["delta_limited"] |= f["delta_limited"]
+            prev = out[i]
+        return out, flags

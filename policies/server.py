@@ -1,0 +1,167 @@
+"""Websocket policy server (openpi style): msgpack-numpy frames, metadata on connect, /healthz.
+
+Protocol (every frame is one msgpack map; arrays as raw bytes, see msgpack_numpy):
+  server -> client on connect: metadata dict (+ "protocol", "max_message_bytes")
+  {"type": "infer", "obs": {"image": uint8[H,W,3], "instruction": str, "state": float[S]}}
+      -> {"actions": float32[H,A], "server_timing": {"infer_ms", "total_ms", "prev_total_ms"}, "safety": {...}}
+  {"type": "reset", "instruction": str | None} -> {"ok": True}
+  anything wrong -> {"error": {"type": ..., "message": ...}}; the connection stays open.
+Messages above `max_message_bytes` get a "too_large" error; above twice that, websockets
+itself closes that one connection (1009) so a client cannot make the server buffer without
+bound. Inference runs in one worker thread (one model call at a time) so the event loop
+keeps answering pings, /healthz and other connections. API key: `Authorization: Api-Key <k>`
+or `x-api-key: <k>`, else HTTP 401. Compression is off (images do not compress; no zip bombs).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http
+import logging
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+import msgpack
+from websockets.asyncio.server import ServerConnection, serve
+
+from . import msgpack_numpy
+from .policy import ObservationError
+
+PROTOCOL = "selfflow-robot/1"
+log = logging.getLogger("selfflow_robot.serve")
+
+
+def _error(kind: str, message: str) -> dict:
+    return {"error": {"type": kind, "message": message[:2000]}}
+
+
+class PolicyServer:
+    def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 max_message_bytes: int = 16 * 2**20, return_extras: bool = False, metadata: dict | None = None):
+        self.policy = policy
+        self.host, self.port = host, int(port)
+        self.api_key = api_key or None
+        self.max_message_bytes = int(max_message_bytes)
+        self.return_extras = return_extras
+        self.metadata = {**(metadata if metadata is not None else policy.metadata),
+                         "protocol": PROTOCOL, "max_message_bytes": self.max_message_bytes}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-infer")
+        self._server = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.ready = threading.Event()
+
+    # ---- HTTP side: health check and authentication during the opening handshake ----
+    def _authorized(self, headers) -> bool:
+        if self.api_key is None:
+            return True
+        auth = headers.get("Authorization", "")
+        given = auth[len("Api-Key "):].strip() if auth.startswith("Api-Key ") else headers.get("x-api-key", "")
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    def _process_request(self, connection: ServerConnection, request):
+        if request.path.split("?")[0] == "/healthz":
+            return connection.respond(http.HTTPStatus.OK, "OK\n")
+        if not self._authorized(request.headers):
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
+        return None
+
+    # ---- websocket side ----
+    async def _handler(self, ws: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        packer = msgpack_numpy.Packer()
+        instruction: str | None = None  # per connection, so clients do not overwrite each other's task
+        prev_total_ms = None
+        await ws.send(packer.pack(self.metadata))
+        async for message in ws:
+            t0 = time.perf_counter()
+            reply = await self._reply(message, loop, instruction)
+            if isinstance(reply, tuple):  # reset: (reply, new instruction)
+                reply, instruction = reply
+            if "server_timing" in reply:
+                reply["server_timing"]["total_ms"] = (time.perf_counter() - t0) * 1e3
+                if prev_total_ms is not None:
+                    reply["server_timing"]["prev_total_ms"] = prev_total_ms
+            try:
+                data = packer.pack(reply)
+            except Exception as e:  # a predictor returned something unserialisable
+                data = packer.pack(_error("internal", f"cannot encode reply: {e}"))
+            await ws.send(data)
+            prev_total_ms = (time.perf_counter() - t0) * 1e3
+
+    async def _reply(self, message, loop, instruction):
+        if isinstance(message, str):
+            return _error("bad_request", "expected a binary msgpack frame, got text")
+        if len(message) > self.max_message_bytes:
+            return _error("too_large", f"message of {len(message)} bytes exceeds max_message_bytes="
+                          f"{self.max_message_bytes}")
+        try:
+            req = msgpack_numpy.unpackb(message)
+        except (ValueError, TypeError, msgpack.exceptions.UnpackException, msgpack.exceptions.ExtraData,
+                msgpack.exceptions.StackError, RecursionError) as e:
+            return _error("bad_request", f"cannot decode msgpack message: {type(e).__name__}: {e}")
+        except Exception as e:  # msgpack raises assorted errors on garbage; never let them kill the loop
+            return _error("bad_request", f"cannot decode msgpack message: {type(e).__name__}: {e}")
+        if not isinstance(req, dict) or not isinstance(req.get("type"), str):
+            return _error("bad_request", "a request must be a map with a string 'type'")
+        kind = req["type"]
+        if kind == "infer":
+            obs = req.get("obs")
+            if not isinstance(obs, dict):
+                return _error("bad_request", "'infer' needs an 'obs' map")
+            if obs.get("instruction") is None and instruction is not None:
+                obs = {**obs, "instruction": instruction}
+            try:
+                result = await loop.run_in_executor(self._executor, self.policy.infer, obs)
+            except ObservationError as e:
+                return _error("invalid_observation", str(e))
+            except Exception as e:
+                log.error("inference failed:\n%s", traceback.format_exc())
+                return _error("inference_error", f"{type(e).__name__}: {e}")
+            if not self.return_extras:
+                result = {k: result[k] for k in ("actions", "server_timing", "safety") if k in result}
+            return dict(result, server_timing=dict(result.get("server_timing", {})))
+        if kind == "reset":
+            instr = req.get("instruction")
+            if instr is not None and not isinstance(instr, str):
+                return _error("bad_request", "'reset' instruction must be a string or nil")
+            try:
+                await loop.run_in_executor(self._executor, self.policy.reset, instr)
+            except Exception as e:
+                return _error("reset_error", f"{type(e).__name__}: {e}")
+            return {"ok": True}, instr
+        return _error("unknown_type", f"unknown request type {kind!r}; expected 'infer' or 'reset'")
+
+    # ---- lifecycle ----
+    async def serve_async(self, stop: asyncio.Future | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = stop if stop is not None else self._loop.create_future()
+        async with serve(self._handler, self.host, self.port, process_request=self._process_request,
+                         compression=None, max_size=2 * self.max_message_bytes, ping_interval=20,
+                         ping_timeout=60, server_header=None) as server:
+            self._server = server
+            self.port = server.sockets[0].getsockname()[1]  # resolves port=0 to the ephemeral port
+            self.ready.set()
+            log.info("serving policy on ws://%s:%d (healthz: http://%s:%d/healthz)",
+                     self.host, self.port, self.host, self.port)
+            await self._stop
+
+    def serve_forever(self) -> None:
+        asyncio.run(self.serve_async())
+
+    def start_in_thread(self, timeout: float = 10.0) -> int:
+        """Run the server on a daemon thread (tests, benchmarks); returns the bound port."""
+        self._thread = threading.Thread(target=self.serve_forever, name="policy-server", daemon=True)
+        self._thread.start()
+        if not self.ready.wait(timeout):
+            raise RuntimeError("policy server did not start")
+        return self.port
+
+    def stop(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
+        if getattr(self, "_thread", None) is not None:
+            self._thread.join(timeout=10)
+        self._executor.shutdown(wait=False)
+
