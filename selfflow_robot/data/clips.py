@@ -1,0 +1,79 @@
+"""Clip sampler: a map-style Dataset over every (episode, start step) of an episode store.
+
+Item keys (docs/design.md, "Clip sampler"): context uint8[N,h,w,3], future uint8[M,h,w,3],
+future_mask bool[M], actions float32[H,A] (normalised), action_mask bool[H], instruction str,
+instruction_embedding float32[E] (stores with embeddings), state float32[S] at the start step
+(stores with state; normalised when the normaliser has state statistics), plus episode/start.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.utils.data
+
+from .normalize import ActionNormalizer
+from .store import EpisodeStore
+
+
+def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in frames])
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    def __init__(self, store: EpisodeStore | str, context_frames: int = 1, future_frames: int = 4,
+                 frame_stride: int = 1, action_chunk: int = 6, image_size=None,
+                 normalizer: ActionNormalizer | None = None, episodes=None):
+        self.store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
+        if context_frames < 1 or future_frames < 0 or frame_stride < 1 or action_chunk < 0:
+            raise ValueError("need context_frames >= 1, future_frames >= 0, frame_stride >= 1, action_chunk >= 0")
+        self.n, self.m, self.s, self.h = int(context_frames), int(future_frames), int(frame_stride), int(action_chunk)
+        native = tuple(self.store.meta["image_shape"][:2])
+        self.image_size = native if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self._resize = self.image_size != native
+        self.normalizer = normalizer
+        self.episodes = np.arange(len(self.store)) if episodes is None else np.asarray(episodes, dtype=np.int64)
+        lengths = self.store.lengths[self.episodes]
+        # Every start step of every episode is a sample; flat index -> (episode, start) by bisection.
+        self._cum = np.concatenate([[0], np.cumsum(lengths)])
+        self.action_dim = int(self.store.meta["action_dim"])
+
+    def __len__(self) -> int:
+        return int(self._cum[-1])
+
+    def locate(self, idx: int) -> tuple[int, int]:
+        if not 0 <= idx < len(self):
+            raise IndexError(idx)
+        k = int(np.searchsorted(self._cum, idx, side="right") - 1)
+        return int(self.episodes[k]), int(idx - self._cum[k])
+
+    def __getitem__(self, idx: int) -> dict:
+        ep, start = self.locate(int(idx))
+        store = self.store
+        length = store.episode_length(ep)
+        ctx = np.maximum(start - self.s * np.arange(self.n - 1, -1, -1), 0)
+        fut = start + self.s * np.arange(1, self.m + 1)
+        future_mask = fut < length
+        fut = np.minimum(fut, length - 1)
+        frames = store.frames(ep, np.concatenate([ctx, fut]))  # one gather from the memory map
+        if self._resize:
+            frames = _resize(frames, self.image_size)
+        act_idx = start + np.arange(self.h)
+        action_mask = act_idx < length
+        if self.action_dim:
+            actions = store.gather(ep, "actions", np.minimum(act_idx, length - 1)).astype(np.float32)
+            if self.normalizer is not None:
+                actions = self.normalizer.normalize(actions)
+        else:
+            actions = np.zeros((self.h, 0), np.float32)
+        item = {"context": frames[:self.n], "future": frames[self.n:], "future_mask": future_mask,
+                "actions": actions, "action_mask": action_mask, "instruction": store.instruction(ep),
+                "episode": ep, "start": start}
+        emb = store.instruction_embedding(ep)
+        if emb is not None:
+            item["instruction_embedding"] = emb
+        if int(store.meta.get("state_dim", 0)):
+            st = store.gather(ep, "state", [start])[0].astype(np.float32)
+            item["state"] = self.normalizer.normalize_state(st) if self.normalizer is not None else st
+        return item
