@@ -1,0 +1,88 @@
+"""Model configuration and the registry of named sizes (DiT/SiT naming: S, B, L, XL)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    depth: int = 2
+    width: int = 64
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    # Pixel patches: a p x p x 3 patch of a [-1, 1] frame is one token.
+    patch_size: int = 8
+    in_channels: int = 3
+    # Action stream: 0 means no action layers (pretraining); fine-tuning sets the dataset's action dim.
+    action_dim: int = 0
+    # Frames are `frame_stride` control steps apart; action j sits at time j / frame_stride (RoPE time axis).
+    frame_stride: int = 1
+    # Instruction encoder: "bytes" (UTF-8 bytes + learned embedding, no download), "embedding"
+    # (a precomputed vector such as RT-1's 512-d USE embedding) or "none".
+    text: str = "bytes"
+    max_text_len: int = 64
+    text_embed_dim: int = 512
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    # Layers for the Self-Flow taps (1-indexed "after block i"); None -> round(0.3 D), round(0.7 D).
+    student_layer: int | None = None
+    teacher_layer: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"model.width={self.width} is not divisible by model.heads={self.heads}")
+        if (self.width // self.heads) % 2:
+            raise ValueError(f"head dim {self.width // self.heads} must be even for rotary positions")
+        if self.patch_size < 1:
+            raise ValueError(f"model.patch_size must be >= 1, got {self.patch_size}")
+        if self.text not in ("bytes", "embedding", "none"):
+            raise ValueError(f"model.text must be bytes|embedding|none, got {self.text!r}")
+
+    @property
+    def l_student(self) -> int:
+        return self.student_layer or max(1, round(0.3 * self.depth))
+
+    @property
+    def k_teacher(self) -> int:
+        return self.teacher_layer or max(1, round(0.7 * self.depth))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**d)
+
+
+# depth, width, heads (SiT/DiT sizes; xl = SiT-XL/2: 28 blocks, 1152 wide, 16 heads, ~675M params).
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(depth=2, width=64, heads=4),
+    "s": dict(depth=12, width=384, heads=6),
+    "b": dict(depth=12, width=768, heads=12),
+    "l": dict(depth=24, width=1024, heads=16),
+    "xl": dict(depth=28, width=1152, heads=16),
+}
+
+
+def model_config(name_or_cfg: str | dict | ModelConfig, **overrides: Any) -> ModelConfig:
+    if isinstance(name_or_cfg, ModelConfig):
+        base = name_or_cfg.to_dict()
+    elif isinstance(name_or_cfg, str):
+        if name_or_cfg not in SIZES:
+            raise ValueError(f"unknown model size {name_or_cfg!r}; choose from {sorted(SIZES)}")
+        base = dict(name=name_or_cfg, **SIZES[name_or_cfg])
+    else:
+        base = dict(name_or_cfg)
+        size = base.get("name")
+        if size in SIZES:  # a config group file may give only the name and a few overrides
+            base = {**SIZES[size], **base}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig.from_dict(base)

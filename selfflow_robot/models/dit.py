@@ -1,0 +1,203 @@
+"""SelfFlowDiT: a DiT/SiT-style transformer over video, action, context-frame and text tokens.
+
+Token order is [text | context frames | video | action]; video and action are the generated
+streams (their outputs are velocities), text and context condition them. Every token carries its
+own timestep (paper convention: 0 = clean, 1 = noise). Positions are 3D RoPE (t, h, w), so the
+number of frames and the resolution may change between pretraining and fine-tuning.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .layers import Block, FinalLayer, Rope3D, TimestepEmbedder
+from .text import ByteTextEncoder, EmbeddingTextEncoder, encode_bytes
+from .tokens import float_to_frames, frames_to_float, patchify, unpatchify
+
+STREAM_TYPES = ("text", "context", "video", "action")
+
+
+class TokenTimes(NamedTuple):
+    """Timesteps of one stream as K distinct values per sample and a per-token index into them."""
+
+    values: torch.Tensor  # [B, K] float
+    index: torch.Tensor  # [B, *token_shape] long, entries in [0, K)
+
+
+def _as_token_times(t, batch: int, token_shape: tuple[int, ...], device) -> TokenTimes:
+    """Accept None (clean), a float, [B] per-sample, token-shaped per-token, or TokenTimes."""
+    n = 1
+    for s in token_shape:
+        n *= s
+    if isinstance(t, TokenTimes):
+        return TokenTimes(t.values.float(), t.index.reshape(batch, n))
+    if t is None or isinstance(t, (int, float)):
+        v = torch.full((batch, 1), float(t or 0.0), device=device)
+        return TokenTimes(v, torch.zeros(batch, n, dtype=torch.long, device=device))
+    t = t.float().to(device)
+    if t.dim() == 1:
+        return TokenTimes(t[:, None], torch.zeros(batch, n, dtype=torch.long, device=device))
+    if tuple(t.shape) != (batch, *token_shape):
+        raise ValueError(f"timesteps of shape {tuple(t.shape)} fit neither [B]={batch} nor tokens {token_shape}")
+    idx = torch.arange(n, device=device).expand(batch, n)
+    return TokenTimes(t.reshape(batch, n), idx)
+
+
+class SelfFlowDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.patch_dim = cfg.patch_size**2 * cfg.in_channels
+        self.video_embed = nn.Linear(self.patch_dim, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.type_embed = nn.Parameter(torch.zeros(len(STREAM_TYPES), D))
+        if cfg.text == "bytes":
+            self.text_encoder = ByteTextEncoder(D, cfg.max_text_len)
+        elif cfg.text == "embedding":
+            self.text_encoder = EmbeddingTextEncoder(D, cfg.text_embed_dim)
+        else:
+            self.text_encoder = None
+        self.rope = Rope3D(D // cfg.heads, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
+        self.video_head = FinalLayer(D, self.patch_dim)
+        if cfg.action_dim > 0:
+            self.add_action_layers(cfg.action_dim)
+        else:
+            self.action_embed = self.action_head = None
+        self.initialize_weights()
+
+    # ----------------------------------------------------------------------------- set-up
+    def add_action_layers(self, action_dim: int) -> None:
+        """New action input/output layers (fine-tuning a pretrained backbone creates these)."""
+        self.cfg.action_dim = action_dim
+        self.action_embed = nn.Linear(action_dim, self.cfg.width)
+        self.action_head = FinalLayer(self.cfg.width, action_dim)
+        nn.init.xavier_uniform_(self.action_embed.weight)
+        nn.init.zeros_(self.action_embed.bias)
+        self._zero_final(self.action_head)
+
+    @staticmethod
+    def _zero_final(layer: FinalLayer) -> None:
+        for lin in (layer.adaLN_modulation[-1], layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def initialize_weights(self) -> None:
+        """DiT init: xavier linears, N(0, 0.02) time MLP, zero adaLN-Zero and output layers."""
+        def _basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(_basic)
+        nn.init.normal_(self.type_embed, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        self._zero_final(self.video_head)
+        if self.action_head is not None:
+            self._zero_final(self.action_head)
+
+    def backbone_parameters(self) -> int:
+        """Parameters without the action layers (the number `bench params` reports)."""
+        skip = {id(p) for m in (self.action_embed, self.action_head) if m is not None for p in m.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    # -------------------------------------------------------------------------- tokens
+    def frames_to_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, T, H, W, 3] -> [B, T, h, w, P] in [-1, 1] pixel-patch space."""
+        return patchify(frames_to_float(frames), self.cfg.patch_size)
+
+    def tokens_to_frames(self, tokens: torch.Tensor) -> torch.Tensor:
+        return float_to_frames(unpatchify(tokens, self.cfg.patch_size))
+
+    def encode_text(self, instructions: Sequence[str], device=None) -> torch.Tensor:
+        return encode_bytes(instructions, self.cfg.max_text_len).to(device or self.type_embed.device)
+
+    def _positions(self, T: int, h: int, w: int, t0: float, device) -> torch.Tensor:
+        tt, hh, ww = torch.meshgrid(
+            torch.arange(T, device=device, dtype=torch.float32) + t0,
+            torch.arange(h, device=device, dtype=torch.float32),
+            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+        return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
+
+    # -------------------------------------------------------------------------- forward
+    def forward(self, video=None, video_t=None, action=None, action_t=None, context=None, context_t=None,
+                text=None, text_emb=None, taps: Sequence[int] = (), stop_after: int | None = None) -> dict:
+        """Velocities for the generated streams, plus residual-stream taps.
+
+        video   [B, T, h, w, P] noisy frame tokens; context [B, Tc, h, w, P] conditioning frames;
+        action  [B, H, A] noisy action tokens; text [B, L] byte ids or text_emb [B, E].
+        *_t: None (clean), [B], token-shaped, or TokenTimes. taps: 1-indexed blocks whose output
+        (generated tokens only) is returned in out["features"]; stop_after=k ends after block k.
+        """
+        ref = next(x for x in (video, action, context) if x is not None)
+        B, dev = ref.shape[0], ref.device
+        D = self.cfg.width
+        parts, pos, times = [], [], []
+
+        if self.text_encoder is not None and (text is not None or text_emb is not None):
+            tx = self.text_encoder(text if self.cfg.text == "bytes" else text_emb)
+            parts.append(tx + self.type_embed[0])
+            pos.append(torch.zeros(tx.shape[1], 3, device=dev))
+            times.append(_as_token_times(None, B, (tx.shape[1],), dev))
+        n_ctx_frames = 0
+        if context is not None:
+            n_ctx_frames, h, w = context.shape[1:4]
+            parts.append(self.video_embed(context).flatten(1, 3) + self.type_embed[1])
+            pos.append(self._positions(n_ctx_frames, h, w, -(n_ctx_frames - 1), dev))
+            times.append(_as_token_times(context_t, B, tuple(context.shape[1:4]), dev))
+        gen_start = sum(p.shape[1] for p in parts)
+        if video is not None:
+            T, h, w = video.shape[1:4]
+            parts.append(self.video_embed(video).flatten(1, 3) + self.type_embed[2])
+            pos.append(self._positions(T, h, w, 1.0 if n_ctx_frames else 0.0, dev))
+            times.append(_as_token_times(video_t, B, tuple(video.shape[1:4]), dev))
+        if action is not None:
+            if self.action_embed is None:
+                raise ValueError("this model has no action layers (model.action_dim=0)")
+            H = action.shape[1]
+            parts.append(self.action_embed(action) + self.type_embed[3])
+            at = torch.arange(H, device=dev, dtype=torch.float32) / self.cfg.frame_stride
+            pos.append(torch.stack([at, torch.zeros_like(at), torch.zeros_like(at)], -1))
+            times.append(_as_token_times(action_t, B, (H,), dev))
+
+        x = torch.cat(parts, dim=1)
+        rope = self.rope(torch.cat(pos, dim=0))
+        # Distinct timestep slots of all streams, and each token's index into them.
+        offsets, values, index = 0, [], []
+        for tt in times:
+            values.append(tt.values)
+            index.append(tt.index + offsets)
+            offsets += tt.values.shape[1]
+        values, index = torch.cat(values, 1), torch.cat(index, 1)
+        cond = self.t_embedder(values)  # [B, K, D]
+        if values.shape[1] == 1:
+            index = None  # one shared timestep: plain DiT broadcasting
+
+        out: dict = {"features": {}}
+        taps = set(taps)
+        last = stop_after if stop_after is not None else len(self.blocks)
+        for i, block in enumerate(self.blocks[:last], start=1):
+            x = block(x, cond, index, rope)
+            if i in taps:
+                out["features"][i] = x[:, gen_start:]
+        if stop_after is not None:
+            return out
+
+        start = gen_start
+        if video is not None:
+            n = video.shape[1] * video.shape[2] * video.shape[3]
+            idx = None if index is None else index[:, start:start + n]
+            out["video"] = self.video_head(x[:, start:start + n], cond, idx).view(*video.shape[:4], -1)
+            start += n
+        if action is not None:
+            idx = None if index is None else index[:, start:]
+            out["action"] = self.action_head(x[:, start:], cond, idx)
+        return out

@@ -1,0 +1,128 @@
+"""Transformer pieces in the DiT/SiT tradition, with per-token adaLN-Zero.
+
+Per-token conditioning is computed per *distinct timestep*: a sample holds a few timestep
+values (t and s under Dual-Timestep Scheduling, the context level, 0 for text), so the
+modulation MLP runs on those K values and each token gathers its row. With K = 1 this is
+exactly DiT's scalar path; with K = N it is the per-token path of the Self-Flow release.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def gather_tokens(per_slot: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """[B, K, C] rows -> [B, N, C] per token (index [B, N] into K); None means one shared slot."""
+    if index is None:
+        return per_slot
+    return torch.gather(per_slot, 1, index.unsqueeze(-1).expand(-1, -1, per_slot.shape[-1]))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t in [0, 1] (256 frequencies, max period 1e4) -> 2-layer SiLU MLP."""
+
+    def __init__(self, width: int, freq_dim: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        half = freq_dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        args = t.float()[..., None] * self.freqs
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Rope3D(nn.Module):
+    """Rotary positions over (time, height, width); the head dim is split between the three axes."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        hw = 2 * (head_dim // 6)
+        dims = (head_dim - 2 * hw, hw, hw)
+        self.dims = dims
+        for i, d in enumerate(dims):
+            inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / max(d, 1))
+            self.register_buffer(f"inv_freq{i}", inv, persistent=False)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos [N, 3] float -> (cos, sin) each [N, head_dim / 2]."""
+        angles = torch.cat([pos[:, i, None] * getattr(self, f"inv_freq{i}") for i in range(3)], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        hd = width // heads
+        self.q_norm = nn.RMSNorm(hd, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(hd, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """DiT block with adaLN-Zero; the conditioning arrives as K slot vectors plus a token index."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads, qk_norm)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, cond_slots, index, rope):
+        mod = gather_tokens(self.adaLN_modulation(cond_slots), index)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) per token, then a linear head to the stream's token size."""
+
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, cond_slots, index):
+        shift, scale = gather_tokens(self.adaLN_modulation(cond_slots), index).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))

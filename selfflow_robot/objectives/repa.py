@@ -1,0 +1,118 @@
+"""REPA baseline: align a student block with a frozen external image encoder (lambda = 0.5).
+
+The encoder is built from a local model definition and a local weights file (safetensors), never
+downloaded: `timm` or `torchvision` architectures by name, or the built-in `conv` encoder. Its
+feature map of each clean frame is resized to the model's token grid, and a projector MLP
+(width -> hidden -> hidden -> encoder dim, SiLU) on the student's block-l video tokens is trained
+to match it with 1 - cosine per token.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from .self_flow import SelfFlowObjective, cosine_loss
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConvEncoder(nn.Module):
+    """A small conv net (stride 8) usable as a REPA target when no large encoder is at hand."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, dim // 2, 3, 2, 1), nn.GELU(), nn.Conv2d(dim // 2, dim, 3, 2, 1), nn.GELU(),
+            nn.Conv2d(dim, dim, 3, 2, 1))
+        self.dim = dim
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class FrozenEncoder(nn.Module):
+    """Wraps an encoder so that forward(uint8 [N, H, W, 3]) -> feature map [N, C, h', w']."""
+
+    def __init__(self, kind: str, name: str | None, weights: str | None, resolution: int | None, dim: int = 64):
+        super().__init__()
+        if weights is None or not os.path.isfile(weights):
+            raise FileNotFoundError(f"REPA encoder weights not found: {weights!r} (objective.encoder.weights must be a local .safetensors file)")
+        if kind == "conv":
+            net = ConvEncoder(dim)
+        elif kind == "timm":
+            import timm  # optional: only for REPA with a timm encoder
+
+            net = timm.create_model(name, pretrained=False, num_classes=0)
+        elif kind == "torchvision":
+            import torchvision  # optional: only for REPA with a torchvision encoder
+
+            net = nn.Sequential(*list(torchvision.models.get_model(name, weights=None).children())[:-2])
+        else:
+            raise ValueError(f"objective.encoder.kind must be conv|timm|torchvision, got {kind!r}")
+        missing, unexpected = net.load_state_dict(load_file(weights), strict=False)
+        if missing:
+            raise ValueError(f"REPA encoder weights {weights} lack parameters: {missing[:5]}")
+        self.kind, self.net, self.resolution = kind, net.eval().requires_grad_(False), resolution
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        with torch.no_grad():
+            self.dim = self(torch.zeros(1, 32, 32, 3, dtype=torch.uint8)).shape[1]
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always eval
+
+    @torch.no_grad()
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.permute(0, 3, 1, 2).float() / 255.0
+        if self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
+        x = (x - self.mean) / self.std
+        if self.kind == "timm":
+            tokens = self.net.forward_features(x)  # [N, prefix + h*w, C] for ViTs
+            n_prefix = getattr(self.net, "num_prefix_tokens", 0)
+            tokens = tokens[:, n_prefix:]
+            side = int(tokens.shape[1] ** 0.5)
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+        return self.net(x)
+
+
+class REPAObjective(SelfFlowObjective):
+    def __init__(self, cfg, model_cfg, encoder_cfg: dict):
+        super().__init__(cfg, model_cfg)
+        self.encoder = FrozenEncoder(encoder_cfg.get("kind", "conv"), encoder_cfg.get("name"), encoder_cfg.get("weights"),
+                                     encoder_cfg.get("resolution"), encoder_cfg.get("dim", 64))
+        hidden = encoder_cfg.get("projector_dim", 2048)
+        self.projector = nn.Sequential(nn.Linear(model_cfg.width, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                       nn.SiLU(), nn.Linear(hidden, self.encoder.dim))
+
+    def _student_taps(self):
+        return (self.l,)
+
+    def target_features(self, frames: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """uint8 [B, T, H, W, 3] -> encoder features on the token grid, [B, T*h*w, C]."""
+        B, T = frames.shape[:2]
+        fmap = self.encoder(frames.flatten(0, 1))
+        fmap = F.interpolate(fmap.float(), size=grid, mode="bilinear", align_corners=False)
+        return fmap.flatten(2).transpose(1, 2).reshape(B, T * grid[0] * grid[1], -1)
+
+    def forward(self, model, ema_model, batch):
+        self._frames = batch["future"]
+        return super().forward(model, ema_model, batch)
+
+    def _representation(self, model, ema_model, inp, out, targets, index, t, s, kw, metrics):
+        if inp.video is None:
+            return None
+        T, h, w = inp.video.shape[1:4]
+        n = T * h * w
+        frames = self._frames[-inp.batch_size:].to(inp.video.device)  # the joint part is the batch tail
+        target = self.target_features(frames, (h, w))
+        pred = self.projector(out["features"][self.l][:, :n])
+        mask = inp.video_mask.flatten(1) if inp.video_mask is not None else None
+        rep, cos = cosine_loss(pred, target, mask)
+        metrics["cos"] = cos.detach()
+        return rep

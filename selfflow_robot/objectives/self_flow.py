@@ -1,0 +1,242 @@
+"""Self-Flow (Dual-Timestep Scheduling + EMA-teacher self-distillation) and its baselines.
+
+One objective class covers the three arms of the study, selected by `kind`:
+  flow_matching  every generated token of a sample at one t ~ p(t);
+  dts            Dual-Timestep Scheduling only: t, s ~ p(t) independent and unsorted, each token
+                 takes s with probability R_M (Bernoulli per token), else t;
+  self_flow      DTS + representation loss: head(student block l) vs the EMA teacher's raw block k,
+                 the teacher fed every token at min(t, s) with the same data and the same noise.
+The flow loss covers all generated tokens (video patches and action steps). Fine-tuning adds the
+video-action recipe: context frames noise-augmented with t ~ U[0, c_max], an action-only subset (no
+video tokens, so the policy can sample actions without generating video) and a forward-dynamics
+subset (clean actions given, video generated).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.dit import TokenTimes
+from .flow import interpolate, masked_mse, sample_time
+
+KINDS = ("flow_matching", "dts", "self_flow", "repa")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "self_flow"
+    time_dist: str = "uniform"
+    time_shift: float = 1.0
+    time_mu: float = 0.0
+    time_sigma: float = 1.0
+    mask_ratio: float = 0.25  # R_M: 0.25 for images, 0.1 for video
+    rep_weight: float = 0.8  # gamma (Self-Flow) or lambda (REPA, 0.5)
+    action_weight: float = 1.0
+    context_noise_max: float = 0.2
+    action_only_fraction: float = 0.0
+    forward_dynamics_fraction: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ObjectiveConfig":
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        if cfg.kind not in KINDS:
+            raise ValueError(f"objective.kind must be one of {KINDS}, got {cfg.kind!r}")
+        if not 0.0 <= cfg.mask_ratio <= 0.5:
+            raise ValueError(f"objective.mask_ratio must be in [0, 0.5] (Self-Flow requires R_M <= 0.5), got {cfg.mask_ratio}")
+        return cfg
+
+
+def projection_head(width: int) -> nn.Sequential:
+    """The released SimpleHead shape: width -> 2 width -> width with SiLU."""
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over valid tokens of 1 - cos(student, teacher) along the hidden dimension, and mean cos."""
+    cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    if mask is None:
+        return (1 - cos).mean(), cos.mean()
+    m = mask.to(cos.dtype)
+    n = m.sum().clamp_min(1)
+    return ((1 - cos) * m).sum() / n, (cos * m).sum() / n
+
+
+def dts_index(token_shape, mask_ratio: float, device=None) -> torch.Tensor:
+    """Dual-Timestep Scheduling mask: each token independently takes slot 1 (s) with probability R_M,
+    else slot 0 (t). With t, s i.i.d. from p(t) and unsorted, every token's marginal is p(t)."""
+    if mask_ratio <= 0:
+        return torch.zeros(token_shape, dtype=torch.long, device=device)
+    return (torch.rand(token_shape, device=device) < mask_ratio).long()
+
+
+class FlowInputs:
+    """A batch from the clip sampler turned into clean tokens on the model's device."""
+
+    def __init__(self, model, batch: dict):
+        dev = model.type_embed.device
+        self.video = model.frames_to_tokens(batch["future"].to(dev)) if "future" in batch else None
+        self.context = model.frames_to_tokens(batch["context"].to(dev)) if batch.get("context") is not None else None
+        if self.video is not None and "future_mask" in batch:
+            m = batch["future_mask"].to(dev).bool()
+            self.video_mask = m[:, :, None, None].expand(self.video.shape[:4])
+        else:
+            self.video_mask = None
+        act = batch.get("actions")
+        self.action = act.to(dev).float() if act is not None and act.shape[-1] > 0 and model.action_head is not None else None
+        self.action_mask = batch["action_mask"].to(dev).bool() if self.action is not None and "action_mask" in batch else None
+        self.text = self.text_emb = None
+        if model.cfg.text == "bytes" and "instruction" in batch:
+            self.text = model.encode_text(list(batch["instruction"]), dev)
+        elif model.cfg.text == "embedding":
+            if "instruction_embedding" not in batch:
+                raise KeyError("model.text=embedding needs 'instruction_embedding' in the batch (dataset without embeddings?)")
+            self.text_emb = batch["instruction_embedding"].to(dev)
+        ref = self.video if self.video is not None else self.action
+        if ref is None:
+            raise ValueError("batch has neither future frames nor actions to generate")
+        self.batch_size = ref.shape[0]
+
+    def take(self, sl: slice) -> "FlowInputs":
+        out = object.__new__(FlowInputs)
+        for k, v in vars(self).items():
+            setattr(out, k, v[sl] if torch.is_tensor(v) else v)
+        out.batch_size = len(range(*sl.indices(self.batch_size)))
+        return out
+
+
+class SelfFlowObjective(nn.Module):
+    def __init__(self, cfg: ObjectiveConfig, model_cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.l, self.k = model_cfg.l_student, model_cfg.k_teacher
+        if cfg.kind == "self_flow" and not self.l < self.k <= model_cfg.depth:
+            raise ValueError(f"Self-Flow needs student layer l < teacher layer k <= depth, got l={self.l}, k={self.k}")
+        self.head = projection_head(model_cfg.width) if cfg.kind == "self_flow" else None
+
+    # ------------------------------------------------------------------ pieces
+    def _t(self, n: int, device) -> torch.Tensor:
+        c = self.cfg
+        return sample_time(n, c.time_dist, c.time_shift, c.time_mu, c.time_sigma, device=device)
+
+    @property
+    def dual(self) -> bool:
+        return self.cfg.kind in ("dts", "self_flow")
+
+    def _context(self, inp: FlowInputs):
+        """Context frames noise-augmented with t ~ U[0, c_max] (shared by student and teacher)."""
+        if inp.context is None:
+            return None, None
+        ct = torch.rand(inp.batch_size, device=inp.context.device) * self.cfg.context_noise_max
+        return interpolate(inp.context, torch.randn_like(inp.context), ct), ct
+
+    def _model_kwargs(self, inp: FlowInputs, ctx, ct) -> dict:
+        return dict(context=ctx, context_t=ct, text=inp.text, text_emb=inp.text_emb)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, model, ema_model, batch: dict):
+        inp = FlowInputs(model, batch)
+        n_ao = int(inp.batch_size * self.cfg.action_only_fraction) if inp.action is not None and inp.video is not None else 0
+        sums = {"video": [0.0, 0.0], "action": [0.0, 0.0]}
+        metrics: dict[str, torch.Tensor] = {}
+        rep = self._joint(model, ema_model, inp.take(slice(n_ao, None)), sums, metrics)
+        if n_ao:
+            self._action_only(model, inp.take(slice(0, n_ao)), sums)
+        loss = torch.zeros((), device=model.type_embed.device)
+        for name, weight in (("video", 1.0), ("action", self.cfg.action_weight)):
+            s, n = sums[name]
+            if torch.is_tensor(n) and n > 0:
+                term = s / n
+                loss = loss + weight * term
+                metrics[f"flow_{name}"] = term.detach()
+        if rep is not None:
+            loss = loss + self.cfg.rep_weight * rep
+            metrics["rep"] = rep.detach()
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def _joint(self, model, ema_model, inp: FlowInputs, sums, metrics):
+        B, dev = inp.batch_size, model.type_embed.device
+        t, s = self._t(B, dev), self._t(B, dev)
+        zeros = torch.zeros_like(t)
+        student_values = torch.stack([t, s, zeros], dim=1)  # slot 2 = clean (given actions)
+        ctx, ct = self._context(inp)
+        kw = self._model_kwargs(inp, ctx, ct)
+        noisy, targets, index = {}, {}, {}
+        for name in ("video", "action"):
+            x0 = getattr(inp, name)
+            if x0 is None:
+                continue
+            tok_shape = x0.shape[:-1]
+            idx = dts_index(tok_shape, self.cfg.mask_ratio if self.dual else 0.0, dev)
+            if name == "action" and inp.video is not None and self.cfg.forward_dynamics_fraction > 0:
+                fd = torch.rand(B, device=dev) < self.cfg.forward_dynamics_fraction
+                idx = torch.where(fd[:, None], torch.full_like(idx, 2), idx)
+            noise = torch.randn_like(x0)
+            tau = torch.gather(student_values, 1, idx.flatten(1)).view(tok_shape)
+            noisy[name], targets[name], index[name] = interpolate(x0, noise, tau), (noise, x0), idx
+
+        taps = (self.l,) if self.head is not None else self._student_taps()
+        out = model(video=noisy.get("video"), video_t=self._times(student_values, index.get("video")),
+                    action=noisy.get("action"), action_t=self._times(student_values, index.get("action")),
+                    taps=taps, **kw)
+        masks = {"video": inp.video_mask, "action": inp.action_mask}
+        for name in noisy:
+            noise, x0 = targets[name]
+            mask = masks[name]
+            if name == "action":  # given (clean) actions carry no flow target
+                given = index[name] != 2
+                mask = given if mask is None else mask & given
+            s_, n_ = masked_mse(out[name], noise - x0, mask)
+            sums[name] = [sums[name][0] + s_, sums[name][1] + n_]
+        return self._representation(model, ema_model, inp, out, targets, index, t, s, kw, metrics)
+
+    @staticmethod
+    def _times(values, idx):
+        return None if idx is None else TokenTimes(values, idx)
+
+    def _student_taps(self) -> tuple[int, ...]:
+        return ()
+
+    def _gen_mask(self, inp: FlowInputs):
+        parts = []
+        if inp.video is not None:
+            m = inp.video_mask if inp.video_mask is not None else torch.ones(inp.video.shape[:4], dtype=torch.bool, device=inp.video.device)
+            parts.append(m.flatten(1))
+        if inp.action is not None:
+            m = inp.action_mask if inp.action_mask is not None else torch.ones(inp.action.shape[:2], dtype=torch.bool, device=inp.action.device)
+            parts.append(m)
+        return torch.cat(parts, 1)
+
+    def _representation(self, model, ema_model, inp, out, targets, index, t, s, kw, metrics):
+        if self.head is None:
+            return None
+        if ema_model is None:
+            raise ValueError("objective.kind=self_flow needs the EMA teacher (trainer EMA is off?)")
+        tmin = torch.minimum(t, s)  # paper convention: the cleaner level
+        teacher_values = torch.stack([tmin, tmin, torch.zeros_like(tmin)], dim=1)
+        with torch.no_grad():
+            tin = {}
+            for name, (noise, x0) in targets.items():
+                tau = torch.gather(teacher_values, 1, index[name].flatten(1)).view(x0.shape[:-1])
+                tin[name] = interpolate(x0, noise, tau)  # same data, same noise, cleaner level
+            teacher = ema_model(video=tin.get("video"), video_t=self._times(teacher_values, index.get("video")),
+                                action=tin.get("action"), action_t=self._times(teacher_values, index.get("action")),
+                                taps=(self.k,), stop_after=self.k, **kw)["features"][self.k]
+        student = self.head(out["features"][self.l])
+        rep, cos = cosine_loss(student, teacher.detach(), self._gen_mask(inp))
+        metrics["cos"] = cos.detach()
+        return rep
+
+    def _action_only(self, model, inp: FlowInputs, sums):
+        """Actions generated without video tokens: the fast action-first sampling path."""
+        dev = model.type_embed.device
+        t = self._t(inp.batch_size, dev)
+        ctx, ct = self._context(inp)
+        noise = torch.randn_like(inp.action)
+        out = model(action=interpolate(inp.action, noise, t), action_t=t, **self._model_kwargs(inp, ctx, ct))
+        s_, n_ = masked_mse(out["action"], noise - inp.action, inp.action_mask)
+        sums["action"] = [sums["action"][0] + s_, sums["action"][1] + n_]

@@ -1,0 +1,93 @@
+"""Backbone math: per-token conditioning, taps, truncated teacher forward, sizes."""
+import pytest
+import torch
+
+from selfflow_robot.models import SIZES, TokenTimes, build_model
+
+
+def randomized(model, seed=0):
+    """DiT zero-init makes every adaLN path trivially equal; randomise all weights for the tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def inputs(model, B=2, T=2, h=3, w=4, H=5):
+    g = torch.Generator().manual_seed(1)
+    P = model.patch_dim
+    return dict(video=torch.randn(B, T, h, w, P, generator=g), action=torch.randn(B, H, model.cfg.action_dim, generator=g),
+                context=torch.randn(B, 1, h, w, P, generator=g), text=model.encode_text(["pick coke can", "open drawer"]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomized(build_model("tiny", depth=3, action_dim=7, frame_stride=2))
+
+
+def test_per_token_conditioning_equals_scalar_path(model):
+    x = inputs(model)
+    t = torch.tensor([0.3, 0.8])
+    scalar = model(**x, video_t=t, action_t=t, context_t=t * 0.1)
+    per_token = model(**x, video_t=t[:, None, None, None].expand(2, 2, 3, 4), action_t=t[:, None].expand(2, 5),
+                      context_t=(t * 0.1)[:, None, None, None].expand(2, 1, 3, 4))
+    slots = model(**x, video_t=TokenTimes(torch.stack([t, t], 1), torch.randint(0, 2, (2, 2, 3, 4))),
+                  action_t=t, context_t=t * 0.1)
+    for out in (per_token, slots):
+        torch.testing.assert_close(out["video"], scalar["video"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["action"], scalar["action"], rtol=1e-5, atol=1e-5)
+
+
+def test_distinct_timestep_slots_equal_dense_per_token(model):
+    """Gathering modulation from K distinct values equals computing it for every token."""
+    x = inputs(model)
+    values = torch.tensor([[0.2, 0.9], [0.5, 0.1]])
+    idx = torch.randint(0, 2, (2, 2, 3, 4), generator=torch.Generator().manual_seed(3))
+    dense = torch.gather(values, 1, idx.flatten(1)).view(2, 2, 3, 4)
+    a = model(**x, video_t=TokenTimes(values, idx), action_t=values[:, 0])
+    b = model(**x, video_t=dense, action_t=values[:, 0])
+    torch.testing.assert_close(a["video"], b["video"], rtol=1e-5, atol=1e-5)
+    # and the timesteps matter: swapping the slots changes the output
+    c = model(**x, video_t=TokenTimes(values.flip(1), idx), action_t=values[:, 0])
+    assert not torch.allclose(a["video"], c["video"], atol=1e-4)
+
+
+def test_taps_and_truncated_teacher_forward(model):
+    x = inputs(model)
+    t = torch.tensor([0.3, 0.8])
+    full = model(**x, video_t=t, action_t=t, taps=(1, 2))
+    n_gen = 2 * 3 * 4 + 5
+    assert full["features"][1].shape == (2, n_gen, model.cfg.width)
+    trunc = model(**x, video_t=t, action_t=t, taps=(2,), stop_after=2)
+    assert "video" not in trunc and "action" not in trunc
+    torch.testing.assert_close(trunc["features"][2], full["features"][2])
+
+
+def test_resolution_and_frame_count_can_change(model):
+    for T, h, w in [(1, 2, 2), (4, 5, 6)]:
+        out = model(video=torch.randn(1, T, h, w, model.patch_dim), video_t=torch.tensor([0.5]))
+        assert out["video"].shape == (1, T, h, w, model.patch_dim)
+
+
+def test_frames_tokens_round_trip(model):
+    frames = torch.randint(0, 256, (2, 3, 16, 24, 3), dtype=torch.uint8)
+    tok = model.frames_to_tokens(frames)
+    assert tok.shape == (2, 3, 2, 3, model.patch_dim)
+    assert torch.equal(model.tokens_to_frames(tok), frames)
+    with pytest.raises(ValueError, match="patch_size"):
+        model.frames_to_tokens(torch.zeros(1, 1, 15, 24, 3, dtype=torch.uint8))
+
+
+def test_xl_parameter_count():
+    with torch.device("meta"):
+        n = build_model("xl").backbone_parameters()
+    assert 665e6 <= n <= 685e6, n
+    assert SIZES["xl"] == dict(depth=28, width=1152, heads=16)
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="heads"):
+        build_model("tiny", width=66, heads=4)
+    with pytest.raises(ValueError, match="unknown model size"):
+        build_model("huge")

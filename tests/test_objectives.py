@@ -1,0 +1,191 @@
+"""Objective math: DTS statistics, the teacher's input, and loss values against hand computation."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from selfflow_robot.models import TokenTimes, build_model
+from selfflow_robot.objectives import build_objective, interpolate, sample_time, shift_time
+from selfflow_robot.objectives.flow import masked_mse
+from selfflow_robot.objectives.self_flow import cosine_loss, dts_index
+
+
+def make_batch(B=4, T=2, H=6, A=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(context=torch.randint(0, 256, (B, 1, 16, 24, 3), dtype=torch.uint8, generator=g),
+                future=torch.randint(0, 256, (B, T, 16, 24, 3), dtype=torch.uint8, generator=g),
+                future_mask=torch.ones(B, T, dtype=torch.bool), actions=torch.randn(B, H, A, generator=g),
+                action_mask=torch.ones(B, H, dtype=torch.bool), instruction=["pick", "place", "open", "close"][:B])
+
+
+class Recorder:
+    """Wraps a model and records every call's keyword arguments and outputs."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, **kw):
+        out = self.model(**kw)
+        self.calls.append((kw, out))
+        return out
+
+
+def test_time_samplers():
+    torch.manual_seed(0)
+    t = sample_time(200_000)
+    assert 0 <= t.min() and t.max() <= 1 and abs(t.mean() - 0.5) < 0.01
+    ln = sample_time(200_000, "logit_normal", mu=0.0, sigma=1.0)
+    assert abs(ln.median() - 0.5) < 0.01
+    assert torch.allclose(shift_time(torch.tensor([0.5]), 3.0), torch.tensor([0.75]))
+    shifted = sample_time(200_000, shift=3.0)
+    assert abs(shifted.median() - 0.75) < 0.01  # median of U(0,1) is 0.5 -> s(3, 0.5) = 0.75
+
+
+def test_dts_mask_fraction_and_token_marginal():
+    torch.manual_seed(0)
+    B, N, rm = 4000, 64, 0.25
+    idx = dts_index((B, N), rm)
+    assert abs(idx.float().mean() - rm) < 0.005
+    t, s = sample_time(B), sample_time(B)
+    assert (t > s).float().mean().sub(0.5).abs() < 0.03  # unsorted
+    tau = torch.gather(torch.stack([t, s], 1), 1, idx)
+    # every token's timestep is distributed as p(t) = U(0, 1): compare deciles
+    q = torch.quantile(tau[:, :8].flatten(), torch.linspace(0.1, 0.9, 9))
+    assert torch.allclose(q, torch.linspace(0.1, 0.9, 9), atol=0.02)
+    # under a shifted logit-normal p(t) too
+    t2, s2 = sample_time(B, "logit_normal", shift=2.0), sample_time(B, "logit_normal", shift=2.0)
+    tau2 = torch.gather(torch.stack([t2, s2], 1), 1, idx)[:, :8].flatten()
+    ref = sample_time(B * 8, "logit_normal", shift=2.0)
+    qs = torch.linspace(0.1, 0.9, 9)
+    assert torch.allclose(torch.quantile(tau2, qs), torch.quantile(ref, qs), atol=0.02)
+
+
+def _setup(kind, **over):
+    torch.manual_seed(0)
+    model = build_model("tiny", depth=4, action_dim=7, frame_stride=2, patch_size=8)
+    with torch.no_grad():  # non-trivial teacher features
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    obj = build_objective(dict(kind=kind, mask_ratio=0.25, **over), model.cfg)
+    return model, ema, obj
+
+
+def test_teacher_sees_min_t_s_with_student_noise():
+    model, ema, obj = _setup("self_flow")
+    student, teacher = Recorder(model), Recorder(ema)
+    batch = make_batch()
+    obj(student, teacher, batch)
+    (skw, _), = student.calls
+    (tkw, tout), = teacher.calls
+    assert tkw["stop_after"] == model.cfg.k_teacher and set(tout) == {"features"}
+    x0 = model.frames_to_tokens(batch["future"])
+    vt: TokenTimes = skw["video_t"]
+    t, s = vt.values[:, 0], vt.values[:, 1]
+    tau = torch.gather(vt.values, 1, vt.index.flatten(1)).view(x0.shape[:4])[..., None]
+    noise = (skw["video"] - (1 - tau) * x0) / tau  # the student's noise, recovered
+    tmin = torch.minimum(t, s)
+    expected = (1 - tmin)[:, None, None, None, None] * x0 + tmin[:, None, None, None, None] * noise
+    torch.testing.assert_close(tkw["video"], expected, rtol=1e-4, atol=1e-4)
+    tvt: TokenTimes = tkw["video_t"]
+    assert torch.allclose(torch.gather(tvt.values, 1, tvt.index.flatten(1)), tmin[:, None].expand(-1, tvt.index[0].numel()))
+    # both slots of the student are used, with roughly R_M of tokens on s
+    assert 0.05 < vt.index.float().mean() < 0.5
+    # same conditioning for student and teacher
+    assert torch.equal(skw["context"], tkw["context"]) and torch.equal(skw["text"], tkw["text"])
+
+
+def test_loss_matches_hand_computation():
+    model, ema, obj = _setup("self_flow", action_weight=0.5)
+    student, teacher = Recorder(model), Recorder(ema)
+    batch = make_batch()
+    loss, metrics = obj(student, teacher, batch)
+    (skw, sout), = student.calls
+    (_, tout), = teacher.calls
+    x0v = model.frames_to_tokens(batch["future"])
+    vt = skw["video_t"]
+    tau_v = torch.gather(vt.values, 1, vt.index.flatten(1)).view(x0v.shape[:4])[..., None]
+    eps_v = (skw["video"] - (1 - tau_v) * x0v) / tau_v
+    flow_v = ((sout["video"] - (eps_v - x0v)) ** 2).mean()
+    at = skw["action_t"]
+    tau_a = torch.gather(at.values, 1, at.index)[..., None]
+    x0a = batch["actions"]
+    eps_a = (skw["action"] - (1 - tau_a) * x0a) / tau_a
+    flow_a = ((sout["action"] - (eps_a - x0a)) ** 2).mean()
+    k, l = model.cfg.k_teacher, model.cfg.l_student
+    rep = (1 - F.cosine_similarity(obj.head(sout["features"][l]), tout["features"][k], dim=-1)).mean()
+    expected = flow_v + 0.5 * flow_a + 0.8 * rep
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(metrics["rep"], rep.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_loss_pieces_on_explicit_numbers():
+    pred = torch.tensor([[[1.0, 3.0], [0.0, 0.0]]])
+    target = torch.zeros(1, 2, 2)
+    s, n = masked_mse(pred, target, torch.tensor([[True, False]]))
+    assert float(s) == 5.0 and float(n) == 1.0  # mean over channels (1 + 9) / 2
+    a = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    b = torch.tensor([[[0.0, 1.0], [1.0, 1.0]]])
+    loss, cos = cosine_loss(a, b, None)
+    assert abs(float(loss) - 0.5) < 1e-6 and abs(float(cos) - 0.5) < 1e-6
+
+
+def test_flow_matching_uses_one_timestep_and_no_teacher():
+    model, ema, obj = _setup("flow_matching")
+    student, teacher = Recorder(model), Recorder(ema)
+    obj(student, teacher, make_batch())
+    (skw, _), = student.calls
+    assert not teacher.calls and int(skw["video_t"].index.max()) == 0
+
+
+def test_gradients_reach_student_and_head_not_teacher():
+    model, ema, obj = _setup("self_flow")
+    loss, _ = obj(model, ema, make_batch())
+    loss.backward()
+    assert all(p.grad is not None for p in obj.head.parameters())
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+    assert all(p.grad is None for p in ema.parameters())
+
+
+def test_action_only_and_forward_dynamics_subsets():
+    model, ema, obj = _setup("dts", action_only_fraction=0.5, forward_dynamics_fraction=1.0)
+    student = Recorder(model)
+    obj(student, None, make_batch())
+    (jkw, _), (akw, _) = student.calls
+    assert akw.get("video") is None and akw["action"].shape[0] == 2  # action-only half: no video tokens
+    # forward dynamics: the joint half's actions are all clean (slot 2, value 0)
+    assert torch.all(jkw["action_t"].index == 2) and torch.all(jkw["action_t"].values[:, 2] == 0)
+
+
+def test_repa_loss(tmp_path):
+    from selfflow_robot.objectives.repa import ConvEncoder
+
+    torch.manual_seed(0)
+    enc = ConvEncoder(32)
+    save_file(enc.state_dict(), str(tmp_path / "enc.safetensors"))
+    model = build_model("tiny", depth=4, action_dim=7, patch_size=8)
+    obj = build_objective(dict(kind="repa", rep_weight=0.5, encoder=dict(kind="conv", dim=32, projector_dim=64,
+                                                                          weights=str(tmp_path / "enc.safetensors"))), model.cfg)
+    assert not any(p.requires_grad for p in obj.encoder.parameters())
+    student = Recorder(model)
+    batch = make_batch()
+    loss, metrics = obj(student, None, batch)
+    (skw, sout), = student.calls
+    assert int(skw["video_t"].index.max()) == 0  # REPA: plain flow matching, no DTS
+    target = obj.target_features(batch["future"], (2, 3))
+    pred = obj.projector(sout["features"][model.cfg.l_student][:, : 2 * 2 * 3])
+    rep = (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
+    torch.testing.assert_close(metrics["rep"], rep.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(loss, metrics["flow_video"] + metrics["flow_action"] + 0.5 * rep, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="weights"):
+        build_objective(dict(kind="repa", encoder=dict(kind="conv", weights=str(tmp_path / "missing.safetensors"))), model.cfg)
+
+
+def test_bad_mask_ratio_is_named():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        build_objective(dict(kind="self_flow", mask_ratio=0.7), build_model("tiny").cfg)
