@@ -1,0 +1,55 @@
+"""Serve a policy checkpoint over websocket: `python -m selfflow_robot.serve policy=PATH port=8000`.
+
+See docs/serving.md for the protocol and selfflow_robot.policies.client for the robot side.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from omegaconf import DictConfig
+
+from selfflow_robot.cli import run, to_container
+
+
+def build_policy(cfg: dict):
+    from selfflow_robot.policies import ChunkConfig, Policy, SafetyConfig
+
+    return Policy.load(cfg["policy"], device=cfg.get("device", "cpu"), sampler_steps=int(cfg.get("sampler_steps", 10)),
+                       mode=cfg.get("mode", "action_first"), chunk=ChunkConfig(**(cfg.get("chunk") or {})),
+                       safety=SafetyConfig(**(cfg.get("safety") or {})))
+
+
+def warmup(policy, n: int) -> None:
+    size = policy.metadata.get("image_size") or [256, 320]
+    obs = {"image": np.zeros((int(size[0]), int(size[1]), 3), np.uint8), "instruction": ""}
+    for _ in range(int(n)):
+        policy.infer(obs)
+    policy.reset()
+
+
+def main(cfg: DictConfig | dict):
+    from selfflow_robot.policies.server import PolicyServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    c = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    c = {k: v for k, v in c.items() if k != "hydra"}
+    if c.get("host") not in ("127.0.0.1", "localhost", "::1") and not c.get("api_key"):
+        logging.warning("serving on %s without an api_key: anyone on the network can drive the robot", c.get("host"))
+    policy = build_policy(c)
+    warmup(policy, c.get("warmup", 1))
+    server = PolicyServer(policy, host=c.get("host", "127.0.0.1"), port=int(c.get("port", 8000)),
+                          api_key=c.get("api_key"), max_message_bytes=int(float(c.get("max_message_mb", 16)) * 2**20),
+                          return_extras=bool(c.get("return_extras", False)))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+def cli() -> None:
+    run("serve", main)
+
+
+if __name__ == "__main__":
+    cli()
