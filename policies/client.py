@@ -32,22 +32,11 @@ class WebsocketClientPolicy:
         """timeout: seconds for connect and for each reply. wait_for_server: keep retrying a refused
         connection this long (the server may still be loading the model)."""
         self.url, self.timeout = url, float(timeout)
-        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+        self._headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         self._packer = msgpack_numpy.Packer()
-        deadline = time.monotonic() + float(wait_for_server)
-        while True:
-            try:
-                self._ws = connect(url, additional_headers=headers, compression=None, max_size=None,
-                                   open_timeout=self.timeout, close_timeout=5)
-                break
-            except InvalidStatus as e:
-                code = getattr(getattr(e, "response", None), "status_code", None)
-                raise PermissionError(f"{url} refused the connection (HTTP {code}); check api_key") from e
-            except (OSError, TimeoutError):
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.5)
-        self.metadata: dict = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
+        self._ws = None
+        self.instruction: str | None = None
+        self._connect(float(wait_for_server))
         self.action_dim = self.metadata.get("action_dim")
         self.chunker = ActionChunker(chunk or ChunkConfig())
         # Server-side safety already bounds each chunk; this re-applies bounds and per-step
@@ -56,12 +45,45 @@ class WebsocketClientPolicy:
         self.last_action: np.ndarray | None = None
         self.last_timing: dict = {}
 
+    def _connect(self, wait_for_server: float = 0.0) -> None:
+        deadline = time.monotonic() + wait_for_server
+        while True:
+            try:
+                # __enter__ gives the connection on websockets 12..17+ (17.1 deprecates using
+                # connect()'s return value directly; entering it is the portable form).
+                self._ws = connect(self.url, additional_headers=self._headers, compression=None, max_size=None,
+                                   open_timeout=self.timeout, close_timeout=5).__enter__()
+                break
+            except InvalidStatus as e:
+                code = getattr(getattr(e, "response", None), "status_code", None)
+                raise PermissionError(f"{self.url} refused the connection (HTTP {code}); check api_key") from e
+            except (OSError, TimeoutError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+        self.metadata: dict = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
+
+    def _drop(self) -> None:
+        # After a timeout the late reply would be read as the answer to the next request,
+        # so the connection is abandoned; the next call reconnects.
+        try:
+            self._ws.close()
+        except Exception:
+            pass
+        self._ws = None
+
     def _call(self, request: dict) -> dict:
+        if self._ws is None:
+            self._connect()
         t0 = time.perf_counter()
         try:
             self._ws.send(self._packer.pack(request))
             reply = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
+        except TimeoutError:
+            self._drop()
+            raise
         except WebSocketException as e:
+            self._drop()
             raise ConnectionError(f"policy server connection failed: {e}") from e
         if isinstance(reply, dict) and "error" in reply:
             err = reply["error"] if isinstance(reply["error"], dict) else {}
@@ -71,11 +93,14 @@ class WebsocketClientPolicy:
 
     def reset(self, instruction: str | None = None) -> None:
         self._call({"type": "reset", "instruction": instruction})
+        self.instruction = instruction  # also sent with each observation, so a reconnect keeps the task
         self.chunker.reset()
         self.last_action = None
 
     def infer(self, obs: dict) -> dict:
         """One round trip: {"actions": float32 [H, A], "server_timing": {...}, "safety": {...}}."""
+        if obs.get("instruction") is None and self.instruction is not None:
+            obs = {**obs, "instruction": self.instruction}
         reply = self._call({"type": "infer", "obs": obs})
         reply["actions"] = np.asarray(reply["actions"], dtype=np.float32)
         reply["server_timing"] = dict(self.last_timing)  # adds the client-side roundtrip_ms
@@ -91,7 +116,8 @@ class WebsocketClientPolicy:
         return a
 
     def close(self) -> None:
-        self._ws.close()
+        if self._ws is not None:
+            self._drop()
 
     def __enter__(self):
         return self

@@ -139,7 +139,7 @@ class PolicyServer:
         self._stop = stop if stop is not None else self._loop.create_future()
         async with serve(self._handler, self.host, self.port, process_request=self._process_request,
                          compression=None, max_size=2 * self.max_message_bytes, ping_interval=20,
-                         ping_timeout=60, server_header=None) as server:
+                         ping_timeout=60, close_timeout=2, server_header=None) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]  # resolves port=0 to the ephemeral port
             self.ready.set()
