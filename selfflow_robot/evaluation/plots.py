@@ -1,0 +1,26 @@
+"""Bar chart of per-task success with 95% intervals (matplotlib, headless Agg backend)."""
+from __future__ import annotations
+
+
+def bar_chart(summary: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(summary["tasks"])
+    rates = [100 * summary["tasks"][t]["success_rate"] for t in tasks]
+    lo = [r - 100 * summary["tasks"][t]["ci95"][0] for t, r in zip(tasks, rates)]
+    hi = [100 * summary["tasks"][t]["ci95"][1] - r for t, r in zip(tasks, rates)]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(tasks) + 2), 3.6))
+    ax.bar(range(len(tasks)), rates, yerr=[lo, hi], capsize=3, color="#4c72b0")
+    ax.axhline(100 * summary["mean_success"], color="#c44e52", ls="--", lw=1, label="mean")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("success %")
+    ax.set_title(f"{summary['env']} / {summary['policy']} ({summary['success_mode']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,67 @@
+"""Resolve `policy=` into an object with reset(instruction) and act(obs) -> action.
+
+`expert` (Meta-World scripted experts), `random` (uniform over the env's action space),
+`ws://HOST:PORT` (the torch-free websocket client) or a checkpoint / run directory (Policy.load).
+Policies that need the env (expert, random) expose bind(env); the rollout calls it per episode.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class ExpertPolicy:
+    """Meta-World's scripted policy for whatever task the bound env runs."""
+
+    def __init__(self):
+        self._experts: dict = {}
+        self._env = None
+
+    def bind(self, env) -> None:
+        from selfflow_robot.envs.metaworld import make_expert
+
+        task = env.unwrapped.task
+        if task not in self._experts:
+            self._experts[task] = make_expert(task)
+        self._env, self._expert = env, self._experts[task]
+
+    def reset(self, instruction=None) -> None:
+        pass
+
+    def act(self, obs) -> np.ndarray:
+        return self._expert(self._env)
+
+
+class RandomPolicy:
+    """Uniform random actions (a chance-level baseline); seeded per episode for reproducibility."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
+        self._rng = np.random.default_rng(seed)
+        self._space = None
+
+    def bind(self, env, seed: int | None = None) -> None:
+        self._space = env.action_space
+        if seed is not None:
+            self._rng = np.random.default_rng([self.seed, int(seed)])
+
+    def reset(self, instruction=None) -> None:
+        pass
+
+    def act(self, obs) -> np.ndarray:
+        low, high = self._space.low, self._space.high
+        return self._rng.uniform(low, high).astype(np.float32)
+
+
+def make_policy(spec: str, cfg: dict):
+    spec = str(spec)
+    if spec == "expert":
+        if cfg["env"]["name"] != "metaworld":
+            raise ValueError("policy=expert is only available for env=metaworld (Meta-World's scripted experts)")
+        return ExpertPolicy()
+    if spec == "random":
+        return RandomPolicy(int(cfg.get("seed", 0)))
+    if spec.startswith(("ws://", "wss://")):
+        from selfflow_robot.policies.client import WebsocketClientPolicy
+        return WebsocketClientPolicy(spec, api_key=cfg.get("api_key"), wait_for_server=float(cfg.get("wait_for_server", 0)))
+    from selfflow_robot.policies import Policy
+    return Policy.load(spec, device=cfg.get("device", "cpu"), **dict(cfg.get("policy_kwargs") or {}))

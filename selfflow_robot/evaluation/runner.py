@@ -1,0 +1,156 @@
+"""Orchestration: episode list -> shard -> skip finished -> run (workers) -> records -> summary."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+
+from .episodes import build_episodes, dist_info, shard
+from .records import RecordWriter, done_marker, load_records, rank_file
+from .summary import summarize, to_markdown, write_summary
+from .worker import EpisodeRunner, worker_main
+
+_DEFAULT_SUCCESS = {"metaworld": "early_stop", "simpler": "final_step"}
+# Settings that change results: resuming into a directory made with others would mix runs.
+_FINGERPRINT_KEYS = ("policy", "env", "max_episode_steps", "seed")
+
+
+def _fingerprint(cfg: dict) -> dict:
+    return json.loads(json.dumps({k: cfg.get(k) for k in _FINGERPRINT_KEYS}, default=str))
+
+
+def _check_run_file(cfg: dict, rank: int) -> None:
+    path = os.path.join(cfg["out_dir"], "run.json")
+    fp = _fingerprint(cfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != fp and cfg.get("resume", True):
+            raise ValueError(f"{cfg['out_dir']} holds results of a different run ({path}); use another out_dir "
+                             f"or resume=false to start over.\n old: {old}\n new: {fp}")
+    if rank == 0:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(fp, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+def _run_inline(cfg, todo, on_record, on_error):
+    runner = EpisodeRunner(cfg)
+    try:
+        for ep in todo:
+            try:
+                on_record(runner.run(ep))
+            except Exception as e:  # keep going; the episode stays unrecorded and is retried on resume
+                import traceback
+                on_error(ep["key"], "".join(traceback.format_exception(e)))
+    finally:
+        runner.close()
+
+
+def _run_workers(cfg, todo, n_workers, on_record, on_error):
+    ctx = mp.get_context("spawn")
+    jobs, results = ctx.Queue(), ctx.Queue()
+    for ep in todo:
+        jobs.put(ep)
+    procs = [ctx.Process(target=worker_main, args=(cfg, jobs, results), daemon=True) for _ in range(n_workers)]
+    for p in procs:
+        jobs.put(None)
+        p.start()
+    alive, fatal = n_workers, None
+    try:
+        while alive:
+            try:
+                kind, a, b = results.get(timeout=5)
+            except Exception:  # queue.Empty: check for workers that died without reporting
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    raise RuntimeError("all evaluation workers died; see their stderr above")
+                continue
+            if kind == "record":
+                on_record(a)
+            elif kind == "error":
+                on_error(a, b)
+            elif kind == "fatal":
+                fatal = b
+            elif kind == "exit":
+                alive -= 1
+            if kind in ("fatal",):
+                alive -= 1
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+    if fatal and alive == 0:
+        raise RuntimeError(f"an evaluation worker could not start:\n{fatal}")
+
+
+def evaluate(cfg: dict) -> dict:
+    """Run (or resume) the evaluation described by the resolved config; return the summary."""
+    cfg = json.loads(json.dumps(cfg, default=str))
+    env_cfg = cfg["env"]
+    env_cfg.setdefault("success_mode", _DEFAULT_SUCCESS.get(env_cfg["name"], "final_step"))
+    out_dir = cfg["out_dir"] = os.path.abspath(cfg.get("out_dir") or "outputs/eval")
+    rank, world = dist_info()
+    episodes = build_episodes(cfg)
+    _check_run_file(cfg, rank)
+    if not cfg.get("resume", True):
+        for p in (rank_file(out_dir, rank), done_marker(out_dir, rank)):
+            if os.path.exists(p):
+                os.remove(p)
+    done = {r["key"] for r in load_records(out_dir)}
+    mine = shard(episodes, rank, world)
+    todo = [e for e in mine if e["key"] not in done]
+    writer = RecordWriter(out_dir, rank)
+    errors_path = os.path.join(out_dir, f"errors.rank{rank:03d}.jsonl")
+    stats = {"ok": 0, "success": 0, "errors": 0}
+    bar = _progress(len(mine), len(mine) - len(todo), bool(cfg.get("progress", True)) and rank == 0,
+                    f"{env_cfg['name']}/{cfg['policy']}")
+
+    def on_record(rec):
+        writer.write(rec)
+        stats["ok"] += 1
+        stats["success"] += bool(rec["success"])
+        bar.update(1)
+        bar.set_postfix_str(f"success {stats['success']}/{stats['ok']} ({100 * stats['success'] / stats['ok']:.0f}%)")
+
+    def on_error(key, tb):
+        stats["errors"] += 1
+        with open(errors_path, "a") as f:
+            f.write(json.dumps({"key": key, "traceback": tb}) + "\n")
+        bar.write(f"episode {key} failed (retried on resume):\n{tb.strip().splitlines()[-1]}")
+
+    t0 = time.perf_counter()
+    n_workers = min(int(cfg.get("workers", 0)), len(todo))
+    try:
+        if todo and n_workers > 0:
+            _run_workers(cfg, todo, n_workers, on_record, on_error)
+        elif todo:
+            _run_inline(cfg, todo, on_record, on_error)
+    finally:
+        writer.close()
+        bar.close()
+    wall = time.perf_counter() - t0
+    if stats["errors"] == 0:
+        open(done_marker(out_dir, rank), "w").close()
+    if rank == 0 and world > 1:  # merge: wait for the other ranks' markers
+        deadline = time.time() + float(cfg.get("merge_wait_s", 3600))
+        while time.time() < deadline and not all(os.path.exists(done_marker(out_dir, r)) for r in range(world)):
+            time.sleep(2)
+    keys = {e["key"] for e in episodes}
+    records = [r for r in load_records(out_dir) if r["key"] in keys]
+    throughput = {"episodes_run": stats["ok"], "wall_s": round(wall, 2), "workers": max(n_workers, 1),
+                  "episodes_per_min": round(60 * stats["ok"] / wall, 2) if stats["ok"] and wall > 0 else None,
+                  "errors": stats["errors"], "rank": rank, "world_size": world}
+    summary = summarize(records, cfg, len(episodes), throughput)
+    if rank == 0:
+        summary["files"] = write_summary(summary, out_dir)
+        if cfg.get("progress", True):
+            print(to_markdown(summary))
+    return summary

@@ -1,0 +1,117 @@
+"""Summaries of per-episode records: per-task rates, SIMPLER aggregation, markdown / CSV / JSON."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sane at 0/n and n/n, unlike the normal one)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def per_task(records: list[dict]) -> dict[str, dict]:
+    by = defaultdict(list)
+    for r in records:
+        by[r["task"]].append(r)
+    out = {}
+    for task, rs in by.items():
+        k, n = sum(bool(r["success"]) for r in rs), len(rs)
+        out[task] = {"episodes": n, "successes": k, "success_rate": k / n, "ci95": list(wilson(k, n)),
+                     "mean_steps": float(np.mean([r["steps"] for r in rs]))}
+    return out
+
+
+def summarize(records: list[dict], cfg: dict, expected: int, throughput: dict | None = None) -> dict:
+    tasks = per_task(records)
+    env_cfg = cfg["env"]
+    summary = {
+        "env": env_cfg["name"], "policy": str(cfg["policy"]), "success_mode": env_cfg.get("success_mode"),
+        "episodes": len(records), "episodes_expected": expected, "complete": len(records) >= expected,
+        "tasks": tasks, "mean_success": float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else float("nan"),
+        "throughput": throughput or {},
+    }
+    if env_cfg["name"] == "simpler":
+        summary["simpler"] = simpler_section(records, env_cfg)
+    return summary
+
+
+def simpler_section(records: list[dict], env_cfg: dict) -> dict:
+    from selfflow_robot.envs.simpler_metrics import REAL_PERF, SIMPLER_PERF, aggregate, overall_averages, sim_real_metrics
+
+    out = {"setting": env_cfg.get("setting"), "episode_plan": env_cfg.get("episode_plan")}
+    for conv in ("official", "pooled"):
+        agg = aggregate(records, conv)
+        out[conv] = agg
+        out[f"{conv}_averages"] = overall_averages({t: v["success"] for t, v in agg.items()})
+    name = env_cfg.get("policy_name")
+    if name:  # our number for a reference policy, ranked against the others' published sim numbers
+        sim = {t: dict(SIMPLER_PERF[t], **{name: v["success"]}) for t, v in out["official"].items() if t in SIMPLER_PERF}
+        out["vs_real"] = sim_real_metrics(sim, REAL_PERF)
+        out["vs_real_policy"] = name
+    return out
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def to_markdown(s: dict) -> str:
+    lines = [f"# Evaluation: {s['env']} / policy={s['policy']}", "",
+             f"success mode: `{s['success_mode']}`; episodes: {s['episodes']}/{s['episodes_expected']}", "",
+             "| task | episodes | success % | 95% CI | mean steps |", "|---|---|---|---|---|"]
+    for task, t in sorted(s["tasks"].items()):
+        lo, hi = t["ci95"]
+        lines.append(f"| {task} | {t['episodes']} | {_pct(t['success_rate'])} | {_pct(lo)}-{_pct(hi)} | {t['mean_steps']:.1f} |")
+    lines.append(f"| **mean over tasks** | {s['episodes']} | {_pct(s['mean_success'])} | | |")
+    sim = s.get("simpler")
+    if sim:
+        lines += ["", f"## SIMPLER ({sim['setting']}, plan: {sim['episode_plan']})", "",
+                  "| report task | official % | pooled % | episodes | sub-results (official) |", "|---|---|---|---|---|"]
+        for task, v in sorted(sim["official"].items()):
+            subs = ", ".join(f"{k} {_pct(x)}" for k, x in v["subtasks"].items())
+            lines.append(f"| {task} | {_pct(v['success'])} | {_pct(sim['pooled'][task]['success'])} | {v['episodes']} | {subs} |")
+        for k, v in sim["official_averages"].items():
+            lines.append(f"| {k} | {_pct(v)} | {_pct(sim['pooled_averages'].get(k))} | | |")
+        if sim.get("vs_real"):
+            lines += ["", f"MMRV / Pearson vs real robots with this run as `{sim['vs_real_policy']}`:", "",
+                      "| task | MMRV | Pearson r |", "|---|---|---|"]
+            lines += [f"| {t} | {m['mmrv']:.3f} | {m['pearson']:.3f} |" for t, m in sorted(sim["vs_real"].items())]
+    tp = s.get("throughput") or {}
+    if tp.get("episodes_per_min"):
+        lines += ["", f"throughput: {tp['episodes_per_min']:.1f} episodes/min ({tp['episodes_run']} episodes, "
+                      f"{tp['workers']} workers, {tp['wall_s']:.0f} s)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(s: dict, out_dir: str) -> dict:
+    """summary.json / .md / .csv and success.png into out_dir; returns the paths written."""
+    from .plots import bar_chart
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"summary.{k}") for k in ("json", "md", "csv")}
+    with open(paths["json"] + ".tmp", "w") as f:
+        json.dump(s, f, indent=2, default=str)
+    os.replace(paths["json"] + ".tmp", paths["json"])
+    with open(paths["md"], "w") as f:
+        f.write(to_markdown(s))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "episodes", "successes", "success_rate", "ci95_low", "ci95_high", "mean_steps"])
+        for task, t in sorted(s["tasks"].items()):
+            w.writerow([task, t["episodes"], t["successes"], f"{t['success_rate']:.4f}", f"{t['ci95'][0]:.4f}",
+                        f"{t['ci95'][1]:.4f}", f"{t['mean_steps']:.2f}"])
+    if s["tasks"]:
+        paths["png"] = bar_chart(s, os.path.join(out_dir, "success.png"))
+    return paths

@@ -1,0 +1,65 @@
+"""Episode execution, in-process or in spawned worker processes (one env per task, one policy).
+
+Workers are started with the "spawn" method: MuJoCo's GL context and SAPIEN's renderer must not be
+inherited through fork, and the parent may hold TensorFlow or CUDA state.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+
+from .env_factory import make_env
+from .policy_factory import make_policy
+from .rollout import run_episode
+from .video import safe_name, write_video
+
+
+class EpisodeRunner:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.policy = make_policy(cfg["policy"], cfg)
+        self.envs: dict = {}
+
+    def run(self, ep: dict) -> dict:
+        env_cfg = self.cfg["env"]
+        env = self.envs.get(ep["task"])
+        if env is None:
+            env = self.envs[ep["task"]] = make_env(env_cfg, ep["task"], self.cfg.get("max_episode_steps"))
+        rec, frames = run_episode(env, self.policy, ep, env_cfg.get("success_mode", "final_step"),
+                                  record_frames=bool(ep.get("video")))
+        if frames:
+            name = f"{safe_name(ep['episode_id'])}_{'success' if rec['success'] else 'failure'}.{self.cfg.get('video_format', 'mp4')}"
+            path = os.path.join(self.cfg["out_dir"], "videos", safe_name(ep["task"]), name)
+            fps = int(self.cfg.get("video_fps") or env.metadata.get("render_fps", 10))
+            rec["video"] = os.path.relpath(write_video(path, frames, fps=min(fps, 30)), self.cfg["out_dir"])
+        return rec
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+        self.envs.clear()
+        close = getattr(self.policy, "close", None)
+        if callable(close):
+            close()
+
+
+def worker_main(cfg: dict, jobs, results) -> None:
+    """Process entry: run episodes from `jobs` until None; report ("record"|"error"|"fatal", ...)."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    try:
+        runner = EpisodeRunner(cfg)
+    except Exception:
+        results.put(("fatal", None, traceback.format_exc()))
+        return
+    try:
+        while True:
+            ep = jobs.get()
+            if ep is None:
+                break
+            try:
+                results.put(("record", runner.run(ep), None))
+            except Exception:
+                results.put(("error", ep["key"], traceback.format_exc()))
+    finally:
+        runner.close()
+        results.put(("exit", None, None))
