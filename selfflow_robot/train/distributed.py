@@ -1,0 +1,179 @@
+"""Process-group setup from the torchrun environment and model parallelisation.
+
+`parallelize` follows torchtitan's order (compile -> FSDP): every transformer block is
+compiled on its own (short compile times, clean state-dict keys because
+`nn.Module.compile` works in place) and, with FSDP2, sharded on its own before the root.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:  # public path from torch 2.6
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:  # torch 2.4 / 2.5
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU); single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
+    if world <= 1:
+        return DistInfo(device=dev)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_parallel(mode: str, info: DistInfo) -> str:
+    if mode in (None, "auto"):
+        return "ddp" if info.distributed else "none"
+    if mode not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"trainer.parallel must be auto|none|ddp|fsdp, got {mode!r}")
+    if mode != "none" and not info.distributed:
+        return "none"  # one process: nothing to shard or synchronise
+    if mode == "none" and info.distributed:
+        raise ValueError("parallel=none under torchrun with WORLD_SIZE>1 would train diverging replicas")
+    return mode
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: the first ModuleList named blocks/layers (DiT, SiT, ...)."""
+    for name in ("blocks", "layers", "transformer_blocks"):
+        found = getattr(model, name, None)
+        if isinstance(found, nn.ModuleList):
+            return list(found)
+    for module in model.modules():
+        if module is not model and hasattr(module, "blocks") and isinstance(module.blocks, nn.ModuleList):
+            return list(module.blocks)
+    return []
+
+
+def apply_compile(model: nn.Module) -> None:
+    blocks = repeated_blocks(model)
+    for block in blocks or [model]:
+        block.compile()  # in place: no `_orig_mod.` in state-dict keys
+
+
+def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = repeated_blocks(model)
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again first in backward: keep them gathered.
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP that forwards attribute lookups (model.cfg, model.encode(...)) to the module,
+    so objectives can treat it like the bare model."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def parallelize(model: nn.Module, ema: nn.Module, mode: str, info: DistInfo, compile: bool,
+                param_dtype: torch.dtype | None) -> tuple[nn.Module, nn.Module]:
+    """Returns (module the objective calls for the student, EMA module).
+
+    `model` itself stays the bare module (FSDP2 shards in place, DDP wraps), so state-dict
+    keys never carry `module.` prefixes.
+    """
+    if compile:
+        apply_compile(model)
+        apply_compile(ema)
+    if mode == "fsdp":
+        apply_fsdp(model, param_dtype)
+        apply_fsdp(ema, param_dtype)  # same sharding as the student: EMA update is shard-local
+        return model, ema
+    if mode == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return _DDP(model, device_ids=ids), ema
+    return model, ema
+
+
+@torch.no_grad()
+def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average gradients of parameters outside DDP/FSDP (an objective's projection head)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size <= 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, world_size: int) -> torch.Tensor:
+    """Global L2 gradient norm (DTensor shards summed over ranks), then clip in place.
+
+    Works for a mix of sharded (FSDP2) and replicated gradients with a single all-reduce.
+    Returns the norm before clipping (non-finite if any gradient is)."""
+    sharded = [_local(p.grad) for p in params if p.grad is not None and hasattr(p.grad, "to_local")]
+    plain = [p.grad for p in params if p.grad is not None and not hasattr(p.grad, "to_local")]
+    if not sharded and not plain:
+        return torch.zeros(())
+    device = (sharded or plain)[0].device
+    total_sq = torch.zeros((), device=device, dtype=torch.float32)
+    if sharded:
+        total_sq = total_sq + torch.stack([n.float() for n in torch._foreach_norm(sharded)]).square().sum()
+        if world_size > 1:
+            dist.all_reduce(total_sq)
+    if plain:
+        total_sq = total_sq + torch.stack([n.float() for n in torch._foreach_norm(plain)]).square().sum()
+    norm = total_sq.sqrt()
+    if max_norm and max_norm > 0:
+        # clamp keeps this sync-free; a non-finite norm gives a non-finite coefficient and the
+        # trainer skips or stops on it before optimizer.step.
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        grads = sharded + plain
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return norm

@@ -1,0 +1,34 @@
+"""EMA of the model weights (the Self-Flow teacher and the weights that get exported)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """A frozen fp32 copy of `model` in eval mode (initialised to the step-0 weights)."""
+    ema = copy.deepcopy(model).float().eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 parameters are DTensors; student and EMA are sharded the same way, so the
+    # update runs shard by shard on the local tensors.
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model, for parameters and float buffers."""
+    ema_p = [_local(p) for p in ema.parameters()]
+    src_p = [_local(p).detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
+    if len(ema_p) != len(list(model.parameters())):
+        raise RuntimeError("EMA and model have different parameter lists")
+    if ema_p:
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)
+    for (name, b_ema), b in zip(ema.named_buffers(), model.buffers()):
+        # Running statistics etc. are copied, not averaged (as in timm's ModelEmaV3).
+        b_ema.copy_(b)

@@ -1,0 +1,226 @@
+"""Trainer loop: logging, exact resume, NaN handling, EMA, optimizer groups, schedule, loader."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_toys import LOGGER, ToyData, ToyModel, ToyObjective, tiny_cfg  # noqa: E402
+
+from selfflow_robot.train import NonFiniteError, Trainer, make_loader  # noqa: E402
+from selfflow_robot.train.loader import ResumableSampler  # noqa: E402
+from selfflow_robot.train.optim import lr_at, param_groups  # noqa: E402
+
+
+def run(run_dir, cfg=None, objective=None, data=None, resume=False, **kw):
+    torch.manual_seed(0)
+    model = ToyModel()
+    cfg = cfg or tiny_cfg()
+    objective = ToyObjective(**(objective or {}))  # built after seeding: same init in every run
+    data = data or make_loader(ToyData(), cfg["batch_size"], cfg["num_workers"], seed=cfg["seed"])
+    trainer = Trainer(cfg, model, objective, data, run_dir, logger_cfg=LOGGER, resume=resume, **kw)
+    return trainer, trainer.fit()
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_fit_logs_and_checkpoints(tmp_path):
+    cfg = tiny_cfg(steps=30, keep_last=2, schedule="constant")
+    trainer, summary = run(tmp_path, cfg, config={"model": {"name": "toy"}},
+                           extra_files={"normalization.json": {"mode": "q01_q99"}})
+    assert summary["final_step"] == trainer.step == 30
+    assert set(summary) >= {"final_step", "last_loss", "metrics_path", "checkpoint", "steps_per_s", "samples_per_s"}
+    rows = [json.loads(l) for l in Path(summary["metrics_path"]).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert {"loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "flow", "rep"} <= set(rows[0])
+    assert rows[-1]["samples_per_s"] == pytest.approx(rows[-1]["steps_per_s"] * 8, rel=1e-6)
+    assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])  # it learns
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000028", "step_00000030"]  # keep_last=2
+    assert (root / "latest").read_text().strip() == "step_00000030"
+    ck = Path(summary["checkpoint"])
+    assert json.loads((ck / "config.json").read_text()) == {"model": {"name": "toy"}}
+    assert "name: toy" in (ck / "config.yaml").read_text()
+    assert json.loads((ck / "normalization.json").read_text()) == {"mode": "q01_q99"}
+    ema = load_file(ck / "model.safetensors")
+    assert set(ema) == set(trainer.model.state_dict())  # plain keys, buffers included
+    for k, v in trainer.ema_model.state_dict().items():
+        assert torch.equal(ema[k], v)
+    student = load_file(ck / "trainer_state" / "student.safetensors")
+    assert torch.equal(student["head.weight"], trainer.model.head.weight.detach())
+    assert not torch.equal(student["head.weight"], ema["head.weight"])
+    assert "proj.weight" in load_file(ck / "trainer_state" / "objective.safetensors")
+    state = json.loads((ck / "trainer_state" / "state.json").read_text())
+    assert state["step"] == 30 and (state["epoch"], state["batch_in_epoch"]) == (14, 2)  # 2 batches per epoch
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_is_exact(tmp_path, num_workers):
+    cfg = tiny_cfg(num_workers=num_workers)
+    straight, _ = run(tmp_path / "a", cfg)
+    # "Kill" the second run inside step 10: checkpoints exist at 4 and 8, metrics up to 9.
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", cfg, objective=dict(fail_at_call=10))
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert max(losses(tmp_path / "b")) == 9
+    resumed, summary = run(tmp_path / "b", cfg, resume=True)
+    assert summary["final_step"] == 12
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bitwise: same floats in JSON
+    for name in ("model.safetensors", "trainer_state/student.safetensors", "trainer_state/objective.safetensors",
+                 "trainer_state/optimizer.safetensors"):
+        a = load_file(tmp_path / "a" / "checkpoints" / "step_00000012" / name)
+        b = load_file(tmp_path / "b" / "checkpoints" / "step_00000012" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_resume_when_finished_or_missing(tmp_path):
+    _, first = run(tmp_path, tiny_cfg(steps=4))
+    _, again = run(tmp_path, tiny_cfg(steps=4), resume=True)  # nothing left to do
+    assert again["final_step"] == 4 and again["checkpoint"] == first["checkpoint"]
+    _, fresh = run(tmp_path / "new", tiny_cfg(steps=2), resume=True)  # no checkpoint yet: start at 0
+    assert fresh["final_step"] == 2
+    with pytest.raises(FileNotFoundError):
+        run(tmp_path / "x", tiny_cfg(steps=2), resume=str(tmp_path / "nowhere"))
+
+
+def test_nan_raises_without_touching_last_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"step 6: loss.*step_00000004"):
+        run(tmp_path, tiny_cfg(), objective=dict(nan_at_calls=(6,)))
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
+    assert (root / "latest").read_text().strip() == "step_00000004"
+    assert load_file(root / "step_00000004" / "model.safetensors")  # readable
+
+
+def test_nan_skip(tmp_path):
+    cfg = tiny_cfg(on_nan="skip", max_nan_skips=1)
+    with pytest.warns(UserWarning, match="step 3"):
+        trainer, summary = run(tmp_path / "a", cfg, objective=dict(nan_at_calls=(3,)))
+    assert summary["nan_skips"] == 1 and summary["final_step"] == 12
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    with pytest.raises(NonFiniteError, match="step 5"), pytest.warns(UserWarning):
+        run(tmp_path / "b", cfg, objective=dict(nan_at_calls=(3, 5)))
+
+
+def test_ema_update_and_properties(tmp_path):
+    torch.manual_seed(0)
+    model = ToyModel()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(tiny_cfg(steps=1, ema_decay=0.75, checkpoint_every=0), model, ToyObjective(),
+                      make_loader(ToyData(), 8), tmp_path, logger_cfg=LOGGER)
+    assert not trainer.ema_model.training
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in trainer.ema_model.parameters())
+    trainer.fit()
+    for name, p in trainer.model.named_parameters():
+        expected = 0.75 * init[name] + 0.25 * p.detach()
+        torch.testing.assert_close(dict(trainer.ema_model.named_parameters())[name], expected)
+    assert (tmp_path / "checkpoints" / "step_00000001").is_dir()  # final checkpoint even with checkpoint_every=0
+
+
+def test_param_groups_skip_decay_on_norms_biases_embeddings():
+    model = ToyModel()
+    decay, no_decay = param_groups({"model": model}, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decay["params"]) == ["blocks.0.fc.weight", "blocks.1.fc.weight",
+                                                              "head.weight"]
+    assert {"t_embed.weight", "x_embed.weight", "norm.weight", "head.bias"} <= {names[id(p)] for p in no_decay["params"]}
+
+
+def test_lr_schedule():
+    cfg = tiny_cfg(lr=1.0, warmup_steps=4, steps=14, schedule="cosine", min_lr_ratio=0.1)
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.create(cfg)
+    assert [lr_at(s, c) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, c) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(14, c) == pytest.approx(0.1)
+    c.schedule = "constant"
+    assert lr_at(100, c) == 1.0
+
+
+def test_sampler_position_and_sharding():
+    full = ResumableSampler(21, seed=3, batch_size=4)
+    full.set_epoch(2)
+    order = list(full)
+    assert len(order) == 21 and sorted(order) == list(range(21))
+    part = ResumableSampler(21, seed=3, batch_size=4)
+    part.set_position(2, 3)
+    assert list(part) == order[12:]
+    # two ranks with per-rank batch 2 see exactly the global batch of 4 of one process
+    ranks = [ResumableSampler(20, rank=r, world_size=2, seed=1, batch_size=2) for r in range(2)]
+    single = list(ResumableSampler(20, seed=1, batch_size=4))
+    per_rank = [list(s) for s in ranks]
+    for step in range(5):
+        together = per_rank[0][2 * step:2 * step + 2] + per_rank[1][2 * step:2 * step + 2]
+        assert sorted(together) == sorted(single[4 * step:4 * step + 4])
+
+
+def test_generic_iterable_and_batch_to_device(tmp_path):
+    """A plain list of batches (no sampler) works; resume replays to the saved position."""
+    data = [{"x": torch.randn(8, 8, generator=torch.Generator().manual_seed(i))} for i in range(3)]
+    moved = []
+
+    def to_dev(b):
+        moved.append(1)
+        return b
+
+    _, s = run(tmp_path, tiny_cfg(steps=5), data=data, batch_to_device=to_dev)
+    assert s["final_step"] == 5 and len(moved) == 5
+    state = json.loads((Path(s["checkpoint"]) / "trainer_state" / "state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
+
+
+def test_eval_fn_logged(tmp_path):
+    seen = []
+
+    def eval_fn(ema, step):
+        assert not ema.training and not torch.is_grad_enabled()
+        seen.append(step)
+        return {"score": torch.tensor(float(step))}
+
+    _, s = run(tmp_path, tiny_cfg(steps=6), eval_fn=eval_fn, eval_every=3)
+    assert seen == [3, 6]
+    rows = [json.loads(l) for l in Path(s["metrics_path"]).read_text().splitlines()]
+    assert [r["eval/score"] for r in rows if "eval/score" in r] == [3.0, 6.0]
+
+
+def test_wandb_offline_and_failed_init(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    from selfflow_robot.train.logging import wandb_mode
+
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    torch.manual_seed(0)
+    t = Trainer(tiny_cfg(steps=2), ToyModel(), ToyObjective(), make_loader(ToyData(), 8), tmp_path / "w",
+                logger_cfg=dict(wandb="auto", progress_bar=False))
+    t.fit()
+    assert list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    state = json.loads((tmp_path / "w" / "checkpoints" / "step_00000002" / "trainer_state" / "state.json").read_text())
+    assert state["wandb_run_id"]
+    # an impossible init (bad mode via entity) must not stop training
+    import wandb
+
+    def broken(*a, **k):
+        raise wandb.errors.UsageError("No API key configured")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    with pytest.warns(UserWarning, match="wandb init failed"):
+        _, s = run(tmp_path / "z", tiny_cfg(steps=2), logger_cfg=None) if False else (None, Trainer(
+            tiny_cfg(steps=2), ToyModel(), ToyObjective(), make_loader(ToyData(), 8), tmp_path / "z",
+            logger_cfg=dict(wandb="online", progress_bar=False)).fit())
+    assert s["final_step"] == 2
