@@ -28,11 +28,18 @@ def main(cfg: DictConfig | dict) -> dict:
 
 def evaluate(overrides: list[str] | None = None, **kwargs: Any) -> dict:
     """In-process entry: Hydra overrides (`["env=simpler", "env.task=..."]`) and/or keyword values
-    merged on top (`evaluate(policy="expert", episodes_per_task=2)`); returns the summary."""
+    merged on top (`evaluate(policy="expert", episodes_per_task=2)`); returns the summary.
+    `policy` may be an object with reset(instruction) / act(obs); it then runs in this process."""
+    policy = kwargs.get("policy")
+    if policy is not None and not isinstance(policy, str):  # a policy object: evaluated in-process
+        kwargs = {k: v for k, v in kwargs.items() if k != "policy"}
     cfg = compose("evaluate", list(overrides or []))
     if kwargs:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(kwargs))
-    return main(cfg)
+    c = to_container(cfg)
+    if policy is not None and not isinstance(policy, str):
+        c["policy"] = policy
+    return main(c)
 
 
 def cli() -> None:

@@ -41,8 +41,8 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
-def _run_inline(cfg, todo, on_record, on_error):
-    runner = EpisodeRunner(cfg)
+def _run_inline(cfg, todo, on_record, on_error, policy=None):
+    runner = EpisodeRunner(cfg, policy)
     try:
         for ep in todo:
             try:
@@ -92,7 +92,11 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
 
 
 def evaluate(cfg: dict) -> dict:
-    """Run (or resume) the evaluation described by the resolved config; return the summary."""
+    """Run (or resume) the evaluation described by the resolved config; return the summary.
+    `cfg["policy"]` may also be a policy object (reset/act), run in this process (workers=0)."""
+    policy_obj = None if isinstance(cfg.get("policy"), str) else cfg.get("policy")
+    if policy_obj is not None:
+        cfg = dict(cfg, policy=getattr(policy_obj, "name", type(policy_obj).__name__))
     cfg = json.loads(json.dumps(cfg, default=str))
     env_cfg = cfg["env"]
     env_cfg.setdefault("success_mode", _DEFAULT_SUCCESS.get(env_cfg["name"], "final_step"))
@@ -127,12 +131,12 @@ def evaluate(cfg: dict) -> dict:
         bar.write(f"episode {key} failed (retried on resume):\n{tb.strip().splitlines()[-1]}")
 
     t0 = time.perf_counter()
-    n_workers = min(int(cfg.get("workers", 0)), len(todo))
+    n_workers = 0 if policy_obj is not None else min(int(cfg.get("workers", 0)), len(todo))
     try:
         if todo and n_workers > 0:
             _run_workers(cfg, todo, n_workers, on_record, on_error)
         elif todo:
-            _run_inline(cfg, todo, on_record, on_error)
+            _run_inline(cfg, todo, on_record, on_error, policy_obj)
     finally:
         writer.close()
         bar.close()

@@ -15,9 +15,11 @@ from .video import safe_name, write_video
 
 
 class EpisodeRunner:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, policy=None):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; only effective before mujoco is imported
         self.cfg = cfg
-        self.policy = make_policy(cfg["policy"], cfg)
+        self.policy = policy if policy is not None else make_policy(cfg["policy"], cfg)
+        self._owns_policy = policy is None
         self.envs: dict = {}
 
     def run(self, ep: dict) -> dict:
@@ -39,7 +41,7 @@ class EpisodeRunner:
             env.close()
         self.envs.clear()
         close = getattr(self.policy, "close", None)
-        if callable(close):
+        if self._owns_policy and callable(close):
             close()
 
 
