@@ -269,6 +269,11 @@ class EpisodeWriter:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @property
+    def keys(self) -> frozenset:
+        """Keys of every episode stored or buffered so far."""
+        return frozenset(self._keys)
+
     def add(self, key: str, images, actions, instruction: str = "", state=None,
             instruction_embedding=None, source: str | None = None) -> bool:
         """Validate and buffer one episode. Returns False when it was already stored or was

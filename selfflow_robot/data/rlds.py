@@ -1,0 +1,299 @@
+"""RLDS / TFDS episodes (RT-1 `fractal20220817_data`, Bridge, other OXE sets) without TensorFlow.
+
+The feature structure comes from the builder directory (`dataset_info.json`, `features.json`)
+through tensorflow-datasets, which does not import TensorFlow for this. Records are read
+straight from the tfrecord shards (lengths and CRC32C checked) and parsed as
+`tf.train.Example` protos with the `tfrecord` package's copy of the proto; JPEG frames are
+decoded with PIL (with libjpeg's DCT downscaling when a smaller output size is asked for).
+TensorFlow must stay out of training processes: it segfaults MuJoCo rendering.
+
+A small key mapping (configs/dataset/rt1.yaml, bridge.yaml) says which flattened feature is the
+image, the instruction, the action parts, the gripper and its convention, and the state.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DataError, SkipLog
+
+GRIPPER_MODES = ("none", "rel2abs", "invert")
+
+
+def rel2abs_gripper(rel: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    """Relative gripper commands (+1 close, -1 open, ~0 no change) -> absolute state, 1 = open.
+
+    Octo / OpenVLA `rel2abs_gripper_actions`: |a| <= threshold is "no change" and holds the
+    previous state (forward fill); before the first event the gripper is in the state opposite
+    to that event; an episode without events is assumed open.
+    """
+    rel = np.asarray(rel, dtype=np.float64).reshape(-1)
+    events = np.where(rel < -threshold, 1.0, np.where(rel > threshold, -1.0, 0.0))  # +1 open, -1 close
+    nz = np.flatnonzero(events)
+    state = -events[nz[0]] if len(nz) else 1.0
+    out = np.empty(len(rel), np.float32)
+    for t, e in enumerate(events):
+        if e != 0:
+            state = e
+        out[t] = state
+    return out / 2 + 0.5
+
+
+@dataclass
+class RLDSMapping:
+    """Which flattened RLDS feature is what. Keys are paths such as 'steps/action/world_vector'."""
+
+    image: str = "steps/observation/image"
+    instruction: str | None = "steps/observation/natural_language_instruction"
+    instruction_embedding: str | None = None
+    actions: list = field(default_factory=lambda: ["steps/action"])
+    action_names: list | None = None
+    gripper_index: int | None = None  # index in the concatenated action vector
+    gripper: str = "none"  # none | rel2abs | invert (for 1 = closed conventions)
+    gripper_threshold: float = 0.1
+    terminate: str | None = None
+    terminate_index: int | None = None  # one-hot position meaning "terminate" (RT-1: 0)
+    state: list = field(default_factory=list)
+    split: str = "train"
+
+    @classmethod
+    def from_config(cls, cfg) -> "RLDSMapping":
+        d = dict(cfg)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RLDS mapping keys {unknown}; known: {sorted(known)}")
+        for k in ("actions", "state", "action_names"):
+            if d.get(k) is not None:
+                d[k] = [str(x) for x in d[k]]
+        if d.get("gripper", "none") not in GRIPPER_MODES:
+            raise ValueError(f"rlds.gripper must be one of {GRIPPER_MODES}, got {d['gripper']!r}")
+        return cls(**d)
+
+
+def read_tfrecord(path: str):
+    """Yield (record index, bytes) from a TFRecord file, checking lengths and CRC32C."""
+    import crc32c
+
+    def masked(data) -> int:
+        crc = crc32c.crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    with open(path, "rb") as f:
+        i = 0
+        while True:
+            head = f.read(12)
+            if not head:
+                return
+            if len(head) < 12:
+                raise DataError("truncated record header (corrupt or partly copied file)", file=path, episode=f"record {i}")
+            (length,), (length_crc,) = struct.unpack("<Q", head[:8]), struct.unpack("<I", head[8:])
+            if masked(head[:8]) != length_crc:
+                raise DataError("corrupt record: length checksum mismatch", file=path, episode=f"record {i}")
+            data = f.read(length)
+            tail = f.read(4)
+            if len(data) < length or len(tail) < 4:
+                raise DataError("truncated record (corrupt or partly copied file)", file=path, episode=f"record {i}")
+            if masked(data) != struct.unpack("<I", tail)[0]:
+                raise DataError("corrupt record: data checksum mismatch", file=path, episode=f"record {i}")
+            yield i, data
+            i += 1
+
+
+def _feature_spec(features, path: str):
+    node = features
+    for part in path.split("/"):
+        try:
+            node = node[part]
+        except (KeyError, TypeError):
+            return None
+    return node
+
+
+class RLDSReader:
+    """Episodes of one split of a TFDS builder directory, as standardised numpy dicts.
+
+    `image_size=(h, w)` resizes frames while decoding (None keeps the stored size). Bad data
+    raises DataError naming the file, the record and the field, or under on_error='skip' is
+    skipped and counted in `reader.skips`.
+    """
+
+    def __init__(self, data_dir: str, mapping: RLDSMapping, image_size=None, on_error: str = "raise"):
+        data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else data_dir
+        if not data_dir or not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+            raise FileNotFoundError(
+                f"'{data_dir}' is not a TFDS builder directory (it needs dataset_info.json, features.json and "
+                "tfrecord shards, e.g. .../fractal20220817_data/0.1.0); pass data_dir=PATH")
+        import tensorflow_datasets as tfds  # no TensorFlow import on this path
+
+        self.data_dir, self.mapping, self.skips = data_dir, mapping, SkipLog(on_error)
+        self.info = tfds.builder_from_directory(data_dir).info
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        pattern = os.path.join(data_dir, f"*-{mapping.split}.tfrecord-*")
+        self.files = sorted(glob.glob(pattern))
+        if not self.files:
+            raise FileNotFoundError(f"no tfrecord shards matching {pattern}")
+        feats = self.info.features
+        self.spec = {}
+        for key in self._keys():
+            f = _feature_spec(feats, key)
+            if f is None:
+                raise ValueError(f"{data_dir}: the dataset has no feature '{key}' (check the rlds key mapping)")
+            self.spec[key] = (tuple(f.shape), f.np_dtype)
+        self.native_image_shape = self.spec[mapping.image][0]
+        self.action_dim = sum(int(np.prod(self.spec[k][0] or (1,))) for k in mapping.actions)
+        self.state_dim = sum(int(np.prod(self.spec[k][0] or (1,))) for k in mapping.state)
+        emb = mapping.instruction_embedding
+        self.embedding_dim = int(np.prod(self.spec[emb][0])) if emb else 0
+
+    def _keys(self):
+        m = self.mapping
+        keys = [m.image, *m.actions, *m.state]
+        keys += [k for k in (m.instruction, m.instruction_embedding, m.terminate) if k]
+        return keys
+
+    @property
+    def image_shape(self) -> tuple:
+        h, w = self.image_size or self.native_image_shape[:2]
+        return (h, w, 3)
+
+    def records(self, files=None):
+        """(file, key, raw bytes) for every record; key = '<shard file name>:<record index>'."""
+        for path in files or self.files:
+            try:
+                for i, raw in read_tfrecord(path):
+                    yield path, f"{os.path.basename(path)}:{i}", raw
+            except DataError as e:
+                self.skips.handle(e)  # the rest of a corrupt file cannot be framed: move on
+
+    def episodes(self, files=None, skip_keys=None):
+        """Yield standardised episodes; keys in `skip_keys` are not decoded (resuming)."""
+        for path, key, raw in self.records(files):
+            if skip_keys is not None and key in skip_keys:
+                continue
+            try:
+                yield self.decode(raw, key=key, file=path)
+            except DataError as e:
+                self.skips.handle(e)
+
+    # -- decoding --------------------------------------------------------------------------
+    def decode(self, raw: bytes, key: str = "?", file: str | None = None) -> dict:
+        from tfrecord import example_pb2
+
+        ex = example_pb2.Example()
+        try:
+            ex.ParseFromString(raw)
+        except Exception as e:  # protobuf raises its own DecodeError type
+            raise DataError(f"corrupt record: not a tf.train.Example ({e})", file=file, episode=key) from None
+        feats = ex.features.feature
+        m = self.mapping
+
+        def err(fieldname, problem):
+            return DataError(problem, file=file, episode=key, field=fieldname)
+
+        def values(k):
+            if k not in feats:
+                raise err(k, "missing feature")
+            f = feats[k]
+            kind = f.WhichOneof("kind")
+            return kind, (getattr(f, kind).value if kind else [])
+
+        _, jpegs = values(m.image)
+        t = len(jpegs)
+        if t == 0:
+            raise err(m.image, "empty episode (0 steps)")
+
+        def array(k, dtype=np.float32):
+            kind, v = values(k)
+            shape = self.spec[k][0]
+            if kind == "bytes_list":
+                raise err(k, "expected numbers, found bytes")
+            a = np.array(v, dtype=np.float64 if kind == "float_list" else np.int64)
+            n = int(np.prod(shape)) if shape else 1
+            if a.size != t * n:
+                raise err(k, f"misshapen: {a.size} values for {t} steps of shape {list(shape)}")
+            return a.reshape(t, n).astype(dtype)
+
+        actions = np.concatenate([array(k) for k in m.actions], axis=1)
+        if not np.isfinite(actions).all():
+            step, dim = np.argwhere(~np.isfinite(actions))[0]
+            raise err(",".join(m.actions), f"non-finite action at step {step}, dim {dim}")
+        if m.gripper_index is not None and m.gripper != "none":
+            g = actions[:, m.gripper_index]
+            actions[:, m.gripper_index] = rel2abs_gripper(g, m.gripper_threshold) if m.gripper == "rel2abs" else 1 - g
+        ep = {"key": key, "actions": actions, "images": self._decode_images(jpegs, err, m.image)}
+        if m.state:
+            state = np.concatenate([array(k) for k in m.state], axis=1)
+            if not np.isfinite(state).all():
+                raise err(",".join(m.state), "non-finite state")
+            ep["state"] = state
+        else:
+            ep["state"] = None
+        if m.instruction:
+            kind, v = values(m.instruction)
+            if kind != "bytes_list" or len(v) not in (1, t):
+                raise err(m.instruction, f"expected one string per step, got {len(v)} {kind} values for {t} steps")
+            ep["instruction"] = v[0].decode("utf-8", errors="replace")
+        else:
+            ep["instruction"] = ""
+        ep["instruction_embedding"] = array(m.instruction_embedding)[0] if m.instruction_embedding else None
+        if m.terminate:
+            term = array(m.terminate)
+            ep["terminate"] = (term[:, m.terminate_index] if m.terminate_index is not None else term[:, 0]) > 0.5
+        else:
+            ep["terminate"] = np.arange(t) == t - 1
+        return ep
+
+    def _decode_images(self, jpegs, err, name) -> np.ndarray:
+        from PIL import Image
+
+        h0, w0 = self.native_image_shape[:2]
+        h, w = self.image_shape[:2]
+        out = np.empty((len(jpegs), h, w, 3), np.uint8)
+        for i, b in enumerate(jpegs):
+            try:
+                im = Image.open(io.BytesIO(b))
+                if (h, w) != (h0, w0):
+                    im.draft("RGB", (w, h))  # JPEG: decode at 1/2, 1/4, 1/8 scale directly
+                im = im.convert("RGB")
+                if im.size != (w, h):
+                    if (h, w) == (h0, w0):
+                        raise err(name, f"step {i}: image is {im.size[1]}x{im.size[0]}, expected {h0}x{w0}")
+                    im = im.resize((w, h), Image.BILINEAR)
+                out[i] = np.asarray(im)
+            except DataError:
+                raise
+            except Exception as e:  # PIL raises several types for broken JPEG data
+                raise err(name, f"step {i}: cannot decode image ({type(e).__name__}: {e})") from None
+        return out
+
+
+def convert_rlds(reader: RLDSReader, out: str, meta: dict, max_episodes: int | None = None,
+                 progress: bool = True) -> dict:
+    """Convert (resumably) into the episode store at `out`; returns a summary."""
+    from tqdm import tqdm
+
+    from .store import EpisodeWriter
+
+    meta = dict(meta, image_shape=list(reader.image_shape), action_dim=reader.action_dim,
+                state_dim=reader.state_dim, embedding_dim=reader.embedding_dim)
+    with EpisodeWriter(out, meta, resume=True, on_error=reader.skips.on_error) as w:
+        w.skips = reader.skips  # one report for reading and validation problems
+        bar = tqdm(desc=f"convert {os.path.basename(os.path.normpath(reader.data_dir))}", unit="ep",
+                   disable=not progress, total=max_episodes)
+        existing = len(w)
+        for ep in reader.episodes(skip_keys=w.keys):
+            if max_episodes is not None and len(w) >= max_episodes:
+                break
+            w.add(key=ep["key"], images=ep["images"], actions=ep["actions"], instruction=ep["instruction"],
+                  state=ep["state"], instruction_embedding=ep["instruction_embedding"], source=reader.data_dir)
+            bar.update(1)
+        bar.close()
+        summary = {"episodes": len(w), "added": len(w) - existing, "skipped": len(reader.skips),
+                   "skipped_items": list(reader.skips.items)}
+    return summary
