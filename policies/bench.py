@@ -1,8 +1,11 @@
 """Serving benchmark: loopback websocket overhead and batch-1 chunk latency.
 
-main(cfg) keys (all optional): policy (checkpoint/run dir; adds real-model latency),
-image_size [256, 320], iters 200, warmup 20, device cpu, sampler_steps 10, mode, action_dim 7,
-action_chunk 4 (fake policy), out (write the JSON result there).
+main(cfg) reads the `policy_bench` section of cfg if there is one, else cfg itself; keys (all optional):
+  checkpoint (or policy): checkpoint/run dir -> real-model batch-1 chunk latency
+  random_model: a size (tiny/s/b/l/xl) -> the same latency with random weights (latency does not
+      depend on the weights), built with patch_size 16, context_frames 1, future_frames 2
+  image_size [256, 320], iters 200, warmup 20, device auto, sampler_steps 10,
+  modes [action_first, joint], action_dim 7, action_chunk 6, patch_size 16, out (JSON file).
 Overhead = client round trip - server-reported infer_ms, with an instant fake policy, so it is
 the cost of msgpack encoding, the websocket hop, validation, safety and the worker-thread hand-off.
 Standalone: python -m selfflow_robot.policies.bench [key=value ...]
@@ -80,15 +83,40 @@ def bench_model(path: str, obs: dict, iters: int, warmup: int, device: str, step
     policy = Policy.load(path, device=device, sampler_steps=steps, mode=mode)
     times = []
     for i in range(warmup + iters):
-        r = policy.infer(obs)
+        r = policy.infer(obs)  # infer_ms spans predict_fn, which returns numpy (so CUDA is synced)
         if i >= warmup:
             times.append(r["server_timing"]["infer_ms"])
     return {"checkpoint": policy.metadata.get("checkpoint"), "model": policy.metadata.get("model"),
-            "device": device, "sampler_steps": steps, "mode": mode,
+            "device": device, "sampler_steps": steps, "mode": mode, "image_size": policy.metadata.get("image_size"),
             "chunk_shape": list(r["actions"].shape), "infer": _stats(times)}
 
 
+def random_checkpoint(size: str, out_dir: str, image_size, action_dim: int, action_chunk: int,
+                      patch_size: int = 16, context_frames: int = 1, future_frames: int = 2) -> str:
+    """A checkpoint dir with random weights of the given size (for latency only)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from selfflow_robot.models import build_model
+
+    model = build_model(size, action_dim=action_dim, patch_size=patch_size)
+    io = {"image_size": list(image_size), "context_frames": context_frames, "future_frames": future_frames,
+          "frame_stride": 1, "action_chunk": action_chunk, "action_dim": action_dim, "state_dim": None,
+          "fps": 3, "text": model.cfg.text}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({"model": model.cfg.to_dict(), "io": io}, f)
+    norm = {"mode": "q99", "action": {"q01": [-1.0] * action_dim, "q99": [1.0] * action_dim}}
+    with open(os.path.join(out_dir, "normalization.json"), "w", encoding="utf-8") as f:
+        json.dump(norm, f)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, "model.safetensors"))
+    return out_dir
+
+
 def main(cfg) -> dict:
+    section = _get(cfg, "policy_bench", None)
+    cfg = section if section is not None else cfg
     h, w = (int(x) for x in _get(cfg, "image_size", [256, 320]))
     iters, warmup = int(_get(cfg, "iters", 200)), int(_get(cfg, "warmup", 20))
     rng = np.random.default_rng(0)
@@ -99,11 +127,30 @@ def main(cfg) -> dict:
               "codec": bench_codec(obs, iters),
               "loopback": bench_loopback(obs, iters, warmup, int(_get(cfg, "action_dim", 7)),
                                          int(_get(cfg, "action_chunk", 4)))}
-    path = _get(cfg, "policy", None)
-    if path:
-        result["model"] = bench_model(str(path), obs, max(1, iters // 10), min(warmup, 3),
-                                      str(_get(cfg, "device", "cpu")), int(_get(cfg, "sampler_steps", 10)),
-                                      str(_get(cfg, "mode", "action_first")))
+    path = _get(cfg, "checkpoint", None) or _get(cfg, "policy", None)
+    size = _get(cfg, "random_model", None)
+    if path or size:
+        import tempfile
+
+        device = str(_get(cfg, "device", "auto"))
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        tmp = tempfile.TemporaryDirectory() if not path else None
+        if not path:
+            path = random_checkpoint(str(size), tmp.name, (h, w), int(_get(cfg, "action_dim", 7)),
+                                     int(_get(cfg, "action_chunk", 6)), int(_get(cfg, "patch_size", 16)))
+            result["random_model"] = str(size)
+        modes = _get(cfg, "modes", ["action_first", "joint"])
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        n = int(_get(cfg, "model_iters", max(3, iters // 10)))
+        result["model"] = [bench_model(str(path), obs, n, min(warmup, 3), device,
+                                       int(_get(cfg, "sampler_steps", 10)), str(m)) for m in modes]
+        if device.startswith("cuda"):
+            import torch
+            result["gpu"] = torch.cuda.get_device_name()
+        if tmp is not None:
+            tmp.cleanup()
     text = json.dumps(result, indent=2)
     print(text)
     out = _get(cfg, "out", None)
@@ -115,6 +162,7 @@ def main(cfg) -> dict:
 
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    if "image_size" in args:
-        args["image_size"] = json.loads(args["image_size"])
+    for k in ("image_size", "modes"):
+        if k in args and args[k].startswith("["):
+            args[k] = json.loads(args[k])
     main(args)

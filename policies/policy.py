@@ -47,6 +47,10 @@ def validate_obs(obs: Any, state_dim: int | None = None) -> dict:
     instr = obs.get("instruction")
     if instr is not None and (not isinstance(instr, str) or len(instr) > MAX_INSTRUCTION_CHARS):
         raise ObservationError(f"obs['instruction'] must be a str of <= {MAX_INSTRUCTION_CHARS} chars")
+    emb = obs.get("instruction_embedding")
+    if emb is not None and (not isinstance(emb, np.ndarray) or emb.dtype.kind != "f" or emb.ndim != 1
+                            or emb.shape[0] > 65536 or not np.all(np.isfinite(emb))):
+        raise ObservationError("obs['instruction_embedding'] must be a finite 1-D float array")
     state = obs.get("state")
     if state is not None:
         if not isinstance(state, np.ndarray) or state.dtype.kind not in "fiu" or state.ndim != 1:
@@ -86,20 +90,20 @@ def _first(d: dict, paths: list[str], default=None):
 
 
 def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
+    """Policy metadata from a run config: fine-tuning writes an `io` section (image_size,
+    context/future frames, action_chunk, action_dim, state_dim, fps, action_names)."""
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise ValueError(f"{source}: no 'model' section; not a selfflow-robot run config")
-    action_dim = cfg["model"].get("action_dim") or 0
-    if int(action_dim) <= 0:
-        raise ValueError(f"{source}: model.action_dim is {action_dim!r}, so the model has no action head "
+    io = cfg.get("io") if isinstance(cfg.get("io"), dict) else {}
+    action_dim = io.get("action_dim") or cfg["model"].get("action_dim") or 0
+    if int(action_dim) <= 0 or not io:
+        raise ValueError(f"{source}: no 'io' section with action_dim > 0, so the model has no action head "
                          "(a pretraining checkpoint?); fine-tune it on robot episodes first")
-    return {
-        "model": cfg["model"].get("name"),
-        "action_dim": int(action_dim),
-        "action_chunk": _first(cfg, ["dataset.action_chunk", "data.action_chunk", "model.action_chunk"]),
-        "image_size": _first(cfg, ["dataset.image_size", "data.image_size", "model.image_size"]),
-        "state_dim": _first(cfg, ["dataset.state_dim", "data.state_dim", "model.state_dim"]),
-        "fps": _first(cfg, ["dataset.fps", "data.fps", "env.fps"]),
-    }
+    meta = {"model": cfg["model"].get("name"), "action_dim": int(action_dim)}
+    for k in ("action_chunk", "image_size", "context_frames", "future_frames", "frame_stride", "state_dim",
+              "fps", "text", "action_names"):
+        meta[k] = io.get(k)
+    return meta
 
 
 class Policy:
@@ -130,6 +134,8 @@ class Policy:
             raise TypeError("instruction must be a str or None")
         self.instruction = instruction
         self.chunker.reset()
+        if callable(getattr(self.predict_fn, "reset", None)):
+            self.predict_fn.reset()  # e.g. the sampler's frame history
         self.last_action: np.ndarray | None = None
         self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
 
@@ -198,9 +204,22 @@ class Policy:
 
         model, model_cfg = load_checkpoint_model(str(ckpt), device)
         sampler = ActionSampler(model, model_cfg, device, steps=sampler_steps, mode=mode)
-
-        def predict(obs: dict):
-            return sampler(obs["image"], obs.get("instruction") or "", state=obs.get("state"))
-
         metadata.update(checkpoint=str(ckpt), device=str(device), sampler_steps=int(sampler_steps), mode=mode)
-        return cls(predict, metadata, normalization, chunk, safety)
+        return cls(_SamplerPredictor(sampler), metadata, normalization, chunk, safety)
+
+
+class _SamplerPredictor:
+    """Adapts ActionSampler(image, instruction, state, instruction_embedding) to predict_fn(obs)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __call__(self, obs: dict):
+        kw = {"state": obs.get("state")}
+        if obs.get("instruction_embedding") is not None:
+            kw["instruction_embedding"] = obs["instruction_embedding"]
+        return self.sampler(obs["image"], obs.get("instruction") or "", **kw)
+
+    def reset(self) -> None:
+        if callable(getattr(self.sampler, "reset", None)):
+            self.sampler.reset()

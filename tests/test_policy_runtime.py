@@ -120,10 +120,11 @@ def test_predictor_shape_mismatch():
 
 # ---- checkpoint loading ----
 
-def _write_ckpt(d, model=None, files=("config.json", "model.safetensors", "normalization.json")):
+def _write_ckpt(d, model=None, io=None, files=("config.json", "model.safetensors", "normalization.json")):
     d.mkdir(parents=True, exist_ok=True)
     cfg = {"model": model if model is not None else {"name": "tiny", "action_dim": 3},
-           "dataset": {"action_chunk": 4, "image_size": [8, 10], "fps": 3}}
+           "io": io if io is not None else {"action_dim": 3, "action_chunk": 4, "image_size": [8, 10], "fps": 3,
+                                            "context_frames": 1, "future_frames": 1, "state_dim": None}}
     if "config.json" in files:
         (d / "config.json").write_text(json.dumps(cfg))
     if "model.safetensors" in files:
@@ -143,7 +144,7 @@ def test_load_names_missing_file(tmp_path, missing):
 
 
 def test_load_refuses_pretraining_checkpoint(tmp_path):
-    ckpt = _write_ckpt(tmp_path / "c", model={"name": "tiny", "action_dim": 0})
+    ckpt = _write_ckpt(tmp_path / "c", model={"name": "tiny", "action_dim": 0}, io={})
     with pytest.raises(ValueError, match=r"config.json.*no action head"):
         Policy.load(ckpt)
     (ckpt / "config.json").write_text(json.dumps({"trainer": {}}))
@@ -178,9 +179,12 @@ def test_load_run_dir_with_fake_model_code(tmp_path, monkeypatch):
         def __init__(self, model, cfg, device, steps=10, mode="action_first"):
             calls["sampler"] = (model, device, steps, mode)
 
-        def __call__(self, image, instruction, state=None):
-            calls["call"] = (image.shape, instruction)
+        def __call__(self, image, instruction, state=None, instruction_embedding=None):
+            calls["call"] = (image.shape, instruction, None if instruction_embedding is None else len(instruction_embedding))
             return {"actions": np.zeros((4, 3), np.float32), "video": None}
+
+        def reset(self):
+            calls["reset"] = calls.get("reset", 0) + 1
 
     import selfflow_robot.models as models
     monkeypatch.setattr(models, "load_checkpoint_model", load_checkpoint_model, raising=False)
@@ -191,7 +195,12 @@ def test_load_run_dir_with_fake_model_code(tmp_path, monkeypatch):
     assert p.metadata["normalization"] == "q99" and p.chunk_cfg.execute_steps == 2
     assert p.safety_cfg.max_delta == 0.5
     r = p.infer({"image": IMG, "instruction": "go"})
-    assert calls["call"] == ((8, 10, 3), "go") and "video" not in r
+    assert calls["call"] == ((8, 10, 3), "go", None) and "video" not in r
+    p.infer({"image": IMG, "instruction_embedding": np.zeros(512, np.float32)})
+    assert calls["call"] == ((8, 10, 3), "", 512)
+    resets = calls["reset"]
+    p.reset("new task")
+    assert calls["reset"] == resets + 1  # the sampler's frame history is cleared with the episode
     np.testing.assert_allclose(r["actions"][:, 1], 1.0)
 
 
@@ -205,9 +214,31 @@ def test_load_real_model_if_available(tmp_path):
     from safetensors.torch import save_file
 
     model = build_model("tiny", action_dim=3)
-    ckpt = _write_ckpt(tmp_path / "ckpt", model=model.cfg.to_dict())
+    io = {"action_dim": 3, "action_chunk": 4, "image_size": [32, 32], "context_frames": 2, "future_frames": 1,
+          "frame_stride": 1, "state_dim": None, "fps": 3, "text": "bytes"}
+    ckpt = _write_ckpt(tmp_path / "ckpt", model=model.cfg.to_dict(), io=io)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
     p = Policy.load(ckpt, sampler_steps=2)
-    r = p.infer({"image": np.zeros((32, 32, 3), np.uint8), "instruction": "pick coke can"})
-    assert r["actions"].dtype == np.float32 and r["actions"].shape[1] == 3 and np.all(np.isfinite(r["actions"]))
+    assert p.metadata["action_chunk"] == 4 and p.metadata["image_size"] == [32, 32]
+    r = p.infer({"image": np.zeros((48, 64, 3), np.uint8), "instruction": "pick coke can"})
+    assert r["actions"].dtype == np.float32 and r["actions"].shape == (4, 3) and np.all(np.isfinite(r["actions"]))
     assert p.act({"image": np.zeros((32, 32, 3), np.uint8)}).shape == (3,)
+
+
+def test_matches_training_side_normaliser():
+    """The runtime inverse undoes selfflow_robot.data's normaliser on masked dims, from its own file."""
+    try:
+        from selfflow_robot.data.normalize import ActionNormalizer
+    except ImportError as e:
+        pytest.skip(f"selfflow_robot.data.normalize not available ({e})")
+    from selfflow_robot.policies.normalize import Normalizer
+
+    stats = {"action": {"mean": [0.1, -0.2, 0.5], "std": [0.3, 0.2, 0.5], "min": [-1, -1, 0], "max": [1, 1, 1],
+                        "q01": [-0.8, -0.5, 0.0], "q99": [0.9, 0.4, 1.0], "count": 10}}
+    a = np.array([[0.2, -0.1, 1.0], [-0.7, 0.3, 0.0]], np.float32)
+    for mode in ("q99", "mean_std"):
+        train = ActionNormalizer(stats, mode, mask=[True, True, False])
+        run = Normalizer(json.loads(json.dumps(train.to_dict())))
+        np.testing.assert_allclose(run.unnormalize_action(train.normalize(a)), a, atol=1e-5)
+        np.testing.assert_allclose(run.unnormalize_action(train.normalize(a)), train.unnormalize(train.normalize(a)),
+                                   atol=1e-6)
