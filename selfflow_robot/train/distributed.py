@@ -91,12 +91,13 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()  # in place: no `_orig_mod.` in state-dict keys
 
 
-def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> nn.Module:
+def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None, training: bool = True) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     blocks = repeated_blocks(model)
     for i, block in enumerate(blocks):
-        # The last block's parameters are needed again first in backward: keep them gathered.
-        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        # The last block's parameters are needed again first in backward: keep them gathered
+        # (training only; the EMA teacher has no backward).
+        fully_shard(block, mp_policy=mp, reshard_after_forward=not training or i < len(blocks) - 1)
     fully_shard(model, mp_policy=mp)
     return model
 
@@ -124,7 +125,7 @@ def parallelize(model: nn.Module, ema: nn.Module, mode: str, info: DistInfo, com
         apply_compile(ema)
     if mode == "fsdp":
         apply_fsdp(model, param_dtype)
-        apply_fsdp(ema, param_dtype)  # same sharding as the student: EMA update is shard-local
+        apply_fsdp(ema, param_dtype, training=False)  # same sharding as the student: EMA update is shard-local
         return model, ema
     if mode == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None

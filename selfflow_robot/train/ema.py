@@ -23,6 +23,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model, for parameters and float buffers."""
+    for m in ema.modules():
+        # FSDP2 leaves a no-grad forward's root (and keep-gathered) parameters unsharded;
+        # reshard so both sides are the same local shards.
+        if hasattr(m, "reshard") and hasattr(m, "unshard"):
+            m.reshard()
     ema_p = [_local(p) for p in ema.parameters()]
     src_p = [_local(p).detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
     if len(ema_p) != len(list(model.parameters())):
