@@ -127,3 +127,17 @@ def test_policy_served_over_websocket(tmp_path):
     finally:
         server.stop()
     assert s["episodes"] == 2 and s["mean_success"] == 1.0
+
+
+def test_torchrun_two_ranks_merge(tmp_path):
+    pytest.importorskip("torch")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([DOUBLE, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29561",
+           "-m", "selfflow_robot.evaluate", *SIM, "env.task=google_robot_pick_coke_can", "episodes_per_task=5",
+           "max_episode_steps=2", "policy=random", "workers=0", f"out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["episodes"] == 5 and s["complete"] and s["throughput"]["world_size"] == 2
+    per_rank = [sum(1 for _ in open(rank_file(str(tmp_path), r))) for r in (0, 1)]
+    assert per_rank == [3, 2]

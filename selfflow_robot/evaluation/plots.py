@@ -9,8 +9,9 @@ def bar_chart(summary: dict, path: str) -> str:
 
     tasks = sorted(summary["tasks"])
     rates = [100 * summary["tasks"][t]["success_rate"] for t in tasks]
-    lo = [r - 100 * summary["tasks"][t]["ci95"][0] for t, r in zip(tasks, rates)]
-    hi = [100 * summary["tasks"][t]["ci95"][1] - r for t, r in zip(tasks, rates)]
+    # max(0, .): float round-off at 0% / 100% must not make an error bar negative (matplotlib raises)
+    lo = [max(0.0, r - 100 * summary["tasks"][t]["ci95"][0]) for t, r in zip(tasks, rates)]
+    hi = [max(0.0, 100 * summary["tasks"][t]["ci95"][1] - r) for t, r in zip(tasks, rates)]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(tasks) + 2), 3.6))
     ax.bar(range(len(tasks)), rates, yerr=[lo, hi], capsize=3, color="#4c72b0")
     ax.axhline(100 * summary["mean_success"], color="#c44e52", ls="--", lw=1, label="mean")
