@@ -77,7 +77,12 @@ class RLDSMapping:
 
 
 def read_tfrecord(path: str):
-    """Yield (record index, bytes) from a TFRecord file, checking lengths and CRC32C."""
+    """Yield (record index, bytes) from a TFRecord file, checking lengths and CRC32C.
+
+    A record whose data checksum fails is yielded as a DataError (the framing is intact, so
+    the records after it are still read); a broken length field or a truncated file ends the
+    file with a DataError, since nothing after it can be framed.
+    """
     import crc32c
 
     def masked(data) -> int:
@@ -90,18 +95,23 @@ def read_tfrecord(path: str):
             head = f.read(12)
             if not head:
                 return
+            where = dict(file=path, episode=f"{os.path.basename(path)}:{i} (record {i})")
             if len(head) < 12:
-                raise DataError("truncated record header (corrupt or partly copied file)", file=path, episode=f"record {i}")
+                yield i, DataError("truncated record header (corrupt or partly copied file)", **where)
+                return
             (length,), (length_crc,) = struct.unpack("<Q", head[:8]), struct.unpack("<I", head[8:])
             if masked(head[:8]) != length_crc:
-                raise DataError("corrupt record: length checksum mismatch", file=path, episode=f"record {i}")
+                yield i, DataError("corrupt record: length checksum mismatch", **where)
+                return
             data = f.read(length)
             tail = f.read(4)
             if len(data) < length or len(tail) < 4:
-                raise DataError("truncated record (corrupt or partly copied file)", file=path, episode=f"record {i}")
+                yield i, DataError("truncated record (corrupt or partly copied file)", **where)
+                return
             if masked(data) != struct.unpack("<I", tail)[0]:
-                raise DataError("corrupt record: data checksum mismatch", file=path, episode=f"record {i}")
-            yield i, data
+                yield i, DataError("corrupt record: data checksum mismatch", **where)
+            else:
+                yield i, data
             i += 1
 
 
@@ -165,11 +175,11 @@ class RLDSReader:
     def records(self, files=None):
         """(file, key, raw bytes) for every record; key = '<shard file name>:<record index>'."""
         for path in files or self.files:
-            try:
-                for i, raw in read_tfrecord(path):
+            for i, raw in read_tfrecord(path):
+                if isinstance(raw, DataError):
+                    self.skips.handle(raw)
+                else:
                     yield path, f"{os.path.basename(path)}:{i}", raw
-            except DataError as e:
-                self.skips.handle(e)  # the rest of a corrupt file cannot be framed: move on
 
     def episodes(self, files=None, skip_keys=None):
         """Yield standardised episodes; keys in `skip_keys` are not decoded (resuming)."""
@@ -217,21 +227,19 @@ class RLDSReader:
             n = int(np.prod(shape)) if shape else 1
             if a.size != t * n:
                 raise err(k, f"misshapen: {a.size} values for {t} steps of shape {list(shape)}")
-            return a.reshape(t, n).astype(dtype)
+            a = a.reshape(t, n)
+            if not np.isfinite(a).all():
+                step, dim = np.argwhere(~np.isfinite(a))[0]
+                raise err(k, f"non-finite value at step {step}, dim {dim}")
+            return a.astype(dtype)
 
         actions = np.concatenate([array(k) for k in m.actions], axis=1)
-        if not np.isfinite(actions).all():
-            step, dim = np.argwhere(~np.isfinite(actions))[0]
-            raise err(",".join(m.actions), f"non-finite action at step {step}, dim {dim}")
         if m.gripper_index is not None and m.gripper != "none":
             g = actions[:, m.gripper_index]
             actions[:, m.gripper_index] = rel2abs_gripper(g, m.gripper_threshold) if m.gripper == "rel2abs" else 1 - g
         ep = {"key": key, "actions": actions, "images": self._decode_images(jpegs, err, m.image)}
         if m.state:
-            state = np.concatenate([array(k) for k in m.state], axis=1)
-            if not np.isfinite(state).all():
-                raise err(",".join(m.state), "non-finite state")
-            ep["state"] = state
+            ep["state"] = np.concatenate([array(k) for k in m.state], axis=1)
         else:
             ep["state"] = None
         if m.instruction:
@@ -258,12 +266,12 @@ class RLDSReader:
         for i, b in enumerate(jpegs):
             try:
                 im = Image.open(io.BytesIO(b))
+                if im.size != (w0, h0):  # header size, before any decoding
+                    raise err(name, f"step {i}: image is {im.size[1]}x{im.size[0]}, expected {h0}x{w0}")
                 if (h, w) != (h0, w0):
                     im.draft("RGB", (w, h))  # JPEG: decode at 1/2, 1/4, 1/8 scale directly
                 im = im.convert("RGB")
                 if im.size != (w, h):
-                    if (h, w) == (h0, w0):
-                        raise err(name, f"step {i}: image is {im.size[1]}x{im.size[0]}, expected {h0}x{w0}")
                     im = im.resize((w, h), Image.BILINEAR)
                 out[i] = np.asarray(im)
             except DataError:

@@ -1,0 +1,214 @@
+"""RT-1 (fractal20220817_data) through `dataset=rt1`: a real-schema RLDS fixture written by TF in a
+child process, read here without TensorFlow; standardised actions, gripper, statistics, bad data."""
+import glob
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("tfrecord")
+
+from selfflow_robot.cli import compose
+from selfflow_robot.data import DataError, EpisodeStore, open_store
+from selfflow_robot.data.rlds import RLDSMapping, RLDSReader, convert_rlds, rel2abs_gripper
+from selfflow_robot.data.sources import make_normalizer
+from tests.rlds_fixture import fractal_episode, frame, write_fractal_rlds
+
+# Hand-derived from GRIPPER_PATTERNS with the rel2abs rule (1 = open).
+EXPECTED_GRIPPER = {0: [1, 1, 0, 0, 0, 0, 1, 1, 1, 1], 1: [1] * 10, 2: [1, 1, 1, 0, 0, 0, 1, 1, 1, 1]}
+
+
+@pytest.fixture(scope="module")
+def builder_dir(tmp_path_factory):
+    return write_fractal_rlds(str(tmp_path_factory.mktemp("rlds")), num_episodes=3, steps=10)
+
+
+def rt1_cfg(builder_dir, store_dir, *extra):
+    cfg = compose("data", ["dataset=rt1", f"data_dir={builder_dir}", f"dataset.store_dir={store_dir}",
+                           "dataset.progress=false", *extra])
+    return cfg.dataset
+
+
+def test_rel2abs_rule():
+    np.testing.assert_array_equal(rel2abs_gripper([0, 1, 0, -1, 0]), [1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(rel2abs_gripper([0, -1, 0, 1, 0]), [0, 1, 1, 0, 0])  # starts closed
+    np.testing.assert_array_equal(rel2abs_gripper([0.1, -0.1, 0.0]), [1, 1, 1])  # |a| <= 0.1: no event
+    for i, want in EXPECTED_GRIPPER.items():
+        np.testing.assert_array_equal(rel2abs_gripper(fractal_episode(i)["action"]["gripper_closedness_action"]), want)
+
+
+def test_rt1_standardised_store(builder_dir, tmp_path):
+    cfg = rt1_cfg(builder_dir, tmp_path / "store", "dataset.image_size=null")
+    assert cfg.data_dir == builder_dir
+    store = open_store(cfg)
+    assert len(store) == 3 and store.num_steps == 30
+    assert store.meta["image_shape"] == [256, 320, 3] and store.meta["action_dim"] == 7
+    assert store.meta["state_dim"] == 8 and store.meta["embedding_dim"] == 512 and store.meta["fps"] == 3
+    assert store.meta["action_mask"] == [True] * 6 + [False]
+    for i in range(3):
+        ref = fractal_episode(i)
+        ep = store.episode(i)
+        assert ep["key"] == f"fractal20220817_data-train.tfrecord-00000-of-00001:{i}"
+        assert ep["instruction"] == f"pick object {i}"
+        want = np.concatenate([ref["action"]["world_vector"], ref["action"]["rotation_delta"],
+                               np.array(EXPECTED_GRIPPER[i], np.float32)[:, None]], 1)
+        np.testing.assert_allclose(ep["actions"], want, rtol=1e-6)
+        np.testing.assert_allclose(ep["state"], np.concatenate([ref["observation"]["base_pose_tool_reached"],
+                                                                ref["observation"]["gripper_closed"]], 1))
+        np.testing.assert_allclose(ep["instruction_embedding"], ref["observation"]["natural_language_embedding"][0])
+        err = np.abs(ep["images"].astype(int) - ref["observation"]["image"].astype(int)).mean()
+        assert err < 3, f"decoded frames differ from the written ones by {err:.1f} levels"
+
+
+def test_rt1_statistics_and_normalisation(builder_dir, tmp_path):
+    store = open_store(rt1_cfg(builder_dir, tmp_path / "store"))
+    assert store.meta["image_shape"] == [128, 160, 3]  # rt1.yaml stores 128x160 by default
+    acts = np.concatenate([np.concatenate([fractal_episode(i)["action"]["world_vector"],
+                                           fractal_episode(i)["action"]["rotation_delta"],
+                                           np.array(EXPECTED_GRIPPER[i], np.float32)[:, None]], 1)
+                           for i in range(3)]).astype(np.float64)
+    st = store.stats()["action"]
+    assert st["count"] == 30
+    for name, ref in [("mean", acts.mean(0)), ("std", acts.std(0)), ("min", acts.min(0)), ("max", acts.max(0)),
+                      ("q01", np.quantile(acts, 0.01, 0)), ("q99", np.quantile(acts, 0.99, 0))]:
+        np.testing.assert_allclose(st[name], ref, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert st["mean"][6] == pytest.approx(23 / 30)  # 23 open steps of 30
+    norm = make_normalizer(store, rt1_cfg(builder_dir, tmp_path / "store"))
+    x = norm.normalize(acts)
+    lo, hi = np.quantile(acts, 0.01, 0), np.quantile(acts, 0.99, 0)
+    np.testing.assert_allclose(x[:, :6], np.clip(2 * (acts[:, :6] - lo[:6]) / (hi[:6] - lo[:6]) - 1, -1, 1), atol=1e-5)
+    np.testing.assert_array_equal(x[:, 6], acts[:, 6])  # gripper left as is
+    ref0 = frame(0, 0)
+    small = store.frames(0, [0])[0].astype(int)
+    from PIL import Image
+    want = np.asarray(Image.fromarray(ref0).resize((160, 128), Image.BILINEAR)).astype(int)
+    assert np.abs(small - want).mean() < 4
+
+
+def test_reader_never_imports_tensorflow(builder_dir):
+    code = ("import sys; from selfflow_robot.data.rlds import RLDSReader, RLDSMapping; from omegaconf import OmegaConf;"
+            "m = RLDSMapping.from_config(OmegaConf.load('configs/dataset/rt1.yaml').rlds);"
+            f"eps = list(RLDSReader({builder_dir!r}, m).episodes());"
+            "print(len(eps), sum(len(e['actions']) for e in eps), 'tensorflow' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-3:] == ["3", "30", "False"]
+
+
+def test_conversion_resumes_and_is_cached(builder_dir, tmp_path):
+    mapping = RLDSMapping.from_config(compose("data", ["dataset=rt1"]).dataset.rlds)
+    reader = RLDSReader(builder_dir, mapping, image_size=(32, 40))
+    out = str(tmp_path / "conv")
+    assert convert_rlds(reader, out, {}, max_episodes=1, progress=False)["added"] == 1  # "interrupted"
+    s = convert_rlds(reader, out, {}, progress=False)
+    assert s["added"] == 2 and s["episodes"] == 3
+    store = EpisodeStore(out)
+    assert sorted(store.key(i) for i in range(3)) == [f"fractal20220817_data-train.tfrecord-00000-of-00001:{i}"
+                                                      for i in range(3)]
+    cfg = rt1_cfg(builder_dir, tmp_path / "cached", "dataset.image_size=[32,40]")
+    open_store(cfg)
+    mtime = os.path.getmtime(tmp_path / "cached" / "index.json")
+    open_store(cfg)
+    assert os.path.getmtime(tmp_path / "cached" / "index.json") == mtime
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="data_dir"):
+        open_store(compose("data", ["dataset=rt1"]).dataset)
+    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
+        RLDSReader(str(tmp_path), RLDSMapping())
+
+
+# -- bad data -------------------------------------------------------------------------------
+
+def _write_records(path, records):
+    import crc32c
+
+    def masked(b):
+        c = crc32c.crc32c(b)
+        return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+    with open(path, "wb") as f:
+        for r in records:
+            head = struct.pack("<Q", len(r))
+            f.write(head + masked(head) + r + masked(r))
+
+
+def _tiny_jpeg():
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _edit(kind):
+    """Return a function that breaks one tf.train.Example (record 1) in the way `kind` says."""
+    def edit(ex):
+        f = ex.features.feature
+        if kind == "missing":
+            del f["steps/action/rotation_delta"]
+        elif kind == "misshapen":
+            del f["steps/action/world_vector"].float_list.value[-1]
+        elif kind == "nan":
+            f["steps/action/world_vector"].float_list.value[4] = float("nan")
+        elif kind == "empty":
+            for k in list(f):
+                if k.startswith("steps/"):
+                    f[k].ClearField(f[k].WhichOneof("kind"))
+        elif kind == "bad_image":
+            f["steps/observation/image"].bytes_list.value[3] = _tiny_jpeg()
+    return edit
+
+
+CASES = [("corrupt", None, "data checksum mismatch"),
+         ("missing", "steps/action/rotation_delta", "missing feature"),
+         ("misshapen", "steps/action/world_vector", "misshapen: 29 values for 10 steps"),
+         ("nan", "steps/action/world_vector", "non-finite value at step 1, dim 1"),
+         ("empty", "steps/observation/image", "empty episode"),
+         ("bad_image", "steps/observation/image", "step 3: image is 10x10, expected 256x320")]
+
+
+@pytest.mark.parametrize("kind,field,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_data_raises_or_is_skipped(builder_dir, tmp_path, capsys, kind, field, message):
+    from tfrecord import example_pb2
+
+    from selfflow_robot.data.rlds import read_tfrecord
+
+    bad = tmp_path / "bad"
+    shutil.copytree(builder_dir, bad)
+    shard = glob.glob(str(bad / "*.tfrecord-*"))[0]
+    records = [r for _, r in read_tfrecord(shard)]
+    if kind == "corrupt":  # flip one byte inside record 1's data (its checksum no longer matches)
+        with open(shard, "r+b") as f:
+            f.seek(12 + len(records[0]) + 4 + 12 + len(records[1]) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    else:
+        ex = example_pb2.Example()
+        ex.ParseFromString(records[1])
+        _edit(kind)(ex)
+        records[1] = ex.SerializeToString()
+        _write_records(shard, records)
+    name = os.path.basename(shard)
+    with pytest.raises(DataError) as e:
+        open_store(rt1_cfg(str(bad), tmp_path / "raise", "dataset.image_size=[32,40]"))
+    msg = str(e.value)
+    assert message in msg and f"{name}:1" in msg and f"file {bad}" in msg, msg
+    if field:
+        assert f"field '{field}'" in msg, msg
+    store = open_store(rt1_cfg(str(bad), tmp_path / "skip", "dataset.image_size=[32,40]", "dataset.on_error=skip"))
+    kept = [store.key(i).split(":")[1] for i in range(len(store))]
+    assert kept == ["0", "2"]
+    summary = json.loads((tmp_path / "skip" / "conversion.json").read_text())["summary"]
+    assert summary["skipped"] == 1 and message in summary["skipped_items"][0]
+    assert "skipped 1 episodes" in capsys.readouterr().err
+
