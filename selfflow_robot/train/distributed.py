@@ -107,6 +107,8 @@ class _DDP(nn.parallel.DistributedDataParallel):
     so objectives can treat it like the bare model."""
 
     def __getattr__(self, name):
+        if name == "module":  # not set yet (inside DDP.__init__): no recursion
+            return super().__getattr__(name)
         try:
             return super().__getattr__(name)
         except AttributeError:
