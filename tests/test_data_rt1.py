@@ -19,7 +19,7 @@ from selfflow_robot.cli import compose
 from selfflow_robot.data import DataError, EpisodeStore, open_store
 from selfflow_robot.data.rlds import RLDSMapping, RLDSReader, convert_rlds, rel2abs_gripper
 from selfflow_robot.data.sources import make_normalizer
-from tests.rlds_fixture import fractal_episode, frame, write_fractal_rlds
+from selfflow_robot.data.synthetic_rt1 import fractal_episode, frame, write_fractal_rlds
 
 # Hand-derived from GRIPPER_PATTERNS with the rel2abs rule (1 = open).
 EXPECTED_GRIPPER = {0: [1, 1, 0, 0, 0, 0, 1, 1, 1, 1], 1: [1] * 10, 2: [1, 1, 1, 0, 0, 0, 1, 1, 1, 1]}

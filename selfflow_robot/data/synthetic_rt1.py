@@ -1,8 +1,10 @@
-"""A tiny RLDS dataset with the real fractal20220817_data (RT-1) feature names, dtypes and shapes.
+"""Synthetic RLDS data with the real fractal20220817_data (RT-1) feature names, dtypes and shapes,
+for tests and benchmarks (the real 111 GiB set cannot be downloaded everywhere).
 
 `fractal_episode(i)` is the single source of truth for the contents: the writer (run in a
-separate process because it imports TensorFlow) and the tests (which never import TF) both
-call it. Run as `python tests/rlds_fixture.py OUT_DIR NUM_EPISODES [STEPS] [photo]`; writes
+separate process because it imports TensorFlow, which must stay out of training and rendering
+processes) and the tests (which never import TF) both call it.
+`python -m selfflow_robot.data.synthetic_rt1 OUT_DIR NUM_EPISODES [STEPS] [photo]` writes
 OUT_DIR/fractal20220817_data/0.1.0/.
 """
 from __future__ import annotations
@@ -40,8 +42,8 @@ def frame(i: int, t: int, photo: bool = False) -> np.ndarray:
 def fractal_episode(i: int, steps: int = 10, photo: bool = False) -> dict:
     rng = np.random.default_rng(i)
     t = steps
-    grip = np.array(GRIPPER_PATTERNS.get(i, rng.choice([0.0, 0.0, 0.0, 1.0, -1.0], t))[:t] +
-                    [0.0] * max(0, t - 10), np.float32)[:t]
+    pattern = GRIPPER_PATTERNS.get(i) or list(rng.choice([0.0, 0.0, 0.0, 1.0, -1.0], t))
+    grip = np.array((list(pattern) + [0.0] * t)[:t], np.float32)
     terminate = np.tile(np.array([0, 1, 0], np.int32), (t, 1))
     terminate[-1] = [1, 0, 0]
     obs = {
@@ -153,10 +155,11 @@ def _write(out_dir: str, num_episodes: int, steps: int, photo: bool) -> None:
 def write_fractal_rlds(out_dir: str, num_episodes: int = 3, steps: int = 10, photo: bool = False) -> str:
     """Write the fixture in a child process (TF must stay out of the test process); returns
     the builder directory OUT_DIR/fractal20220817_data/0.1.0."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    subprocess.run([sys.executable, os.path.abspath(__file__), out_dir, str(num_episodes), str(steps),
-                    "photo" if photo else "plain"], check=True, env=env, cwd=root, capture_output=True)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.data.synthetic_rt1", out_dir, str(num_episodes),
+                        str(steps), "photo" if photo else "plain"], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"writing the synthetic RLDS data failed:\n{r.stderr[-3000:]}")
     return os.path.join(out_dir, "fractal20220817_data", "0.1.0")
 
 

@@ -1,0 +1,123 @@
+"""Data throughput, per process (= per CPU core; every loop here is single-threaded):
+
+rlds_read      RT-1-format shards -> standardised episodes, JPEG decode at the native 256x320
+rlds_read_small  the same, decoding straight to the store resolution (libjpeg DCT scaling)
+convert        shards -> episode store (read, decode, resize, validate, write)
+clips          ClipDataset items (N+M frames, H-step normalised chunk) at random indices
+clips_batched  the same through default_collate in batches (what a DataLoader worker does)
+
+The RT-1-format data is synthetic (selfflow_robot.data.synthetic_rt1, textured frames), written
+by a TensorFlow child process; reading never imports TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def _emit(rec: dict, out: str | None) -> None:
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def _settings(cfg) -> dict:
+    defaults = dict(work_dir=None, rlds_episodes=24, rlds_steps=40, store_image_size=[128, 160], context_frames=1,
+                    future_frames=4, frame_stride=1, action_chunk=6, clips=3000, batch_size=32, out=None)
+    got = cfg.get("data") if cfg is not None else None
+    if got is not None:
+        from omegaconf import OmegaConf
+
+        got = OmegaConf.to_container(got, resolve=True) if not isinstance(got, dict) else got
+        defaults.update({k: v for k, v in got.items() if v is not None or k in ("work_dir", "out")})
+    return defaults
+
+
+def run(s: dict) -> list[dict]:
+    import torch
+
+    from .clips import ClipDataset
+    from .normalize import ActionNormalizer
+    from .rlds import RLDSMapping, RLDSReader, convert_rlds
+    from .store import EpisodeStore
+    from .synthetic_rt1 import write_fractal_rlds
+
+    torch.set_num_threads(1)
+    cpu = cpu_name()
+    recs = []
+    with tempfile.TemporaryDirectory(dir=s["work_dir"]) as tmp:
+        builder = write_fractal_rlds(tmp, s["rlds_episodes"], s["rlds_steps"], photo=True)
+        import omegaconf
+
+        cfg_path = os.path.join(os.path.dirname(__file__), "..", "configs", "dataset", "rt1.yaml")
+        if not os.path.exists(cfg_path):
+            import importlib.resources
+
+            cfg_path = str(importlib.resources.files("selfflow_robot.configs") / "dataset" / "rt1.yaml")
+        mapping = RLDSMapping.from_config(omegaconf.OmegaConf.load(cfg_path).rlds)
+        frames = s["rlds_episodes"] * s["rlds_steps"]
+        size = tuple(s["store_image_size"])
+        for name, image_size in (("rlds_read", None), ("rlds_read_small", size)):
+            reader = RLDSReader(builder, mapping, image_size=image_size)
+            list(reader.episodes(files=reader.files))  # warm the page cache and imports
+            t0 = time.perf_counter()
+            n = sum(len(ep["actions"]) for ep in reader.episodes())
+            dt = time.perf_counter() - t0
+            assert n == frames
+            recs.append({"bench": f"data.{name}", "frames_per_s": round(n / dt, 1), "frames": n,
+                         "image": list(reader.image_shape), "processes": 1, "cpu": cpu})
+        store_dir = os.path.join(tmp, "store")
+        reader = RLDSReader(builder, mapping, image_size=size)
+        t0 = time.perf_counter()
+        convert_rlds(reader, store_dir, {"source": "bench"}, progress=False)
+        dt = time.perf_counter() - t0
+        recs.append({"bench": "data.convert", "frames_per_s": round(frames / dt, 1), "frames": frames,
+                     "image": list(reader.image_shape), "processes": 1, "cpu": cpu})
+        store = EpisodeStore(store_dir)
+        ds = ClipDataset(store, context_frames=s["context_frames"], future_frames=s["future_frames"],
+                         frame_stride=s["frame_stride"], action_chunk=s["action_chunk"],
+                         normalizer=ActionNormalizer.from_store(store))
+        rng = np.random.default_rng(0)
+        idx = rng.integers(0, len(ds), s["clips"])
+        for i in idx[:100]:
+            ds[int(i)]
+        t0 = time.perf_counter()
+        for i in idx:
+            ds[int(i)]
+        dt = time.perf_counter() - t0
+        shape = {"frames": s["context_frames"] + s["future_frames"], "image": list(store.meta["image_shape"]),
+                 "action_chunk": s["action_chunk"]}
+        recs.append({"bench": "data.clips", "clips_per_s": round(len(idx) / dt, 1), **shape, "processes": 1, "cpu": cpu})
+        bs = s["batch_size"]
+        t0 = time.perf_counter()
+        n = 0
+        for k in range(0, len(idx) - bs + 1, bs):
+            torch.utils.data.default_collate([ds[int(i)] for i in idx[k:k + bs]])
+            n += bs
+        dt = time.perf_counter() - t0
+        recs.append({"bench": "data.clips_batched", "clips_per_s": round(n / dt, 1), "batch_size": bs, **shape,
+                     "processes": 1, "cpu": cpu})
+    return recs
+
+
+def main(cfg=None) -> list[dict]:
+    s = _settings(cfg)
+    recs = run(s)
+    for r in recs:
+        _emit(r, s["out"])
+    return recs

@@ -1,0 +1,110 @@
+"""Video/image folders (action-free), the stats command, Hydra dataset configs, the bench."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from selfflow_robot.cli import compose
+from selfflow_robot.data import ClipDataset, DataError, EpisodeStore, open_store
+from selfflow_robot.data.video_folder import convert_video_folder, fit
+from tests.data_fixtures import make_episode, write_store
+
+
+def _folder(tmp_path):
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    root = tmp_path / "videos"
+    (root / "seq").mkdir(parents=True)
+    frames = [np.full((48, 64, 3), 10 * k, np.uint8) for k in range(20)]
+    imageio.mimwrite(root / "a.mp4", frames, fps=10, macro_block_size=16)
+    for k in range(5):
+        Image.fromarray(np.full((40, 40, 3), 50 * k, np.uint8)).save(root / "seq" / f"{k:03d}.png")
+    return root
+
+
+def test_fit_centre_crops_then_resizes():
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, 20:60] = 200  # the centre square
+    out = fit(img, (16, 16))
+    assert out.shape == (16, 16, 3) and out.min() == 200
+
+
+def test_video_folder_store(tmp_path):
+    root = _folder(tmp_path)
+    s = convert_video_folder(str(root), str(tmp_path / "st"), image_size=(32, 32), clip_frames=8, progress=False)
+    assert s["episodes"] == 4 and s["files"] == 2
+    store = EpisodeStore(tmp_path / "st")
+    keys = [store.key(i) for i in range(len(store))]
+    assert keys == ["a.mp4#0", "a.mp4#1", "a.mp4#2", "seq#0"]
+    assert [store.episode_length(i) for i in range(4)] == [8, 8, 4, 5]
+    assert store.meta["action_dim"] == 0 and store.actions(0).shape == (8, 0)
+    np.testing.assert_allclose(store.frames(1, [0]).mean(), 80, atol=4)  # frame 8 of the video (10 * 8)
+    np.testing.assert_array_equal(store.frames(3, [2])[0, 0, 0], [100, 100, 100])
+    item = ClipDataset(store, context_frames=1, future_frames=2, action_chunk=4)[0]
+    assert item["actions"].shape == (4, 0) and item["future"].shape == (2, 32, 32, 3)
+    assert store.stats()["action"]["count"] == 25
+
+
+def test_video_folder_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no videos here")
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        convert_video_folder(str(empty), str(tmp_path / "o1"), progress=False)
+    root = _folder(tmp_path)
+    (root / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match="broken.mp4"):
+        convert_video_folder(str(root), str(tmp_path / "o2"), image_size=(16, 16), progress=False)
+    s = convert_video_folder(str(root), str(tmp_path / "o3"), image_size=(16, 16), on_error="skip", progress=False)
+    assert s["skipped"] == 1 and "broken.mp4" in s["skipped_items"][0] and s["episodes"] == 2
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.mp4").write_bytes(b"junk")
+    with pytest.raises(FileNotFoundError, match=str(only_bad)):
+        convert_video_folder(str(only_bad), str(tmp_path / "o4"), on_error="skip", progress=False)
+
+
+def test_video_folder_config(tmp_path):
+    root = _folder(tmp_path)
+    cfg = compose("data", ["dataset=video_folder", f"data_dir={root}", f"dataset.store_dir={tmp_path / 'vf'}",
+                           "dataset.image_size=[16,16]", "dataset.progress=false"]).dataset
+    assert len(open_store(cfg)) == 2
+
+
+def test_every_dataset_config_composes():
+    for name in ("metaworld", "rt1", "bridge", "video_folder", "store"):
+        cfg = compose("data", [f"dataset={name}", "data_dir=/some/where"]).dataset
+        assert cfg.source in ("metaworld", "rlds", "video_folder", "store")
+        assert cfg.normalization.mode == "q99"
+    assert compose("data", ["dataset=rt1", "data_dir=/x"]).dataset.data_dir == "/x"
+
+
+def test_stats_command_prints_json(tmp_path):
+    write_store(tmp_path / "s")
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.data", "stats", "dataset=store",
+                        f"data_dir={tmp_path / 's'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{")))
+    assert out["episodes"] == 3 and out["steps"] == 29 and out["action_dim"] == 4
+    acts = np.concatenate([make_episode(t, i)["actions"] for i, t in enumerate((10, 7, 12))]).astype(np.float64)
+    np.testing.assert_allclose(out["action"]["q99"], np.quantile(acts, 0.99, 0), rtol=1e-6)
+    assert len(out["state"]["mean"]) == 2
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.data", "stats", "dataset=store",
+                        f"data_dir={tmp_path / 'nothing'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and str(tmp_path / "nothing") in r.stderr
+
+
+def test_bench_runs_on_tiny_settings(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from selfflow_robot.data.bench import main
+
+    recs = main({"data": {"rlds_episodes": 2, "rlds_steps": 5, "clips": 40, "batch_size": 8,
+                          "out": str(tmp_path / "b.jsonl")}})
+    names = [r["bench"] for r in recs]
+    assert names == ["data.rlds_read", "data.rlds_read_small", "data.convert", "data.clips", "data.clips_batched"]
+    assert all((r.get("frames_per_s") or r.get("clips_per_s")) > 0 for r in recs)
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 5
