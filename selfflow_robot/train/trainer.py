@@ -371,7 +371,8 @@ class Trainer:
                 wandb_run_id=self.wandb_id, world_size=self.dist.world_size, parallel=self.parallel,
                 precision=self.precision, format_version=1))
             ckpt.write_json(tmp / "config.json", self.config)
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.config)))
+            plain = json.loads(json.dumps(self.config, default=ckpt._json_default))  # Paths, numpy -> JSON types
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
             for name, content in self.extra_files.items():
                 ckpt.write_json(tmp / name, content)
         barrier()
