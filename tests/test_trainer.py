@@ -102,6 +102,11 @@ def test_nan_raises_without_touching_last_checkpoint(tmp_path):
     assert load_file(root / "step_00000004" / "model.safetensors")  # readable
 
 
+def test_non_finite_gradient_is_named(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"step 2: grad_norm \(loss=[0-9.]+, grad_norm=nan\)"):
+        run(tmp_path, tiny_cfg(), objective=dict(grad_nan_at_calls=(2,)))
+
+
 def test_nan_skip(tmp_path):
     cfg = tiny_cfg(on_nan="skip", max_nan_skips=1)
     with pytest.warns(UserWarning, match="step 3"):

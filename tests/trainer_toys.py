@@ -43,11 +43,13 @@ class ToyObjective(nn.Module):
     projection head. random=True draws noise and t from the global RNG (tests RNG restore);
     random=False derives them from the data (identical across process counts)."""
 
-    def __init__(self, random: bool = True, nan_at_calls: tuple[int, ...] = (), fail_at_call: int | None = None):
+    def __init__(self, random: bool = True, nan_at_calls: tuple[int, ...] = (), fail_at_call: int | None = None,
+                 grad_nan_at_calls: tuple[int, ...] = ()):
         super().__init__()
         self.proj = nn.Linear(D_IN, D_IN)
         self.random = random
         self.nan_at_calls, self.fail_at_call, self.calls = set(nan_at_calls), fail_at_call, 0
+        self.grad_nan_at_calls = set(grad_nan_at_calls)
 
     def forward(self, model, ema_model, batch):
         self.calls += 1
@@ -67,6 +69,8 @@ class ToyObjective(nn.Module):
         loss = flow + 0.1 * rep
         if self.calls in self.nan_at_calls:
             loss = loss * float("nan")
+        if self.calls in self.grad_nan_at_calls:  # finite loss, non-finite gradient (d sqrt(x)/dx at 0)
+            loss = loss + torch.sqrt((v * 0).sum())
         return loss, {"flow": flow.detach(), "rep": rep.item()}
 
 
