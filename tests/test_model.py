@@ -35,8 +35,8 @@ def test_per_token_conditioning_equals_scalar_path(model):
     slots = model(**x, video_t=TokenTimes(torch.stack([t, t], 1), torch.randint(0, 2, (2, 2, 3, 4))),
                   action_t=t, context_t=t * 0.1)
     for out in (per_token, slots):
-        torch.testing.assert_close(out["video"], scalar["video"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out["action"], scalar["action"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["video"], scalar["video"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out["action"], scalar["action"], rtol=1e-4, atol=1e-4)
 
 
 def test_distinct_timestep_slots_equal_dense_per_token(model):
@@ -47,7 +47,7 @@ def test_distinct_timestep_slots_equal_dense_per_token(model):
     dense = torch.gather(values, 1, idx.flatten(1)).view(2, 2, 3, 4)
     a = model(**x, video_t=TokenTimes(values, idx), action_t=values[:, 0])
     b = model(**x, video_t=dense, action_t=values[:, 0])
-    torch.testing.assert_close(a["video"], b["video"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a["video"], b["video"], rtol=1e-4, atol=1e-4)
     # and the timesteps matter: swapping the slots changes the output
     c = model(**x, video_t=TokenTimes(values.flip(1), idx), action_t=values[:, 0])
     assert not torch.allclose(a["video"], c["video"], atol=1e-4)

@@ -92,8 +92,7 @@ def test_teacher_sees_min_t_s_with_student_noise():
     tmin = torch.minimum(t, s)
     expected = (1 - tmin)[:, None, None, None, None] * x0 + tmin[:, None, None, None, None] * noise
     torch.testing.assert_close(tkw["video"], expected, rtol=1e-4, atol=1e-4)
-    tvt: TokenTimes = tkw["video_t"]
-    assert torch.allclose(torch.gather(tvt.values, 1, tvt.index.flatten(1)), tmin[:, None].expand(-1, tvt.index[0].numel()))
+    assert torch.equal(tkw["video_t"], tmin)  # one level for every teacher token: plain broadcasting
     # both slots of the student are used, with roughly R_M of tokens on s
     assert 0.05 < vt.index.float().mean() < 0.5
     # same conditioning for student and teacher
@@ -140,7 +139,7 @@ def test_flow_matching_uses_one_timestep_and_no_teacher():
     student, teacher = Recorder(model), Recorder(ema)
     obj(student, teacher, make_batch())
     (skw, _), = student.calls
-    assert not teacher.calls and int(skw["video_t"].index.max()) == 0
+    assert not teacher.calls and skw["video_t"].shape == (4,)  # one timestep per sample
 
 
 def test_gradients_reach_student_and_head_not_teacher():
@@ -176,7 +175,7 @@ def test_repa_loss(tmp_path):
     batch = make_batch()
     loss, metrics = obj(student, None, batch)
     (skw, sout), = student.calls
-    assert int(skw["video_t"].index.max()) == 0  # REPA: plain flow matching, no DTS
+    assert skw["video_t"].shape == (4,)  # REPA: plain flow matching, no DTS
     target = obj.target_features(batch["future"], (2, 3))
     pred = obj.projector(sout["features"][model.cfg.l_student][:, : 2 * 2 * 3])
     rep = (1 - F.cosine_similarity(pred, target, dim=-1)).mean()

@@ -18,6 +18,8 @@ class ModelConfig:
     in_channels: int = 3
     # Action stream: 0 means no action layers (pretraining); fine-tuning sets the dataset's action dim.
     action_dim: int = 0
+    # Proprioceptive state as one conditioning token (0 = none).
+    state_dim: int = 0
     # Frames are `frame_stride` control steps apart; action j sits at time j / frame_stride (RoPE time axis).
     frame_stride: int = 1
     # Instruction encoder: "bytes" (UTF-8 bytes + learned embedding, no download), "embedding"
@@ -48,7 +50,7 @@ class ModelConfig:
 
     @property
     def k_teacher(self) -> int:
-        return self.teacher_layer or max(1, round(0.7 * self.depth))
+        return self.teacher_layer or min(self.depth, max(self.l_student + 1, round(0.7 * self.depth)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,13 +11,15 @@ from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import ModelConfig
 from .layers import Block, FinalLayer, Rope3D, TimestepEmbedder
 from .text import ByteTextEncoder, EmbeddingTextEncoder, encode_bytes
 from .tokens import float_to_frames, frames_to_float, patchify, unpatchify
 
-STREAM_TYPES = ("text", "context", "video", "action")
+MAX_SLOTS = 8  # above this many distinct timesteps per sample, modulate per token
+STREAM_TYPES = ("text", "context", "video", "action", "state")
 
 
 class TokenTimes(NamedTuple):
@@ -46,6 +48,13 @@ def _as_token_times(t, batch: int, token_shape: tuple[int, ...], device) -> Toke
     return TokenTimes(t.reshape(batch, n), idx)
 
 
+def _slice_cond(cond, select, tokens: slice):
+    """The conditioning of a token range: slot rows + sliced one-hot, or sliced per-token rows."""
+    if select is not None:
+        return cond, select[:, tokens]
+    return (cond[:, tokens] if cond.shape[1] > 1 else cond), None
+
+
 class SelfFlowDiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -61,6 +70,7 @@ class SelfFlowDiT(nn.Module):
             self.text_encoder = EmbeddingTextEncoder(D, cfg.text_embed_dim)
         else:
             self.text_encoder = None
+        self.state_embed = nn.Linear(cfg.state_dim, D) if cfg.state_dim > 0 else None
         self.rope = Rope3D(D // cfg.heads, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.video_head = FinalLayer(D, self.patch_dim)
@@ -129,11 +139,11 @@ class SelfFlowDiT(nn.Module):
 
     # -------------------------------------------------------------------------- forward
     def forward(self, video=None, video_t=None, action=None, action_t=None, context=None, context_t=None,
-                text=None, text_emb=None, taps: Sequence[int] = (), stop_after: int | None = None) -> dict:
+                text=None, text_emb=None, state=None, taps: Sequence[int] = (), stop_after: int | None = None) -> dict:
         """Velocities for the generated streams, plus residual-stream taps.
 
         video   [B, T, h, w, P] noisy frame tokens; context [B, Tc, h, w, P] conditioning frames;
-        action  [B, H, A] noisy action tokens; text [B, L] byte ids or text_emb [B, E].
+        action  [B, H, A] noisy action tokens; text [B, L] byte ids or text_emb [B, E]; state [B, S].
         *_t: None (clean), [B], token-shaped, or TokenTimes. taps: 1-indexed blocks whose output
         (generated tokens only) is returned in out["features"]; stop_after=k ends after block k.
         """
@@ -147,6 +157,10 @@ class SelfFlowDiT(nn.Module):
             parts.append(tx + self.type_embed[0])
             pos.append(torch.zeros(tx.shape[1], 3, device=dev))
             times.append(_as_token_times(None, B, (tx.shape[1],), dev))
+        if self.state_embed is not None and state is not None:
+            parts.append(self.state_embed(state.float()).unsqueeze(1) + self.type_embed[4])
+            pos.append(torch.zeros(1, 3, device=dev))
+            times.append(_as_token_times(None, B, (1,), dev))
         n_ctx_frames = 0
         if context is not None:
             n_ctx_frames, h, w = context.shape[1:4]
@@ -169,8 +183,12 @@ class SelfFlowDiT(nn.Module):
             times.append(_as_token_times(action_t, B, (H,), dev))
 
         x = torch.cat(parts, dim=1)
+        if torch.is_autocast_enabled(x.device.type):
+            # Keep the residual stream in the autocast dtype (as plain DiT does): fp32 type
+            # embeddings would otherwise promote every block's elementwise work to fp32.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         rope = self.rope(torch.cat(pos, dim=0))
-        # Distinct timestep slots of all streams, and each token's index into them.
+        # Distinct timestep slots of all streams, and each token's one-hot choice among them.
         offsets, values, index = 0, [], []
         for tt in times:
             values.append(tt.values)
@@ -178,14 +196,20 @@ class SelfFlowDiT(nn.Module):
             offsets += tt.values.shape[1]
         values, index = torch.cat(values, 1), torch.cat(index, 1)
         cond = self.t_embedder(values)  # [B, K, D]
-        if values.shape[1] == 1:
-            index = None  # one shared timestep: plain DiT broadcasting
+        K = values.shape[1]
+        if K == 1:  # one shared timestep: plain DiT broadcasting
+            select = None
+        elif K <= MAX_SLOTS:  # a few distinct timesteps (DTS): modulation per slot, one-hot choice
+            select = F.one_hot(index, K).to(cond.dtype)
+        else:  # arbitrary per-token timesteps: condition every token (the released per-token path)
+            cond = torch.gather(cond, 1, index[..., None].expand(-1, -1, cond.shape[-1]))
+            select = None
 
         out: dict = {"features": {}}
         taps = set(taps)
         last = stop_after if stop_after is not None else len(self.blocks)
         for i, block in enumerate(self.blocks[:last], start=1):
-            x = block(x, cond, index, rope)
+            x = block(x, cond, select, rope)
             if i in taps:
                 out["features"][i] = x[:, gen_start:]
         if stop_after is not None:
@@ -194,10 +218,10 @@ class SelfFlowDiT(nn.Module):
         start = gen_start
         if video is not None:
             n = video.shape[1] * video.shape[2] * video.shape[3]
-            idx = None if index is None else index[:, start:start + n]
-            out["video"] = self.video_head(x[:, start:start + n], cond, idx).view(*video.shape[:4], -1)
+            c, sel = _slice_cond(cond, select, slice(start, start + n))
+            out["video"] = self.video_head(x[:, start:start + n], c, sel).view(*video.shape[:4], -1)
             start += n
         if action is not None:
-            idx = None if index is None else index[:, start:]
-            out["action"] = self.action_head(x[:, start:], cond, idx)
+            c, sel = _slice_cond(cond, select, slice(start, None))
+            out["action"] = self.action_head(x[:, start:], c, sel)
         return out

@@ -18,11 +18,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-def gather_tokens(per_slot: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """[B, K, C] rows -> [B, N, C] per token (index [B, N] into K); None means one shared slot."""
-    if index is None:
+def gather_tokens(per_slot: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
+    """[B, K, C] rows -> [B, N, C] per token; `select` is the one-hot [B, N, K] slot choice, None
+    means one shared slot (plain broadcasting). A sum of K masked terms, not torch.gather: it fuses
+    into the modulation kernels, and its backward is a reduction over tokens instead of a
+    scatter-add with N-way atomic contention on K rows."""
+    if select is None:
         return per_slot
-    return torch.gather(per_slot, 1, index.unsqueeze(-1).expand(-1, -1, per_slot.shape[-1]))
+    out = select[..., 0:1] * per_slot[:, 0:1]
+    for k in range(1, per_slot.shape[1]):
+        out = out + select[..., k:k + 1] * per_slot[:, k:k + 1]
+    return out
 
 
 class TimestepEmbedder(nn.Module):
@@ -61,9 +67,11 @@ class Rope3D(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.type_as(x)
+    """x [B, N, heads, hd]; cos/sin [N, hd / 2]. Computed in x's dtype: an fp32 copy of q and k
+    would double their memory traffic and saved activations under bf16 autocast."""
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Attention(nn.Module):
@@ -78,10 +86,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v)
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -106,8 +113,8 @@ class Block(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, cond_slots, index, rope):
-        mod = gather_tokens(self.adaLN_modulation(cond_slots), index)
+    def forward(self, x, cond_slots, select, rope):
+        mod = gather_tokens(self.adaLN_modulation(cond_slots), select)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -123,6 +130,6 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x, cond_slots, index):
-        shift, scale = gather_tokens(self.adaLN_modulation(cond_slots), index).chunk(2, dim=-1)
+    def forward(self, x, cond_slots, select):
+        shift, scale = gather_tokens(self.adaLN_modulation(cond_slots), select).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))

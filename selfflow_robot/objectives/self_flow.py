@@ -65,6 +65,31 @@ def cosine_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
     return ((1 - cos) * m).sum() / n, (cos * m).sum() / n
 
 
+def forward_flops(mcfg, n: int) -> float:
+    """Forward FLOPs of one sample of n tokens: 2 x matmul params per token + attention 4 N^2 d per
+    block. Modulation runs once per distinct timestep, not per token, so it is not counted."""
+    d, L = mcfg.width, mcfg.depth
+    per_block = 2 * (4 + 2 * mcfg.mlp_ratio) * d * d * n + 4 * n * n * d
+    return float(L * per_block)
+
+
+def tokens_per_sample(batch: dict, mcfg) -> int:
+    n = 0
+    for key in ("video_tokens", "context_tokens"):
+        if batch.get(key) is not None:
+            n += int(batch[key][0].shape[:-1].numel())
+    p = mcfg.patch_size
+    for key in ("future", "context"):
+        if batch.get(key) is not None and batch.get(f"{'video' if key == 'future' else key}_tokens") is None:
+            T, H, W = batch[key].shape[1:4]
+            n += T * (H // p) * (W // p)
+    if batch.get("actions") is not None and mcfg.action_dim:
+        n += int(batch["actions"].shape[1])
+    if mcfg.text == "bytes" and "instruction" in batch:
+        n += mcfg.max_text_len
+    return n
+
+
 def dts_index(token_shape, mask_ratio: float, device=None) -> torch.Tensor:
     """Dual-Timestep Scheduling mask: each token independently takes slot 1 (s) with probability R_M,
     else slot 0 (t). With t, s i.i.d. from p(t) and unsorted, every token's marginal is p(t)."""
@@ -78,8 +103,9 @@ class FlowInputs:
 
     def __init__(self, model, batch: dict):
         dev = model.type_embed.device
-        self.video = model.frames_to_tokens(batch["future"].to(dev)) if "future" in batch else None
-        self.context = model.frames_to_tokens(batch["context"].to(dev)) if batch.get("context") is not None else None
+        # Pre-extracted tokens (e.g. autoencoder latents, or benchmarks) are used as they are.
+        self.video = self._tokens(model, batch, "future", "video_tokens", dev)
+        self.context = self._tokens(model, batch, "context", "context_tokens", dev)
         if self.video is not None and "future_mask" in batch:
             m = batch["future_mask"].to(dev).bool()
             self.video_mask = m[:, :, None, None].expand(self.video.shape[:4])
@@ -95,10 +121,20 @@ class FlowInputs:
             if "instruction_embedding" not in batch:
                 raise KeyError("model.text=embedding needs 'instruction_embedding' in the batch (dataset without embeddings?)")
             self.text_emb = batch["instruction_embedding"].to(dev)
+        st = batch.get("state")
+        self.state = st.to(dev).float() if st is not None and model.state_embed is not None else None
         ref = self.video if self.video is not None else self.action
         if ref is None:
             raise ValueError("batch has neither future frames nor actions to generate")
         self.batch_size = ref.shape[0]
+
+    @staticmethod
+    def _tokens(model, batch, frames_key, tokens_key, dev):
+        if batch.get(tokens_key) is not None:
+            return batch[tokens_key].to(dev)
+        if batch.get(frames_key) is not None:
+            return model.frames_to_tokens(batch[frames_key].to(dev))
+        return None
 
     def take(self, sl: slice) -> "FlowInputs":
         out = object.__new__(FlowInputs)
@@ -116,6 +152,15 @@ class SelfFlowObjective(nn.Module):
         if cfg.kind == "self_flow" and not self.l < self.k <= model_cfg.depth:
             raise ValueError(f"Self-Flow needs student layer l < teacher layer k <= depth, got l={self.l}, k={self.k}")
         self.head = projection_head(model_cfg.width) if cfg.kind == "self_flow" else None
+        self.model_cfg = model_cfg
+
+    def flops_per_sample(self, batch: dict) -> float:
+        """Training FLOPs per sample: student forward + backward (3x forward), plus the
+        teacher's forward truncated after block k for Self-Flow. Counted the adaLN-aware way."""
+        n = tokens_per_sample(batch, self.model_cfg)
+        fwd = forward_flops(self.model_cfg, n)
+        teacher = fwd * self.k / self.model_cfg.depth if self.cfg.kind == "self_flow" else 0.0
+        return 3 * fwd + teacher
 
     # ------------------------------------------------------------------ pieces
     def _t(self, n: int, device) -> torch.Tensor:
@@ -134,7 +179,7 @@ class SelfFlowObjective(nn.Module):
         return interpolate(inp.context, torch.randn_like(inp.context), ct), ct
 
     def _model_kwargs(self, inp: FlowInputs, ctx, ct) -> dict:
-        return dict(context=ctx, context_t=ct, text=inp.text, text_emb=inp.text_emb)
+        return dict(context=ctx, context_t=ct, text=inp.text, text_emb=inp.text_emb, state=inp.state)
 
     # ------------------------------------------------------------------ forward
     def forward(self, model, ema_model, batch: dict):
@@ -166,6 +211,7 @@ class SelfFlowObjective(nn.Module):
         ctx, ct = self._context(inp)
         kw = self._model_kwargs(inp, ctx, ct)
         noisy, targets, index = {}, {}, {}
+        self._given_actions = False
         for name in ("video", "action"):
             x0 = getattr(inp, name)
             if x0 is None:
@@ -175,6 +221,7 @@ class SelfFlowObjective(nn.Module):
             if name == "action" and inp.video is not None and self.cfg.forward_dynamics_fraction > 0:
                 fd = torch.rand(B, device=dev) < self.cfg.forward_dynamics_fraction
                 idx = torch.where(fd[:, None], torch.full_like(idx, 2), idx)
+                self._given_actions = True
             noise = torch.randn_like(x0)
             tau = torch.gather(student_values, 1, idx.flatten(1)).view(tok_shape)
             noisy[name], targets[name], index[name] = interpolate(x0, noise, tau), (noise, x0), idx
@@ -194,9 +241,13 @@ class SelfFlowObjective(nn.Module):
             sums[name] = [sums[name][0] + s_, sums[name][1] + n_]
         return self._representation(model, ema_model, inp, out, targets, index, t, s, kw, metrics)
 
-    @staticmethod
-    def _times(values, idx):
-        return None if idx is None else TokenTimes(values, idx)
+    def _times(self, values, idx):
+        """Slot form only when tokens can differ; else the plain [B] timestep (DiT broadcasting)."""
+        if idx is None:
+            return None
+        if not self.dual and not self._given_actions:
+            return values[:, 0]
+        return TokenTimes(values, idx)
 
     def _student_taps(self) -> tuple[int, ...]:
         return ()
@@ -223,8 +274,10 @@ class SelfFlowObjective(nn.Module):
             for name, (noise, x0) in targets.items():
                 tau = torch.gather(teacher_values, 1, index[name].flatten(1)).view(x0.shape[:-1])
                 tin[name] = interpolate(x0, noise, tau)  # same data, same noise, cleaner level
-            teacher = ema_model(video=tin.get("video"), video_t=self._times(teacher_values, index.get("video")),
-                                action=tin.get("action"), action_t=self._times(teacher_values, index.get("action")),
+            # Every teacher token sits at min(t, s); only given (clean) actions differ.
+            tt = {n: TokenTimes(teacher_values, i) if self._given_actions else tmin for n, i in index.items()}
+            teacher = ema_model(video=tin.get("video"), video_t=tt.get("video"),
+                                action=tin.get("action"), action_t=tt.get("action"),
                                 taps=(self.k,), stop_after=self.k, **kw)["features"][self.k]
         student = self.head(out["features"][self.l])
         rep, cos = cosine_loss(student, teacher.detach(), self._gen_mask(inp))

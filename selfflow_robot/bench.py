@@ -1,0 +1,191 @@
+"""`python -m selfflow_robot.bench {params|train|data|policy} [key=value ...]`: performance figures.
+
+params  backbone parameter count of a model size: `params: N`.
+train   training-step throughput of the project's trainer step (compiled blocks, bf16 on CUDA, fused
+        AdamW, EMA) for flow matching and Self-Flow on synthetic tokens: samples/s, tokens/s, achieved
+        TFLOP/s, MFU against a measured matmul rate, peak memory, and Self-Flow step / FM step.
+data    episode-store reading and clip-sampler throughput (selfflow_robot.data.bench).
+sample  batch-1 action-chunk latency of the model alone (random weights of any size; eager and
+        CUDA-graph compiled; action_first and joint modes).
+policy  batch-1 action-chunk latency and server round-trip overhead (selfflow_robot.policies.bench).
+Each figure is printed as one JSON line and appended to `out` when given.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+import time
+
+from omegaconf import DictConfig
+
+from . import cli
+
+VERBS = ("params", "train", "sample", "data", "policy")
+
+
+def emit(record: dict, out: str | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def bench_params(cfg: DictConfig) -> int:
+    import torch
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cli.to_container(cfg.model))
+    n = model.backbone_parameters()
+    print(f"params: {n}")
+    print(f"model: {model.cfg.name} depth={model.cfg.depth} width={model.cfg.width} heads={model.cfg.heads} "
+          f"({n / 1e6:.1f}M backbone parameters)")
+    return n
+
+
+def _time_steps(step, warmup: int, reps: int, device) -> float:
+    """Median seconds per call of step()."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bench_train(cfg: DictConfig) -> list[dict]:
+    import torch
+
+    from .models import build_model
+    from .objectives import build_objective
+    from .train import Trainer
+    from .train.flops import measure_matmul_peak
+
+    b = cfg.train
+    device = torch.device("cuda" if torch.cuda.is_available() and b.device != "cpu" else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = measure_matmul_peak(str(device))
+    emit({"bench": "matmul_peak", "device": _device_name(device), "tflops": peak / 1e12,
+          "torch": torch.__version__}, b.out)
+    results = []
+    for case in b.cases:
+        frames, grid, batch_size = int(case.frames), int(case.grid), int(case.batch)
+        step_s = {}
+        for kind in b.objectives:
+            torch.manual_seed(0)
+            # Latent-like tokens as in SiT-XL/2 on SD-VAE latents: 2x2 patches of 4 channels = 16 dims.
+            model = build_model(cli.to_container(cfg.model), patch_size=2, in_channels=4, text="none")
+            objective = build_objective({"kind": kind, "mask_ratio": float(b.mask_ratio)}, model.cfg)
+            batch = {"video_tokens": torch.randn(batch_size, frames, grid, grid, model.patch_dim, device=device)}
+            tcfg = {"steps": 10**9, "batch_size": batch_size, "compile": bool(b.compile), "device": device.type,
+                    "warmup_steps": 0, "checkpoint_every": 0, "log_every": 10**9, "num_workers": 0}
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = Trainer(tcfg, model, objective, [batch], tmp, logger_cfg={"wandb": "disabled", "jsonl": False,
+                                                                                   "progress_bar": False})
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                step_s[kind] = _time_steps(lambda: trainer._train_step(batch), int(b.warmup), int(b.reps), device)
+                flops = objective.flops_per_sample(batch) * batch_size
+                n_tokens = frames * grid * grid
+                rec = {"bench": "train", "case": case.name, "objective": kind, "model": model.cfg.name,
+                       "device": _device_name(device), "batch": batch_size, "tokens": n_tokens,
+                       "compiled": bool(b.compile), "step_s": step_s[kind],
+                       "samples_per_s": batch_size / step_s[kind], "tokens_per_s": batch_size * n_tokens / step_s[kind],
+                       "tflops": flops / step_s[kind] / 1e12, "mfu": flops / step_s[kind] / peak,
+                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+                emit(rec, b.out)
+                results.append(rec)
+            del trainer, model, objective, batch
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if "self_flow" in step_s and "flow_matching" in step_s:
+            ratio = {"bench": "train", "case": case.name, "selfflow_over_fm": step_s["self_flow"] / step_s["flow_matching"]}
+            emit(ratio, b.out)
+            results.append(ratio)
+    return results
+
+
+def bench_sample(cfg: DictConfig) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from .models import build_model
+    from .sampling import ActionSampler
+
+    b = cfg.sample
+    device = torch.device("cuda" if torch.cuda.is_available() and b.device != "cpu" else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    io = {"image_size": list(b.image_size), "context_frames": int(b.context_frames), "future_frames": int(b.future_frames),
+          "frame_stride": 2, "action_chunk": int(b.action_chunk), "action_dim": int(b.action_dim)}
+    torch.manual_seed(0)
+    model = build_model(cli.to_container(cfg.model), action_dim=io["action_dim"], frame_stride=2).to(device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)  # inference weights in bf16 (training keeps fp32 + autocast)
+    image = np.random.default_rng(0).integers(0, 256, (*b.camera_size, 3), dtype=np.uint8)
+    results = []
+    for compiled in b.compile:
+        for mode in b.modes:
+            sampler = ActionSampler(model, {"io": io}, device, steps=int(b.steps), mode=mode, compile=bool(compiled))
+            call = lambda: sampler(image, "pick coke can")  # noqa: E731
+            latency = _time_steps(call, int(b.warmup), int(b.reps), device)
+            p = model.cfg.patch_size
+            n_ctx = io["context_frames"] * (io["image_size"][0] // p) * (io["image_size"][1] // p)
+            n_vid = io["future_frames"] * n_ctx // io["context_frames"] if mode == "joint" else 0
+            rec = {"bench": "sample", "model": model.cfg.name, "device": _device_name(device), "mode": mode,
+                   "compiled": bool(compiled), "steps": int(b.steps), "tokens": n_ctx + n_vid + io["action_chunk"] + model.cfg.max_text_len,
+                   "chunk_latency_ms": latency * 1e3, "chunks_per_s": 1 / latency,
+                   "camera": list(b.camera_size), "image_size": io["image_size"]}
+            emit(rec, b.out)
+            results.append(rec)
+    return results
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def main(cfg: DictConfig):
+    verb = cfg.get("verb")
+    if verb == "params":
+        return bench_params(cfg)
+    if verb == "train":
+        return bench_train(cfg)
+    if verb == "sample":
+        return bench_sample(cfg)
+    if verb == "data":
+        from .data.bench import main as data_main
+
+        return data_main(cfg)
+    if verb == "policy":
+        from .policies.bench import main as policy_main
+
+        return policy_main(cfg)
+    raise SystemExit(f"usage: python -m selfflow_robot.bench {{{'|'.join(VERBS)}}} [key=value ...]")
+
+
+if __name__ == "__main__":
+    cli.run("bench", main, verbs=VERBS)

@@ -1,0 +1,124 @@
+"""The training job shared by `pretrain` and `finetune`: data -> model -> objective -> Trainer."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .cli import hydra_run_dir, to_container
+
+log = logging.getLogger("selfflow_robot")
+
+
+def resolve_run_dir(cfg: DictConfig, job: str) -> Path:
+    """run_dir=..., else with resume=true the newest run of this job with a checkpoint, else Hydra's dir."""
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    root = Path("outputs") / job
+    if cfg.get("resume"):
+        runs = sorted((p for p in root.glob("*") if (p / "checkpoints" / "latest").is_file()),
+                      key=lambda p: p.stat().st_mtime)
+        if runs:
+            log.info("resume=true: continuing %s", runs[-1])
+            return runs[-1]
+        raise FileNotFoundError(f"resume=true but no run with a checkpoint under {root}; pass run_dir=...")
+    return Path(hydra_run_dir() or root / time.strftime("%Y-%m-%d_%H-%M-%S"))
+
+
+def _check_image_size(size, patch: int) -> tuple[int, int]:
+    h, w = (int(x) for x in size)
+    if h % patch or w % patch:
+        raise ValueError(f"clip.image_size={[h, w]} is not divisible by model.patch_size={patch}")
+    return h, w
+
+
+def run_training(cfg: DictConfig, job: str) -> dict:
+    """Build everything from the composed config and train. Returns the trainer summary."""
+    import torch
+
+    from .data import ActionNormalizer, ClipDataset, open_store
+    from .models import build_model, model_config
+    from .models.loading import load_backbone
+    from .objectives import build_objective
+    from .train import Trainer
+    from .train.loader import make_loader
+    from .validation import Validator, split_episodes
+
+    finetune = job == "finetune"
+    run_dir = resolve_run_dir(cfg, job)
+    if cfg.get("data_dir") is not None:
+        with open_dict(cfg):
+            cfg.dataset.data_dir = cfg.data_dir
+    store = open_store(cfg.dataset)
+    clip = cfg.clip
+    action_dim = int(store.meta["action_dim"]) if finetune else 0
+    if finetune and action_dim == 0:
+        raise ValueError(f"dataset {cfg.dataset.get('name')} has no actions; fine-tuning needs an action-labelled store")
+    state_dim = int(store.meta.get("state_dim") or 0) if finetune and cfg.get("use_state") else 0
+    mcfg = model_config(to_container(cfg.model), action_dim=action_dim, state_dim=state_dim,
+                        frame_stride=int(clip.frame_stride))
+    if mcfg.text == "embedding" and not store.meta.get("embedding_dim"):
+        raise ValueError("model.text=embedding but the dataset store has no instruction embeddings")
+    if mcfg.text == "embedding":
+        mcfg.text_embed_dim = int(store.meta["embedding_dim"])
+    image_size = _check_image_size(clip.image_size, mcfg.patch_size)
+
+    train_eps, val_eps = split_episodes(len(store), float(cfg.get("validation", {}).get("fraction", 0.1)),
+                                        seed=int(cfg.trainer.seed))
+    normalizer = None
+    if finetune:
+        norm_cfg = cfg.dataset.get("normalization") or {}
+        normalizer = ActionNormalizer.from_store(store, mode=norm_cfg.get("mode", "q99"), mask=norm_cfg.get("mask"),
+                                                 episodes=train_eps)
+
+    def clips(episodes):
+        return ClipDataset(store, context_frames=clip.context_frames, future_frames=clip.future_frames,
+                           frame_stride=clip.frame_stride, action_chunk=clip.action_chunk if finetune else 0,
+                           image_size=image_size, normalizer=normalizer, episodes=episodes)
+
+    train_set = clips(train_eps)
+    loader = make_loader(train_set, int(cfg.trainer.batch_size), num_workers=int(cfg.trainer.num_workers),
+                         seed=int(cfg.trainer.seed))
+
+    torch.manual_seed(int(cfg.trainer.seed))
+    model = build_model(mcfg)
+    if cfg.get("init") not in (None, "none", ""):
+        created = load_backbone(model, cfg.init)
+        log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
+    objective = build_objective(to_container(cfg.objective), mcfg)
+
+    validator = None
+    if val_eps:
+        val_loader = make_loader(clips(val_eps), min(int(cfg.trainer.batch_size), 32), num_workers=0, seed=1,
+                                 shuffle=True, drop_last=False)
+        v = cfg.get("validation", {})
+        validator = Validator(val_loader, int(v.get("batches", 4)), mcfg, objective.cfg.context_noise_max,
+                              sampler_steps=int(v.get("sampler_steps", 10)))
+
+    config = to_container(cfg)
+    config["model"] = mcfg.to_dict()
+    config["job"] = job
+    config["data"] = {"episodes": len(store), "train_episodes": len(train_eps), "val_episodes": len(val_eps),
+                      "clips": len(train_set), "store": str(getattr(store, "root", ""))}
+    extra = {}
+    if finetune:
+        config["io"] = {"image_size": list(image_size), "context_frames": int(clip.context_frames),
+                        "future_frames": int(clip.future_frames), "frame_stride": int(clip.frame_stride),
+                        "action_chunk": int(clip.action_chunk), "action_dim": action_dim, "state_dim": state_dim,
+                        "fps": store.meta.get("fps"), "text": mcfg.text,
+                        "action_names": store.meta.get("action_names")}
+        extra["normalization.json"] = normalizer.to_dict()
+    every = int(cfg.get("validation", {}).get("every", 0))
+    trainer = Trainer(cfg.trainer, model, objective, loader, run_dir, config=config, extra_files=extra,
+                      eval_fn=validator, eval_every=every or int(cfg.trainer.steps), logger_cfg=cfg.logger,
+                      resume=cfg.get("resume"))
+    summary = trainer.fit()
+    summary["run_dir"] = str(run_dir)
+    if validator is not None:
+        summary["validation"] = validator(trainer.ema_model)
+    log.info("done: %s", summary)
+    print(f"run: {run_dir}\ncheckpoint: {summary.get('checkpoint')}\nmetrics: {summary.get('metrics_path')}")
+    return summary

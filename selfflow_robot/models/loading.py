@@ -1,0 +1,44 @@
+"""Build a model from a checkpoint directory: config.json + model.safetensors (EMA), no pickle."""
+from __future__ import annotations
+
+import torch
+
+from .config import model_config
+from .dit import SelfFlowDiT
+
+
+def load_checkpoint_model(path, device="cpu") -> tuple[SelfFlowDiT, dict]:
+    from ..train.checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    config = read_checkpoint_config(ckpt)
+    if "model" not in config:
+        raise ValueError(f"{ckpt / 'config.json'} has no 'model' section: not a selfflow-robot checkpoint")
+    model = SelfFlowDiT(model_config(config["model"]))
+    load_model_weights(model, ckpt / "model.safetensors", strict=True)
+    return model.to(torch.device(device)).eval().requires_grad_(False), config
+
+
+# Layers a fine-tuned model may add on top of a pretrained backbone.
+NEW_LAYER_PREFIXES = ("action_embed.", "action_head.", "state_embed.")
+
+
+def load_backbone(model: SelfFlowDiT, path) -> list[str]:
+    """Initialise from a pretrained checkpoint: every backbone parameter must fit; action/state
+    layers missing from the checkpoint keep their fresh init. Returns the names created anew."""
+    from safetensors.torch import load_file
+
+    from ..train.checkpoint import resolve_checkpoint
+
+    file = resolve_checkpoint(path) / "model.safetensors"
+    sd, own = load_file(str(file)), model.state_dict()
+    problems = [f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    problems += [f"  {k}: not in this model" for k in sd if k not in own and not k.startswith(NEW_LAYER_PREFIXES)]
+    created = [k for k in own if k not in sd]
+    problems += [f"  {k}: missing in checkpoint" for k in created if not k.startswith(NEW_LAYER_PREFIXES)]
+    if problems:
+        raise ValueError(f"init={path}: {file} does not fit this model (another model size or config?):\n"
+                         + "\n".join(problems))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return created

@@ -1,0 +1,135 @@
+"""Euler ODE sampling with per-token timesteps, from t = 1 (noise) to t = 0 (data).
+
+Modes:
+  joint         future frames and the action chunk are denoised together (shared t);
+  action_first  only action tokens are generated: no video tokens in the sequence, so video
+                generation stays off the control path (the model is trained for this with
+                objective.action_only_fraction > 0);
+  video         world-model use: frames generated from context + a given (clean) action sequence,
+                or from context alone for an action-free model.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .objectives.flow import shift_time
+
+MODES = ("joint", "action_first", "video")
+
+
+@torch.no_grad()
+def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, state=None,
+                 video_shape=None, action_shape=None, given_actions=None, shift: float = 1.0,
+                 context_t: float = 0.0, generator: torch.Generator | None = None, forward=None) -> dict:
+    """Integrate dx/dt = v from t = 1 to 0. Shapes are full tensor shapes ([B, T, h, w, P], [B, H, A]).
+    `forward` may be a compiled version of the model (e.g. CUDA graphs for batch-1 control)."""
+    dev = model.type_embed.device
+    forward = forward or model
+    if steps < 1:
+        raise ValueError(f"sampling needs steps >= 1, got {steps}")
+    ts = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=dev), shift)
+    x_v = torch.randn(video_shape, device=dev, generator=generator) if video_shape else None
+    x_a = torch.randn(action_shape, device=dev, generator=generator) if action_shape and given_actions is None else None
+    B = next(s for s in (video_shape, action_shape) if s)[0]
+    ctx_t = torch.full((B,), float(context_t), device=dev)
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for i in range(steps):
+        t = ts[i].expand(B)
+        with autocast:
+            out = forward(video=x_v, video_t=t, action=given_actions if given_actions is not None else x_a,
+                        action_t=torch.zeros_like(t) if given_actions is not None else t,
+                        context=context, context_t=ctx_t, text=text, text_emb=text_emb, state=state)
+        dt = ts[i + 1] - ts[i]
+        # New tensors every step: compiled (CUDA-graph) outputs are overwritten by the next call.
+        if x_v is not None:
+            x_v = x_v + dt * out["video"].float()
+        if x_a is not None:
+            x_a = x_a + dt * out["action"].float()
+    return {"video": x_v, "action": x_a}
+
+
+def resize_frame(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [H, W, 3] -> uint8 tensor [h, w, 3] (bilinear, antialiased)."""
+    x = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
+
+
+class ActionSampler:
+    """Observation -> normalised action chunk (and optionally predicted frames) for Policy.
+
+    Keeps the last `context_frames` observations as the context; the run config's `io` section
+    (written by fine-tuning) gives the image size, chunk length and number of future frames.
+    """
+
+    def __init__(self, model, config: dict, device="cpu", steps: int = 10, mode: str = "action_first",
+                 shift: float = 1.0, seed: int | None = 0, compile: bool = False):
+        if mode not in MODES[:2]:
+            raise ValueError(f"policy sampling mode must be joint or action_first, got {mode!r}")
+        io = config.get("io")
+        if not io or int(io.get("action_dim", 0)) <= 0 or model.action_head is None:
+            raise ValueError("checkpoint config has no action io section: not a fine-tuned video-action policy")
+        self.model, self.io, self.steps, self.mode, self.shift = model.eval(), io, steps, mode, shift
+        self.device = torch.device(device)
+        self.size = tuple(io["image_size"])
+        self.history: deque = deque(maxlen=int(io["context_frames"]))
+        self.generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        self._text_cache: tuple[str, torch.Tensor] | None = None
+        # Batch-1 control is launch-bound: CUDA graphs (reduce-overhead) replay the whole forward.
+        self.forward = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def _text(self, instruction: str, embedding=None):
+        if self.model.cfg.text == "embedding":
+            if embedding is None:
+                raise ValueError("this policy conditions on an instruction embedding: send obs['instruction_embedding']")
+            return None, torch.as_tensor(embedding, dtype=torch.float32, device=self.device)[None]
+        if self._text_cache is None or self._text_cache[0] != instruction:
+            self._text_cache = (instruction, self.model.encode_text([instruction], self.device))
+        return self._text_cache[1], None
+
+    def __call__(self, image: np.ndarray, instruction: str, state=None, instruction_embedding=None) -> dict:
+        frame = resize_frame(image, self.size).to(self.device)
+        if not self.history:  # pad the history with the first frame, as the clip sampler does
+            self.history.extend([frame] * self.history.maxlen)
+        else:
+            self.history.append(frame)
+        context = self.model.frames_to_tokens(torch.stack(list(self.history))[None])
+        text, text_emb = self._text(instruction, instruction_embedding)
+        st = None
+        if self.model.state_embed is not None:
+            if state is None:
+                raise ValueError("this policy needs obs['state']")
+            st = torch.as_tensor(np.asarray(state, dtype=np.float32), device=self.device)[None]
+        H, A = int(self.io["action_chunk"]), int(self.io["action_dim"])
+        video_shape = None
+        if self.mode == "joint" and int(self.io.get("future_frames", 0)) > 0:
+            video_shape = (1, int(self.io["future_frames"]), *context.shape[2:])
+        out = euler_sample(self.model, steps=self.steps, context=context, text=text, text_emb=text_emb, state=st,
+                           video_shape=video_shape, action_shape=(1, H, A), shift=self.shift, generator=self.generator,
+                           forward=self.forward)
+        video = self.model.tokens_to_frames(out["video"])[0].cpu().numpy() if out["video"] is not None else None
+        return {"actions": out["action"][0].float().cpu().numpy(), "video": video}
+
+
+@torch.no_grad()
+def predict_video(model, context_frames: torch.Tensor, instruction: str | None, num_frames: int, *,
+                  actions: torch.Tensor | None = None, steps: int = 20, state=None, text_emb=None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """World-model rollout: uint8 context [B, Tc, H, W, 3] (+ normalised actions [B, H, A]) ->
+    uint8 predicted frames [B, num_frames, H, W, 3]."""
+    dev = model.type_embed.device
+    context = model.frames_to_tokens(context_frames.to(dev))
+    B = context.shape[0]
+    text = model.encode_text([instruction or ""] * B, dev) if model.cfg.text == "bytes" else None
+    out = euler_sample(model, steps=steps, context=context, text=text, text_emb=text_emb, state=state,
+                       video_shape=(B, num_frames, *context.shape[2:]),
+                       given_actions=None if actions is None else actions.to(dev).float(), generator=generator)
+    return model.tokens_to_frames(out["video"])
