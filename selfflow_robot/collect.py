@@ -18,7 +18,8 @@ from multiprocessing import get_context
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first mujoco import
-_ENVS: dict = {}  # per worker process: task -> (env, expert)
+_ENVS: dict = {}  # per worker process: task -> (env, expert), the most recent _KEEP_ENVS tasks
+_KEEP_ENVS = 2  # a Meta-World env with its renderer holds ~100-200 MB
 
 
 def resolve_tasks(tasks) -> list[str]:
@@ -30,7 +31,7 @@ def resolve_tasks(tasks) -> list[str]:
     if isinstance(tasks, str):
         named = {"mt10": MT10_TASKS, "mt50": MT50_TASKS}.get(tasks.strip().lower())
         tasks = list(named) if named else [t.strip() for t in tasks.split(",") if t.strip()]
-    tasks = [str(t) for t in tasks]
+    tasks = list(dict.fromkeys(str(t) for t in tasks))  # de-duplicated, order kept
     unknown = [t for t in tasks if t not in TASK_INSTRUCTIONS]
     if unknown:
         raise ValueError(f"unknown Meta-World task(s) {unknown}; use mt10, mt50 or names such as reach-v3")
@@ -60,6 +61,8 @@ def rollout(task: str, seed: int, image_size=(128, 128), camera: str = "corner",
         env = MetaWorldEnv(task, image_size=tuple(image_size), camera=camera, action_repeat=action_repeat,
                            max_episode_steps=max_steps)
         cached = _ENVS[task] = (env, make_expert(task))
+        while len(_ENVS) > _KEEP_ENVS:
+            _ENVS.pop(next(iter(_ENVS)))[0].close()
     env, expert = cached
     env.max_episode_steps = int(max_steps)
     obs, _ = env.reset(seed=int(seed))
@@ -137,18 +140,23 @@ def collect_metaworld(out: str, tasks="mt10", episodes_per_task: int = 10, image
                     store(rollout(t, s, **kw))
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-                pending = {}
+                pending, inflight = {}, dict.fromkeys(tasks, 0)
+
                 def submit(t):
-                    s = jobs_for(t)
+                    s = jobs_for(t) if inflight[t] < need[t] else None
                     if s is not None:
                         pending[pool.submit(rollout, t, s, **kw)] = t
-                for _ in range(2):  # two jobs per task in flight keep every worker busy
-                    for t in tasks:
+                        inflight[t] += 1
+                # Task-major submission: workers stay on one task (one env build per task and
+                # worker); a failed seed is replaced by the next one when it comes back.
+                for t in tasks:
+                    for _ in range(need[t]):
                         submit(t)
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         t = pending.pop(f)
+                        inflight[t] -= 1
                         store(f.result())
                         submit(t)
         bar.close()

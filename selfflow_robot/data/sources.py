@@ -49,6 +49,8 @@ def store_path(cfg) -> str:
     cfg = _plain(cfg)
     source = cfg.get("source")
     if source == "store":
+        if not cfg.get("path"):
+            raise SystemExit("dataset=store needs the store directory: data_dir=PATH (or dataset.path=PATH)")
         return os.path.expanduser(str(cfg["path"]))
     if cfg.get("store_dir"):
         return os.path.expanduser(str(cfg["store_dir"]))
