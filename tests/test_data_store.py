@@ -120,3 +120,12 @@ def test_bad_episodes_raise_or_skip(tmp_path, capsys, field, change, match):
         assert w.add(key="good", instruction="", **make_episode(6, 1))
     assert len(EpisodeStore(tmp_path / "k")) == 1
     assert "skipped 1 episodes" in capsys.readouterr().out
+
+
+def test_one_writer_at_a_time(tmp_path):
+    meta = dict(image_shape=[32, 32, 3], action_dim=4, state_dim=2)
+    with EpisodeWriter(tmp_path / "s", meta):
+        with pytest.raises(RuntimeError, match="another process"):
+            EpisodeWriter(tmp_path / "s", meta)
+    with EpisodeWriter(tmp_path / "s", meta) as w:  # released on close
+        w.add(key="a", instruction="", **make_episode(3, 0))

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from .store import EpisodeStore, _write_json_atomic
+from .store import EpisodeStore, _try_lock, _write_json_atomic
 
 # Settings that change the contents of a converted store, per source.
 _CONTENT_KEYS = {
@@ -114,7 +114,15 @@ def open_store(cfg, progress: bool | None = None) -> EpisodeStore:
     plain = _plain(cfg)
     path = store_path(plain)
     if plain.get("source") != "store" and not is_complete(path):
-        build_store(plain, progress)
+        # Several processes (DDP ranks, parallel jobs) may ask at once: one builds, the
+        # others wait on the lock and then find the finished store.
+        os.makedirs(path, exist_ok=True)
+        lock = _try_lock(os.path.join(path, ".build.lock"), blocking=True)
+        try:
+            if not is_complete(path):
+                build_store(plain, progress)
+        finally:
+            lock.close()
     return EpisodeStore(path)
 
 

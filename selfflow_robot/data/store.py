@@ -40,6 +40,19 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _try_lock(path: str, blocking: bool = False):
+    """An exclusive flock on `path` (released when the returned file is closed), or None."""
+    import fcntl
+
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
 def _read_index(path: str) -> dict:
     index_path = os.path.join(path, "index.json")
     if not os.path.isdir(path):
@@ -228,6 +241,22 @@ class EpisodeWriter:
         for k in ("action_dim", "state_dim", "embedding_dim"):
             meta[k] = int(meta.get(k) or 0)
         os.makedirs(self.path, exist_ok=True)
+        self._lock = _try_lock(os.path.join(self.path, ".writer.lock"))
+        if self._lock is None:
+            raise RuntimeError(f"another process is writing the episode store '{self.path}'")
+        try:
+            meta = self._open_existing(meta, resume)
+        except BaseException:
+            self._lock.close()
+            raise
+        self.meta = meta
+        self._buffer: list[dict] = []
+        self._buffer_bytes = 0
+        self.added = 0
+        self._write_index()
+
+    def _open_existing(self, meta: dict, resume: bool) -> dict:
+        """Clean up after a crash and, when resuming, load the keys already stored."""
         for name in os.listdir(self.path):  # leftovers of an interrupted shard write
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
@@ -249,11 +278,7 @@ class EpisodeWriter:
                     self._keys.update(json.load(f)["keys"])
         else:
             self._shards = []
-        self.meta = meta
-        self._buffer: list[dict] = []
-        self._buffer_bytes = 0
-        self.added = 0
-        self._write_index()
+        return meta
 
     # -- public API ---------------------------------------------------------------------
     def __enter__(self):
@@ -315,7 +340,12 @@ class EpisodeWriter:
         self._buffer, self._buffer_bytes = [], 0
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            if self._lock is not None:
+                self._lock.close()  # releases the flock
+                self._lock = None
         if len(self.skips):
             print(f"[selfflow_robot.data] {self.path}: {self.skips.report()}")
 
