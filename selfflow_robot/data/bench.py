@@ -4,7 +4,8 @@ rlds_read      RT-1-format shards -> standardised episodes, JPEG decode at the n
 rlds_read_small  the same, decoding straight to the store resolution (libjpeg DCT scaling)
 convert        shards -> episode store (read, decode, resize, validate, write)
 clips          ClipDataset items (N+M frames, H-step normalised chunk) at random indices
-clips_batched  the same through default_collate in batches (what a DataLoader worker does)
+clips_resized  the same, resized on the fly (PIL bilinear) to resize_image_size
+clips_batched  the same as clips, through default_collate in batches (what a DataLoader worker does)
 
 The RT-1-format data is synthetic (selfflow_robot.data.synthetic_rt1, textured frames), written
 by a TensorFlow child process; reading never imports TensorFlow.
@@ -38,7 +39,8 @@ def _emit(rec: dict, out: str | None) -> None:
 
 def _settings(cfg) -> dict:
     defaults = dict(work_dir=None, rlds_episodes=24, rlds_steps=40, store_image_size=[128, 160], context_frames=1,
-                    future_frames=4, frame_stride=1, action_chunk=6, clips=3000, batch_size=32, out=None)
+                    future_frames=4, frame_stride=1, action_chunk=6, clips=3000, batch_size=32, resize_image_size=[64, 64],
+                    out=None)
     got = cfg.get("data") if cfg is not None else None
     if got is not None:
         from omegaconf import OmegaConf
@@ -103,6 +105,16 @@ def run(s: dict) -> list[dict]:
         shape = {"frames": s["context_frames"] + s["future_frames"], "image": list(store.meta["image_shape"]),
                  "action_chunk": s["action_chunk"]}
         recs.append({"bench": "data.clips", "clips_per_s": round(len(idx) / dt, 1), **shape, "processes": 1, "cpu": cpu})
+        if s.get("resize_image_size"):
+            small = ClipDataset(store, context_frames=s["context_frames"], future_frames=s["future_frames"],
+                                frame_stride=s["frame_stride"], action_chunk=s["action_chunk"],
+                                image_size=s["resize_image_size"], normalizer=ds.normalizer)
+            t0 = time.perf_counter()
+            for i in idx:
+                small[int(i)]
+            dt = time.perf_counter() - t0
+            recs.append({"bench": "data.clips_resized", "clips_per_s": round(len(idx) / dt, 1),
+                         **shape, "resized_to": list(small.image_size), "processes": 1, "cpu": cpu})
         bs = s["batch_size"]
         t0 = time.perf_counter()
         n = 0
