@@ -10,8 +10,10 @@ No torch import here: the env is also used by light evaluation processes.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import string
+import weakref
 from typing import Any, Callable
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -82,6 +84,15 @@ MT50_TASKS = sorted(TASK_INSTRUCTIONS)
 # degrees is the same physical camera rolled upright (a flip would mirror the scene).
 _UPSIDE_DOWN_CAMERAS = {"corner"}
 _STATE_DIMS = {"proprio": 4, "full": 39}  # proprio: hand xyz + gripper opening
+_LIVE_ENVS: "weakref.WeakSet[MetaWorldEnv]" = weakref.WeakSet()
+_ATEXIT_REGISTERED = False
+
+
+def _close_renderers() -> None:
+    # A renderer freed during interpreter teardown, after MuJoCo's own atexit hook has
+    # terminated the EGL display, prints EGLError noise: close ours before that hook runs.
+    for env in list(_LIVE_ENVS):
+        env._close_renderer()
 
 
 def _check_task(task: str) -> None:
@@ -142,6 +153,11 @@ class MetaWorldEnv(gym.Env):
         if self._renderer is None:
             h, w = self.image_size
             self._renderer = mujoco.Renderer(self._env.model, height=h, width=w)
+            _LIVE_ENVS.add(self)
+            global _ATEXIT_REGISTERED
+            if not _ATEXIT_REGISTERED:  # registered after mujoco.egl's hook, so it runs first
+                atexit.register(_close_renderers)
+                _ATEXIT_REGISTERED = True
         r = self._renderer
         r.update_scene(self._env.data, camera=self.camera)
         if not self.render_shadows:
@@ -198,10 +214,13 @@ class MetaWorldEnv(gym.Env):
         # Meta-World never terminates by itself; callers decide whether success ends an episode.
         return self._obs(), total, False, truncated, out
 
-    def close(self):
+    def _close_renderer(self) -> None:
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+
+    def close(self):
+        self._close_renderer()
         self._env.close()
 
 
