@@ -137,8 +137,8 @@ def test_param_groups_skip_decay_on_norms_biases_embeddings():
     decay, no_decay = param_groups({"model": model}, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert sorted(names[id(p)] for p in decay["params"]) == ["blocks.0.fc.weight", "blocks.1.fc.weight",
-                                                              "head.weight"]
+    assert sorted(names[id(p)] for p in decay["params"]) == ["aux.weight", "blocks.0.fc.weight",
+                                                              "blocks.1.fc.weight", "head.weight"]
     assert {"t_embed.weight", "x_embed.weight", "norm.weight", "head.bias"} <= {names[id(p)] for p in no_decay["params"]}
 
 

@@ -29,6 +29,7 @@ class ToyModel(nn.Module):
         self.blocks = nn.ModuleList([ToyBlock(d) for _ in range(depth)])
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, D_IN)
+        self.aux = nn.Linear(d, D_IN)  # never used: DDP must cope with parameters without gradients
         self.register_buffer("scale", torch.ones(1))
 
     def forward(self, x, t):
@@ -63,6 +64,8 @@ class ToyObjective(nn.Module):
         xt = (1 - t) * x + t * noise
         v = model(xt, t)
         flow = F.mse_loss(v, noise - x)
+        if not self.random:  # a second student forward in the same step (action-only samples do this)
+            flow = flow + 0.5 * F.mse_loss(model(x, torch.zeros_like(t)), torch.zeros_like(x))
         with torch.no_grad():
             teacher = ema_model(xt, t)
         rep = F.mse_loss(self.proj(v), teacher)

@@ -116,7 +116,7 @@ class _DDP(nn.parallel.DistributedDataParallel):
 
 
 def parallelize(model: nn.Module, ema: nn.Module, mode: str, info: DistInfo, compile: bool,
-                param_dtype: torch.dtype | None) -> tuple[nn.Module, nn.Module]:
+                param_dtype: torch.dtype | None, find_unused: bool = True) -> tuple[nn.Module, nn.Module]:
     """Returns (module the objective calls for the student, EMA module).
 
     `model` itself stays the bare module (FSDP2 shards in place, DDP wraps), so state-dict
@@ -131,22 +131,26 @@ def parallelize(model: nn.Module, ema: nn.Module, mode: str, info: DistInfo, com
         return model, ema
     if mode == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return _DDP(model, device_ids=ids), ema
+        # find_unused_parameters: objectives skip parts of the model in some steps (action-only
+        # samples, absent conditioning); the graph walk it adds is cheap next to a DiT step.
+        return _DDP(model, device_ids=ids, find_unused_parameters=find_unused), ema
     return model, ema
 
 
 @torch.no_grad()
 def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients of parameters outside DDP/FSDP (an objective's projection head)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world_size <= 1 or not grads:
+    """Average gradients of parameters outside DDP/FSDP (an objective's projection head).
+    A parameter without a gradient on this rank contributes zeros, so every rank sends the
+    same layout even when ranks used different parts of the objective."""
+    if world_size <= 1 or not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
     dist.all_reduce(flat)
     flat /= world_size
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
         offset += g.numel()
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from . import checkpoint as ckpt
 from .distributed import (DistInfo, all_reduce_grads, barrier, clip_grad_norm, init_distributed, parallelize,
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = dict(
     warmup_steps=0, schedule="constant", min_lr_ratio=0.0, grad_clip=1.0, ema_decay=0.9999, ema_every=1,
     precision="auto", compile=False, parallel="auto", device="auto", checkpoint_every=1000, keep_last=3,
     log_every=50, eval_every=0, num_workers=4, seed=0, on_nan="raise", max_nan_skips=10, resume=False,
-    measure_mfu=True,
+    measure_mfu=True, ddp_find_unused_parameters=True,
 )
 LOGGER_DEFAULTS: dict[str, Any] = dict(jsonl=True, wandb="auto", project="selfflow-robot", entity=None, name=None,
                                        tags=[], progress_bar=True, init_timeout=60)
@@ -141,7 +141,7 @@ class Trainer:
         self.train_module = _TrainModule(model, objective)
         self.forward_model, self.ema_model = parallelize(
             model, self.ema_model, self.parallel, self.dist, bool(c.compile),
-            torch.bfloat16 if precision == "bf16" else None)
+            torch.bfloat16 if precision == "bf16" else None, bool(c.ddp_find_unused_parameters))
         modules = {"model": model}
         if isinstance(objective, nn.Module):
             modules["objective"] = objective
@@ -395,9 +395,13 @@ class Trainer:
             train_sd.update({f"objective.{k}": v for k, v in load_file(str(state_dir / "objective.safetensors")).items()})
         with open(state_dir / "optimizer.json") as f:
             optim_sd = ckpt.unflatten_optimizer_state(load_file(str(state_dir / "optimizer.safetensors")), json.load(f))
-        opts = StateDictOptions(full_state_dict=True, strict=True)
-        set_state_dict(self.train_module, self.optimizer, model_state_dict=train_sd, optim_state_dict=optim_sd,
-                       options=opts)
+        set_model_state_dict(self.train_module, train_sd, options=StateDictOptions(full_state_dict=True, strict=True))
+        # strict=False: parameters that never had a gradient (unused heads) have no optimizer state.
+        set_optimizer_state_dict(self.train_module, self.optimizer, optim_sd,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        for name, p in self.train_module.named_parameters():
+            if name not in optim_sd["state"]:  # drop the step-1 zero state DCP creates for them
+                self.optimizer.state.pop(p, None)
         set_model_state_dict(self.ema_model, load_file(str(path / "model.safetensors")),
                              options=StateDictOptions(full_state_dict=True, strict=True))
         with open(state_dir / "state.json") as f:
