@@ -60,8 +60,11 @@ class RunLogger:
         if cfg.get("progress_bar", True):
             from tqdm.auto import tqdm
 
+            import sys
+
+            # In a log file (not a terminal) a refresh every second would flood it.
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            mininterval=1.0, smoothing=0.1)
+                            mininterval=1.0 if sys.stderr.isatty() else 30.0, smoothing=0.1)
 
     def _init_wandb(self, cfg: dict, config: dict | None, wandb_id: str | None) -> None:
         mode = wandb_mode(cfg.get("wandb", "auto"))
@@ -96,9 +99,8 @@ class RunLogger:
 
     def progress(self, step: int, postfix: dict) -> None:
         if self.bar is not None:
-            self.bar.n = step
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-            self.bar.refresh()
+            self.bar.update(step - self.bar.n)  # redraws at most every mininterval
 
     def close(self) -> None:
         if self.bar is not None:

@@ -164,6 +164,10 @@ class Trainer:
                 raise FileNotFoundError(f"resume={resume!r}: no checkpoint there")
             elif self.dist.is_main:
                 print(f"[trainer] resume: no checkpoint in {self.run_dir}, starting from step 0")
+        elif self.dist.is_main and ckpt.latest_checkpoint(self.run_dir) is not None:
+            warnings.warn(f"{self.run_dir} already has checkpoints and resume is off: this run starts at step 0 "
+                          f"and will overwrite them step by step (set resume=true to continue instead)",
+                          stacklevel=2)
 
     # ------------------------------------------------------------------ data
     def _make_iter(self):
