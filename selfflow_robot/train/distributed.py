@@ -45,7 +45,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU); single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = pick_device(device)
-    if world <= 1:
+    # Under torchrun a process group is made even for one process, so FSDP2 runs there too.
+    if world <= 1 and not os.environ.get("TORCHELASTIC_RUN_ID"):
         return DistInfo(device=dev)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
@@ -66,8 +67,8 @@ def resolve_parallel(mode: str, info: DistInfo) -> str:
         return "ddp" if info.distributed else "none"
     if mode not in ("none", "ddp", "fsdp"):
         raise ValueError(f"trainer.parallel must be auto|none|ddp|fsdp, got {mode!r}")
-    if mode != "none" and not info.distributed:
-        return "none"  # one process: nothing to shard or synchronise
+    if mode == "ddp" and not info.distributed or mode == "fsdp" and not dist.is_initialized():
+        return "none"  # one process: nothing to synchronise (FSDP2 also runs on a 1-process group)
     if mode == "none" and info.distributed:
         raise ValueError("parallel=none under torchrun with WORLD_SIZE>1 would train diverging replicas")
     return mode
