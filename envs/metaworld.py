@@ -121,6 +121,7 @@ class MetaWorldEnv(gym.Env):
         # Meta-World's own episode limit is 500 simulator steps.
         self.max_episode_steps = int(max_episode_steps or -(-500 // self.action_repeat))
         self.render_shadows = render_shadows
+        self.metadata = dict(self.metadata, render_fps=80.0 / self.action_repeat)  # 80 Hz control
 
         env = metaworld.ALL_V3_ENVIRONMENTS[task]()
         # Goal-observable, seedable random initial states (what MT-style training uses); we

@@ -12,8 +12,12 @@ import sys
 import numpy as np
 import pytest
 
+import importlib.util
+
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("tfrecord")
+if importlib.util.find_spec("tensorflow") is None:  # only the fixture writer (a child process) needs it
+    pytest.skip("tensorflow is needed to write the RLDS fixture", allow_module_level=True)
 
 from selfflow_robot.cli import compose
 from selfflow_robot.data import DataError, EpisodeStore, open_store
@@ -118,6 +122,34 @@ def test_conversion_resumes_and_is_cached(builder_dir, tmp_path):
     mtime = os.path.getmtime(tmp_path / "cached" / "index.json")
     open_store(cfg)
     assert os.path.getmtime(tmp_path / "cached" / "index.json") == mtime
+
+
+def test_generic_mapping_other_keys(builder_dir):
+    """Another dataset's layout is only a different mapping: no embedding, no state, an
+    absolute gripper stored as 1 = closed (inverted), a scalar terminate flag."""
+    m = RLDSMapping.from_config({"image": "steps/observation/image", "instruction": None,
+                                 "actions": ["steps/action/world_vector", "steps/observation/gripper_closed"],
+                                 "gripper_index": 3, "gripper": "invert", "terminate": "steps/is_last",
+                                 "state": []})
+    reader = RLDSReader(builder_dir, m, image_size=(16, 20))
+    assert reader.action_dim == 4 and reader.state_dim == 0 and reader.embedding_dim == 0
+    ep = next(iter(reader.episodes()))
+    ref = fractal_episode(0)
+    np.testing.assert_allclose(ep["actions"][:, :3], ref["action"]["world_vector"])
+    np.testing.assert_allclose(ep["actions"][:, 3], 1 - ref["observation"]["gripper_closed"][:, 0], rtol=1e-6)
+    assert ep["state"] is None and ep["instruction"] == "" and ep["instruction_embedding"] is None
+    np.testing.assert_array_equal(ep["terminate"], np.arange(10) == 9)
+    assert ep["images"].shape == (10, 16, 20, 3)
+    with pytest.raises(ValueError, match="no feature 'steps/action/nope'"):
+        RLDSReader(builder_dir, RLDSMapping(actions=["steps/action/nope"]))
+    with pytest.raises(ValueError, match="unknown RLDS mapping keys"):
+        RLDSMapping.from_config({"actoins": []})
+
+
+def test_rt1_terminate_flag(builder_dir):
+    mapping = RLDSMapping.from_config(compose("data", ["dataset=rt1"]).dataset.rlds)
+    ep = next(iter(RLDSReader(builder_dir, mapping, image_size=(16, 20)).episodes()))
+    np.testing.assert_array_equal(ep["terminate"], np.arange(10) == 9)  # one-hot [1, 0, 0] on the last step
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):

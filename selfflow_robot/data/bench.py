@@ -64,14 +64,12 @@ def run(s: dict) -> list[dict]:
     recs = []
     with tempfile.TemporaryDirectory(dir=s["work_dir"]) as tmp:
         builder = write_fractal_rlds(tmp, s["rlds_episodes"], s["rlds_steps"], photo=True)
+        import importlib.resources
+
         import omegaconf
 
-        cfg_path = os.path.join(os.path.dirname(__file__), "..", "configs", "dataset", "rt1.yaml")
-        if not os.path.exists(cfg_path):
-            import importlib.resources
-
-            cfg_path = str(importlib.resources.files("selfflow_robot.configs") / "dataset" / "rt1.yaml")
-        mapping = RLDSMapping.from_config(omegaconf.OmegaConf.load(cfg_path).rlds)
+        cfg_path = importlib.resources.files("selfflow_robot.configs") / "dataset" / "rt1.yaml"
+        mapping = RLDSMapping.from_config(omegaconf.OmegaConf.load(str(cfg_path)).rlds)
         frames = s["rlds_episodes"] * s["rlds_steps"]
         size = tuple(s["store_image_size"])
         for name, image_size in (("rlds_read", None), ("rlds_read_small", size)):
