@@ -2,7 +2,7 @@
 
 `expert` (Meta-World scripted experts), `random` (uniform over the env's action space),
 `ws://HOST:PORT` (the torch-free websocket client) or a checkpoint / run directory (Policy.load).
-Policies that need the env (expert, random) expose bind(env); the rollout calls it per episode.
+Policies that need the env (expert, random) expose bind(env, seed); the rollout calls it per episode.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class ExpertPolicy:
         self._experts: dict = {}
         self._env = None
 
-    def bind(self, env) -> None:
+    def bind(self, env, seed: int | None = None) -> None:
         from selfflow_robot.envs.metaworld import make_expert
 
         task = env.unwrapped.task

@@ -16,11 +16,8 @@ def run_episode(env, policy, ep: dict, success_mode: str, record_frames: bool = 
     t0 = time.perf_counter()
     options = {"episode_idx": ep["plan_idx"]} if "plan_idx" in ep else None
     obs, info = env.reset(seed=int(ep["seed"]), options=options)
-    if hasattr(policy, "bind"):
-        if "seed" in policy.bind.__code__.co_varnames:
-            policy.bind(env, seed=ep["seed"])
-        else:
-            policy.bind(env)
+    if hasattr(policy, "bind"):  # env-aware policies (expert, random): see policy_factory
+        policy.bind(env, seed=ep["seed"])
     instruction = obs["instruction"]
     policy.reset(instruction)
     frames = [obs["image"]] if record_frames else []

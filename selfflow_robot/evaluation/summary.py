@@ -91,7 +91,7 @@ def to_markdown(s: dict) -> str:
     tp = s.get("throughput") or {}
     if tp.get("episodes_per_min"):
         lines += ["", f"throughput: {tp['episodes_per_min']:.1f} episodes/min ({tp['episodes_run']} episodes, "
-                      f"{tp['workers']} workers, {tp['wall_s']:.0f} s)"]
+                      f"{tp['workers']} worker(s), {tp['wall_s']:.0f} s)"]
     return "\n".join(lines) + "\n"
 
 
