@@ -21,7 +21,8 @@ if importlib.util.find_spec("tensorflow") is None:  # only the fixture writer (a
 
 from selfflow_robot.cli import compose
 from selfflow_robot.data import DataError, EpisodeStore, open_store
-from selfflow_robot.data.rlds import RLDSMapping, RLDSReader, convert_rlds, rel2abs_gripper
+from selfflow_robot.data.rlds import RLDSMapping, RLDSReader, rel2abs_gripper
+from selfflow_robot.data.rlds_convert import convert_rlds
 from selfflow_robot.data.sources import make_normalizer
 from selfflow_robot.data.synthetic_rt1 import fractal_episode, frame, write_fractal_rlds
 
@@ -244,3 +245,49 @@ def test_bad_data_raises_or_is_skipped(builder_dir, tmp_path, capsys, kind, fiel
     assert summary["skipped"] == 1 and message in summary["skipped_items"][0]
     assert "skipped 1 episodes" in capsys.readouterr().err
 
+
+
+def _split_shards(builder_dir, dst, edit_record=None):
+    """The fixture re-sharded into 2 files (records 0, 1 | 2); optionally break one record."""
+    from tfrecord import example_pb2
+
+    from selfflow_robot.data.rlds import read_tfrecord
+
+    shutil.copytree(builder_dir, dst)
+    shard = glob.glob(str(dst / "*.tfrecord-*"))[0]
+    records = [r for _, r in read_tfrecord(shard)]
+    if edit_record is not None:
+        ex = example_pb2.Example()
+        ex.ParseFromString(records[edit_record])
+        _edit("nan")(ex)
+        records[edit_record] = ex.SerializeToString()
+    os.remove(shard)
+    base = str(dst / "fractal20220817_data-train.tfrecord-")
+    _write_records(base + "00000-of-00002", records[:2])
+    _write_records(base + "00001-of-00002", records[2:])
+
+
+def test_parallel_conversion_matches_sequential(builder_dir, tmp_path):
+    _split_shards(builder_dir, tmp_path / "two")
+    seq = open_store(rt1_cfg(str(tmp_path / "two"), tmp_path / "seq", "dataset.image_size=[32,40]"))
+    par = open_store(rt1_cfg(str(tmp_path / "two"), tmp_path / "par", "dataset.image_size=[32,40]",
+                             "dataset.workers=2"))
+    assert len(par) == len(seq) == 3
+    by_key = {seq.key(i): seq.episode(i) for i in range(3)}
+    for i in range(3):
+        ep = par.episode(i)
+        ref = by_key[ep["key"]]
+        np.testing.assert_array_equal(ep["images"], ref["images"])
+        np.testing.assert_array_equal(ep["actions"], ref["actions"])
+        assert ep["instruction"] == ref["instruction"]
+    assert par.stats()["action"] == seq.stats()["action"]
+
+
+def test_parallel_conversion_bad_data(builder_dir, tmp_path):
+    _split_shards(builder_dir, tmp_path / "two", edit_record=2)
+    with pytest.raises(DataError, match="00001-of-00002:0.*world_vector.*non-finite"):
+        open_store(rt1_cfg(str(tmp_path / "two"), tmp_path / "r", "dataset.image_size=[32,40]", "dataset.workers=2"))
+    store = open_store(rt1_cfg(str(tmp_path / "two"), tmp_path / "s", "dataset.image_size=[32,40]",
+                               "dataset.workers=2", "dataset.on_error=skip"))
+    assert len(store) == 2
+    assert json.loads((tmp_path / "s" / "conversion.json").read_text())["summary"]["skipped"] == 1

@@ -55,7 +55,8 @@ def run(s: dict) -> list[dict]:
 
     from .clips import ClipDataset
     from .normalize import ActionNormalizer
-    from .rlds import RLDSMapping, RLDSReader, convert_rlds
+    from .rlds import RLDSMapping, RLDSReader
+    from .rlds_convert import convert_rlds
     from .store import EpisodeStore
     from .synthetic_rt1 import write_fractal_rlds
 

@@ -237,7 +237,7 @@ class RLDSReader:
         if m.gripper_index is not None and m.gripper != "none":
             g = actions[:, m.gripper_index]
             actions[:, m.gripper_index] = rel2abs_gripper(g, m.gripper_threshold) if m.gripper == "rel2abs" else 1 - g
-        ep = {"key": key, "actions": actions, "images": self._decode_images(jpegs, err, m.image)}
+        ep = {"key": key, "file": file, "actions": actions, "images": self._decode_images(jpegs, err, m.image)}
         if m.state:
             ep["state"] = np.concatenate([array(k) for k in m.state], axis=1)
         else:
@@ -280,28 +280,3 @@ class RLDSReader:
                 raise err(name, f"step {i}: cannot decode image ({type(e).__name__}: {e})") from None
         return out
 
-
-def convert_rlds(reader: RLDSReader, out: str, meta: dict, max_episodes: int | None = None,
-                 progress: bool = True) -> dict:
-    """Convert (resumably) into the episode store at `out`; returns a summary."""
-    from tqdm import tqdm
-
-    from .store import EpisodeWriter
-
-    meta = dict(meta, image_shape=list(reader.image_shape), action_dim=reader.action_dim,
-                state_dim=reader.state_dim, embedding_dim=reader.embedding_dim)
-    with EpisodeWriter(out, meta, resume=True, on_error=reader.skips.on_error) as w:
-        w.skips = reader.skips  # one report for reading and validation problems
-        bar = tqdm(desc=f"convert {os.path.basename(os.path.normpath(reader.data_dir))}", unit="ep",
-                   disable=not progress, total=max_episodes)
-        existing = len(w)
-        for ep in reader.episodes(skip_keys=w.keys):
-            if max_episodes is not None and len(w) >= max_episodes:
-                break
-            w.add(key=ep["key"], images=ep["images"], actions=ep["actions"], instruction=ep["instruction"],
-                  state=ep["state"], instruction_embedding=ep["instruction_embedding"], source=reader.data_dir)
-            bar.update(1)
-        bar.close()
-        summary = {"episodes": len(w), "added": len(w) - existing, "skipped": len(reader.skips),
-                   "skipped_items": list(reader.skips.items)}
-    return summary

@@ -82,7 +82,8 @@ def build_store(cfg, progress: bool | None = None) -> dict:
                                     workers=int(cfg.get("workers", 0)), seed=int(cfg.get("seed", 0)),
                                     keep_failures=bool(cfg.get("keep_failures", False)), progress=progress)
     elif source == "rlds":
-        from .rlds import RLDSMapping, RLDSReader, convert_rlds
+        from .rlds import RLDSMapping, RLDSReader
+        from .rlds_convert import convert_rlds
 
         if not cfg.get("data_dir"):
             raise SystemExit(f"dataset {cfg.get('name')} needs data_dir=PATH (the TFDS builder directory, "
@@ -92,7 +93,8 @@ def build_store(cfg, progress: bool | None = None) -> dict:
         meta = {"source": cfg.get("name") or "rlds", "fps": cfg.get("fps"), "data_dir": os.path.abspath(cfg["data_dir"]),
                 "action_names": (cfg.get("rlds") or {}).get("action_names"),
                 "action_mask": (cfg.get("normalization") or {}).get("mask")}
-        summary = convert_rlds(reader, out, meta, max_episodes=cfg.get("max_episodes"), progress=progress)
+        summary = convert_rlds(reader, out, meta, max_episodes=cfg.get("max_episodes"), progress=progress,
+                               workers=int(cfg.get("workers") or 0))
     elif source == "video_folder":
         from .video_folder import convert_video_folder
 

@@ -1,0 +1,103 @@
+"""RLDS -> episode store conversion: in-process, or with spawn workers decoding shard files.
+
+Workers (`workers=N`) each take every N-th shard file, decode its records and send the
+standardised episodes through a bounded queue; this process validates and writes them (one
+writer per store). Bad records travel as plain dicts and meet the same raise/skip policy here.
+With `max_episodes` the conversion stays in-process, so "the first N episodes" is well defined.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import traceback
+
+from .errors import DataError
+from .rlds import RLDSMapping, RLDSReader, read_tfrecord
+
+
+def _error_fields(e: DataError) -> dict:
+    return {"problem": e.problem, "file": e.file, "episode": e.episode, "field": e.field}
+
+
+def _worker(queue, data_dir, mapping: dict, image_size, files, skip_keys) -> None:
+    try:
+        reader = RLDSReader(data_dir, RLDSMapping(**mapping), image_size=image_size)
+        for path in files:
+            name = os.path.basename(path)
+            for i, raw in read_tfrecord(path):
+                if isinstance(raw, DataError):
+                    queue.put(("error", _error_fields(raw)))
+                    continue
+                key = f"{name}:{i}"
+                if key in skip_keys:
+                    continue
+                try:
+                    queue.put(("episode", reader.decode(raw, key=key, file=path)))
+                except DataError as e:
+                    queue.put(("error", _error_fields(e)))
+        queue.put(("done", None))
+    except BaseException:  # anything unexpected: report it instead of leaving the parent waiting
+        queue.put(("crash", traceback.format_exc()))
+
+
+def _parallel_episodes(reader: RLDSReader, skip_keys: frozenset, workers: int):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # never fork: a forked EGL/TF/torch state is not safe
+    queue = ctx.Queue(maxsize=4 * workers)
+    mapping = dataclasses.asdict(reader.mapping)
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(queue, reader.data_dir, mapping, reader.image_size, reader.files[k::workers],
+                               skip_keys))
+             for k in range(workers) if reader.files[k::workers]]
+    for p in procs:
+        p.start()
+    try:
+        running = len(procs)
+        while running:
+            kind, payload = queue.get()
+            if kind == "episode":
+                yield payload
+            elif kind == "error":
+                reader.skips.handle(DataError(**payload))
+            elif kind == "done":
+                running -= 1
+            else:
+                raise RuntimeError(f"an RLDS conversion worker failed:\n{payload}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+
+def convert_rlds(reader: RLDSReader, out: str, meta: dict, max_episodes: int | None = None,
+                 progress: bool = True, workers: int = 0) -> dict:
+    """Convert (resumably) into the episode store at `out`; returns a summary."""
+    from tqdm import tqdm
+
+    from .store import EpisodeWriter
+
+    meta = dict(meta, image_shape=list(reader.image_shape), action_dim=reader.action_dim,
+                state_dim=reader.state_dim, embedding_dim=reader.embedding_dim)
+    with EpisodeWriter(out, meta, resume=True, on_error=reader.skips.on_error) as w:
+        w.skips = reader.skips  # one report for reading and validation problems
+        existing = len(w)
+        if max_episodes is not None and existing >= max_episodes:
+            episodes = iter(())
+        elif workers > 0 and max_episodes is None:
+            episodes = _parallel_episodes(reader, w.keys, workers)
+        else:
+            episodes = reader.episodes(skip_keys=w.keys)
+        bar = tqdm(desc=f"convert {os.path.basename(os.path.normpath(reader.data_dir))}", unit="ep",
+                   disable=not progress, total=max_episodes)
+        for ep in episodes:
+            w.add(key=ep["key"], images=ep["images"], actions=ep["actions"], instruction=ep["instruction"],
+                  state=ep["state"], instruction_embedding=ep["instruction_embedding"], source=ep.get("file"))
+            bar.update(1)
+            if max_episodes is not None and len(w) >= max_episodes:
+                break
+        bar.close()
+        summary = {"episodes": len(w), "added": len(w) - existing, "skipped": len(reader.skips),
+                   "skipped_items": list(reader.skips.items)}
+    return summary
