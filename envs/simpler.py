@@ -49,10 +49,16 @@ def load_backend(name: str = "mani_skill2_real2sim"):
 
 
 def _resize(img: np.ndarray, hw) -> np.ndarray:
-    """Area/bilinear-free nearest-centre resize in numpy (no cv2/PIL needed in SIMPLER venvs)."""
+    """Resize in numpy (no cv2/PIL needed in SIMPLER venvs): block averaging for integer
+    downscales (e.g. 512x640 -> 256x320, RT-1's input), nearest pixel centre otherwise."""
     h, w = int(hw[0]), int(hw[1])
     if img.shape[:2] == (h, w):
         return img
+    H, W = img.shape[:2]
+    if H % h == 0 and W % w == 0:
+        fy, fx = H // h, W // w
+        blocks = img.reshape(h, fy, w, fx, img.shape[2]).astype(np.float32)
+        return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
     ys = ((np.arange(h) + 0.5) * img.shape[0] / h).astype(np.int64)
     xs = ((np.arange(w) + 0.5) * img.shape[1] / w).astype(np.int64)
     return np.ascontiguousarray(img[ys][:, xs])
@@ -122,6 +128,7 @@ class SimplerGym(gym.Env):
         low, high = mode_bounds(action_mode, self.spec_task.robot)
         self.action_space = gym.spaces.Box(low, high, dtype=np.float32)
         self._convert = ActionConverter(action_mode, self.spec_task.robot)
+        load_backend(backend)  # fail at construction, with install instructions, if SIMPLER is missing
         self._env = None
         self._env_key: str | None = None
         self._episode: dict | None = None

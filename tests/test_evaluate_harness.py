@@ -141,3 +141,12 @@ def test_torchrun_two_ranks_merge(tmp_path):
     assert s["episodes"] == 5 and s["complete"] and s["throughput"]["world_size"] == 2
     per_rank = [sum(1 for _ in open(rank_file(str(tmp_path), r))) for r in (0, 1)]
     assert per_rank == [3, 2]
+
+
+def test_fails_fast_without_simpler_or_with_a_wrong_policy(tmp_path):
+    import importlib.util
+    with pytest.raises(ValueError, match="only available for env=metaworld"):
+        evaluate(SIM + ["policy=expert", f"out_dir={tmp_path}"])
+    if importlib.util.find_spec("mani_skill2_real2sim") is None:
+        with pytest.raises(ImportError, match="pip install"):
+            evaluate(["env=simpler", "policy=random", "progress=false", f"out_dir={tmp_path}"])

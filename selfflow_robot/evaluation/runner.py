@@ -91,6 +91,16 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
         raise RuntimeError(f"an evaluation worker could not start:\n{fatal}")
 
 
+def _preflight(cfg: dict) -> None:
+    """Fail in the parent, once, on what would otherwise fail in every worker."""
+    env_cfg = cfg["env"]
+    if cfg["policy"] == "expert" and env_cfg["name"] != "metaworld":
+        raise ValueError("policy=expert is only available for env=metaworld (Meta-World's scripted experts)")
+    if env_cfg["name"] == "simpler":
+        from selfflow_robot.envs.simpler import load_backend
+        load_backend(env_cfg.get("backend") or "mani_skill2_real2sim")  # ImportError says how to install
+
+
 def evaluate(cfg: dict) -> dict:
     """Run (or resume) the evaluation described by the resolved config; return the summary.
     `cfg["policy"]` may also be a policy object (reset/act), run in this process (workers=0)."""
@@ -102,6 +112,7 @@ def evaluate(cfg: dict) -> dict:
     env_cfg.setdefault("success_mode", _DEFAULT_SUCCESS.get(env_cfg["name"], "final_step"))
     out_dir = cfg["out_dir"] = os.path.abspath(cfg.get("out_dir") or "outputs/eval")
     rank, world = dist_info()
+    _preflight(cfg)
     episodes = build_episodes(cfg)
     _check_run_file(cfg, rank)
     if not cfg.get("resume", True):
