@@ -21,7 +21,7 @@ if importlib.util.find_spec("tensorflow") is None:  # only the fixture writer (a
 
 from selfflow_robot.cli import compose
 from selfflow_robot.data import DataError, EpisodeStore, open_store
-from selfflow_robot.data.rlds import RLDSMapping, RLDSReader, rel2abs_gripper
+from selfflow_robot.data.rlds import RLDSMapping, RLDSReader, rel2abs_gripper, write_tfrecord
 from selfflow_robot.data.rlds_convert import convert_rlds
 from selfflow_robot.data.sources import make_normalizer
 from selfflow_robot.data.synthetic_rt1 import fractal_episode, frame, write_fractal_rlds
@@ -162,19 +162,6 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 # -- bad data -------------------------------------------------------------------------------
 
-def _write_records(path, records):
-    import crc32c
-
-    def masked(b):
-        c = crc32c.crc32c(b)
-        return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-    with open(path, "wb") as f:
-        for r in records:
-            head = struct.pack("<Q", len(r))
-            f.write(head + masked(head) + r + masked(r))
-
-
 def _tiny_jpeg():
     from PIL import Image
     buf = io.BytesIO()
@@ -230,7 +217,7 @@ def test_bad_data_raises_or_is_skipped(builder_dir, tmp_path, capsys, kind, fiel
         ex.ParseFromString(records[1])
         _edit(kind)(ex)
         records[1] = ex.SerializeToString()
-        _write_records(shard, records)
+        write_tfrecord(shard, records)
     name = os.path.basename(shard)
     with pytest.raises(DataError) as e:
         open_store(rt1_cfg(str(bad), tmp_path / "raise", "dataset.image_size=[32,40]"))
@@ -263,8 +250,8 @@ def _split_shards(builder_dir, dst, edit_record=None):
         records[edit_record] = ex.SerializeToString()
     os.remove(shard)
     base = str(dst / "fractal20220817_data-train.tfrecord-")
-    _write_records(base + "00000-of-00002", records[:2])
-    _write_records(base + "00001-of-00002", records[2:])
+    write_tfrecord(base + "00000-of-00002", records[:2])
+    write_tfrecord(base + "00001-of-00002", records[2:])
 
 
 def test_parallel_conversion_matches_sequential(builder_dir, tmp_path):

@@ -3,6 +3,7 @@
 rlds_read      RT-1-format shards -> standardised episodes, JPEG decode at the native 256x320
 rlds_read_small  the same, decoding straight to the store resolution (libjpeg DCT scaling)
 convert        shards -> episode store (read, decode, resize, validate, write)
+convert_parallel  the same with `convert_workers` spawn processes (default: every CPU), start-up included
 clips          ClipDataset items (N+M frames, H-step normalised chunk) at random indices
 clips_resized  the same, resized on the fly (PIL bilinear) to resize_image_size
 clips_batched  the same as clips, through default_collate in batches (what a DataLoader worker does)
@@ -40,7 +41,7 @@ def _emit(rec: dict, out: str | None) -> None:
 def _settings(cfg) -> dict:
     defaults = dict(work_dir=None, rlds_episodes=24, rlds_steps=40, store_image_size=[128, 160], context_frames=1,
                     future_frames=4, frame_stride=1, action_chunk=6, clips=3000, batch_size=32, resize_image_size=[64, 64],
-                    out=None)
+                    convert_workers=None, out=None)
     got = cfg.get("data") if cfg is not None else None
     if got is not None:
         from omegaconf import OmegaConf
@@ -89,6 +90,24 @@ def run(s: dict) -> list[dict]:
         dt = time.perf_counter() - t0
         recs.append({"bench": "data.convert", "frames_per_s": round(frames / dt, 1), "frames": frames,
                      "image": list(reader.image_shape), "processes": 1, "cpu": cpu})
+        workers = int(s.get("convert_workers") or os.cpu_count() or 1)
+        if workers > 1:  # the same data re-sharded into one file per worker
+            from .rlds import read_tfrecord, write_tfrecord
+
+            shard = reader.files[0]
+            records = [r for _, r in read_tfrecord(shard)]
+            os.remove(shard)
+            for k in range(workers):
+                write_tfrecord(os.path.join(builder, f"fractal20220817_data-train.tfrecord-{k:05d}-of-{workers:05d}"),
+                               records[k::workers])
+            reader = RLDSReader(builder, mapping, image_size=size)
+            t0 = time.perf_counter()
+            convert_rlds(reader, os.path.join(tmp, "store_parallel"), {"source": "bench"}, progress=False,
+                         workers=workers)
+            dt = time.perf_counter() - t0
+            recs.append({"bench": "data.convert_parallel", "frames_per_s": round(frames / dt, 1),
+                         "frames_per_s_per_process": round(frames / dt / workers, 1), "frames": frames,
+                         "image": list(reader.image_shape), "processes": workers, "cpu": cpu})
         store = EpisodeStore(store_dir)
         ds = ClipDataset(store, context_frames=s["context_frames"], future_frames=s["future_frames"],
                          frame_stride=s["frame_stride"], action_chunk=s["action_chunk"],

@@ -115,6 +115,20 @@ def read_tfrecord(path: str):
             i += 1
 
 
+def write_tfrecord(path: str, records) -> None:
+    """Write raw records as a TFRecord file (re-sharding, test data); the inverse of read_tfrecord."""
+    import crc32c
+
+    def masked(data) -> bytes:
+        crc = crc32c.crc32c(data)
+        return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+    with open(path, "wb") as f:
+        for r in records:
+            head = struct.pack("<Q", len(r))
+            f.write(head + masked(head) + bytes(r) + masked(bytes(r)))
+
+
 def _feature_spec(features, path: str):
     node = features
     for part in path.split("/"):
