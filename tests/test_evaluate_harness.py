@@ -132,7 +132,7 @@ def test_policy_served_over_websocket(tmp_path):
 def test_torchrun_two_ranks_merge(tmp_path):
     pytest.importorskip("torch")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([DOUBLE, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29561",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "selfflow_robot.evaluate", *SIM, "env.task=google_robot_pick_coke_can", "episodes_per_task=5",
            "max_episode_steps=2", "policy=random", "workers=0", f"out_dir={tmp_path}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "simpler_double"))
-from helpers import BACKENDS, GOOGLE_TASK, REAL, WIDOWX_TASK  # noqa: E402
+from simpler_backends import BACKENDS, GOOGLE_TASK, REAL, WIDOWX_TASK  # noqa: E402
 
 from selfflow_robot.envs.simpler import SimplerGym  # noqa: E402
 from selfflow_robot.envs.simpler_plans import official_plan  # noqa: E402
