@@ -3,7 +3,8 @@
 rlds_read      RT-1-format shards -> standardised episodes, JPEG decode at the native 256x320
 rlds_read_small  the same, decoding straight to the store resolution (libjpeg DCT scaling)
 convert        shards -> episode store (read, decode, resize, validate, write)
-convert_parallel  the same with `convert_workers` spawn processes (default: every CPU), start-up included
+convert_parallel  the same with `convert_workers` spawn processes (default: every CPU); also
+               the worker start-up time and the rate after the first episode arrived
 clips          ClipDataset items (N+M frames, H-step normalised chunk) at random indices
 clips_resized  the same, resized on the fly (PIL bilinear) to resize_image_size
 clips_batched  the same as clips, through default_collate in batches (what a DataLoader worker does)
@@ -102,12 +103,14 @@ def run(s: dict) -> list[dict]:
                                records[k::workers])
             reader = RLDSReader(builder, mapping, image_size=size)
             t0 = time.perf_counter()
-            convert_rlds(reader, os.path.join(tmp, "store_parallel"), {"source": "bench"}, progress=False,
-                         workers=workers)
+            summ = convert_rlds(reader, os.path.join(tmp, "store_parallel"), {"source": "bench"}, progress=False,
+                                workers=workers)
             dt = time.perf_counter() - t0
+            steady = summ["steps_per_s_after_first"]
             recs.append({"bench": "data.convert_parallel", "frames_per_s": round(frames / dt, 1),
-                         "frames_per_s_per_process": round(frames / dt / workers, 1), "frames": frames,
-                         "image": list(reader.image_shape), "processes": workers, "cpu": cpu})
+                         "startup_s": summ["first_episode_s"], "frames_per_s_after_startup": steady,
+                         "frames_per_s_per_process_after_startup": steady and round(steady / workers, 1),
+                         "frames": frames, "image": list(reader.image_shape), "processes": workers, "cpu": cpu})
         store = EpisodeStore(store_dir)
         ds = ClipDataset(store, context_frames=s["context_frames"], future_frames=s["future_frames"],
                          frame_stride=s["frame_stride"], action_chunk=s["action_chunk"],

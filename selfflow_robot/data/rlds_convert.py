@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import traceback
 
 from .errors import DataError
@@ -91,13 +92,24 @@ def convert_rlds(reader: RLDSReader, out: str, meta: dict, max_episodes: int | N
             episodes = reader.episodes(skip_keys=w.keys)
         bar = tqdm(desc=f"convert {os.path.basename(os.path.normpath(reader.data_dir))}", unit="ep",
                    disable=not progress, total=max_episodes)
+        t0, t_first, steps, first_steps = time.perf_counter(), None, 0, 0
         for ep in episodes:
             w.add(key=ep["key"], images=ep["images"], actions=ep["actions"], instruction=ep["instruction"],
                   state=ep["state"], instruction_embedding=ep["instruction_embedding"], source=ep.get("file"))
+            steps += len(ep["actions"])
+            if t_first is None:
+                t_first, first_steps = time.perf_counter(), steps
             bar.update(1)
             if max_episodes is not None and len(w) >= max_episodes:
                 break
         bar.close()
-        summary = {"episodes": len(w), "added": len(w) - existing, "skipped": len(reader.skips),
-                   "skipped_items": list(reader.skips.items)}
+        w.flush()
+        t1 = time.perf_counter()
+        summary = {"episodes": len(w), "added": len(w) - existing, "steps_added": steps,
+                   "seconds": round(t1 - t0, 3),
+                   # time to the first episode (worker start-up), then the steady rate
+                   "first_episode_s": None if t_first is None else round(t_first - t0, 3),
+                   "steps_per_s_after_first": None if t_first is None or t1 <= t_first
+                   else round((steps - first_steps) / (t1 - t_first), 1),
+                   "skipped": len(reader.skips), "skipped_items": list(reader.skips.items)}
     return summary
