@@ -1,6 +1,5 @@
 """Video/image folders (action-free), the stats command, Hydra dataset configs, the bench."""
 import json
-import os
 import subprocess
 import sys
 

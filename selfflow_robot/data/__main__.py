@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from selfflow_robot import cli
 
 VERBS = ("stats", "bench")

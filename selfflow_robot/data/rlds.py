@@ -76,6 +76,14 @@ class RLDSMapping:
         return cls(**d)
 
 
+def _masked_crc(data) -> int:
+    """TFRecord's masked CRC32C."""
+    import crc32c
+
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def read_tfrecord(path: str):
     """Yield (record index, bytes) from a TFRecord file, checking lengths and CRC32C.
 
@@ -83,19 +91,14 @@ def read_tfrecord(path: str):
     the records after it are still read); a broken length field or a truncated file ends the
     file with a DataError, since nothing after it can be framed.
     """
-    import crc32c
-
-    def masked(data) -> int:
-        crc = crc32c.crc32c(data)
-        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
+    masked = _masked_crc
     with open(path, "rb") as f:
         i = 0
         while True:
             head = f.read(12)
             if not head:
                 return
-            where = dict(file=path, episode=f"{os.path.basename(path)}:{i} (record {i})")
+            where = dict(file=path, episode=f"{os.path.basename(path)}:{i}")
             if len(head) < 12:
                 yield i, DataError("truncated record header (corrupt or partly copied file)", **where)
                 return
@@ -117,11 +120,8 @@ def read_tfrecord(path: str):
 
 def write_tfrecord(path: str, records) -> None:
     """Write raw records as a TFRecord file (re-sharding, test data); the inverse of read_tfrecord."""
-    import crc32c
-
     def masked(data) -> bytes:
-        crc = crc32c.crc32c(data)
-        return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+        return struct.pack("<I", _masked_crc(data))
 
     with open(path, "wb") as f:
         for r in records:
