@@ -103,7 +103,8 @@ def aggregate(records: Iterable[Mapping], convention: str = "official") -> dict[
       (coke-can orientations; top/middle/bottom drawers). Open and close drawer stay separate
       columns; `drawer` is their mean, as the papers' "open/close drawer".
     pooled: every episode of the task weighs the same.
-    -> {report_task: {"success": rate, "episodes": n, "subtasks": {subtask: rate}}}
+    -> {report_task: {"success": rate, "episodes": n, "subtasks": {subtask: rate},
+                      "variants": {variant: episode-weighted rate over its subtasks}}}
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got '{convention}'")
@@ -120,11 +121,16 @@ def aggregate(records: Iterable[Mapping], convention: str = "official") -> dict[
         else:
             sub_rates = {s: _mean([_mean(xs) for xs in v.values()]) for s, v in subs.items()}
             rate = _mean(list(sub_rates.values()))
-        out[task] = {"success": rate, "episodes": len(flat), "subtasks": sub_rates}
+        by_variant: dict[str, list] = defaultdict(list)
+        for by_var in subs.values():
+            for v, xs in by_var.items():
+                by_variant[v] += xs
+        out[task] = {"success": rate, "episodes": len(flat), "subtasks": sub_rates,
+                     "variants": {v: _mean(xs) for v, xs in by_variant.items()}}
     o, c = out.get(_G + "open_drawer"), out.get(_G + "close_drawer")
     if o and c:
         out[_G + "drawer"] = {"success": (o["success"] + c["success"]) / 2, "episodes": o["episodes"] + c["episodes"],
-                              "subtasks": {"open": o["success"], "close": c["success"]}}
+                              "subtasks": {"open": o["success"], "close": c["success"]}, "variants": {}}
     return out
 
 

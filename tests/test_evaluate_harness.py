@@ -44,10 +44,12 @@ def test_simpler_run_records_and_aggregation(tmp_path):
     assert s["episodes"] == 8 and s["mean_success"] == 1.0 and s["success_mode"] == "final_step"
     recs = load_records(str(tmp_path))
     coke = [r for r in recs if r["task"] == "google_robot_pick_coke_can"]
-    assert {r["variant"] for r in coke} == {"urdf_default"} and coke[0]["subtask"] == "horizontal"
+    # 4 of the 300 grid episodes, spread over it: several URDF variants and orientations
+    assert len({r["variant"] for r in coke}) >= 3 and len({r["subtask"] for r in coke}) >= 2
     assert all(r["steps"] == 3 and r["success_mode"] == "final_step" for r in recs)
     sim = s["simpler"]
     assert sim["official"]["google_robot_pick_coke_can"]["success"] == 1.0
+    assert set(sim["official"]["google_robot_pick_coke_can"]["variants"]) == {r["variant"] for r in coke}
     assert sim["pooled"]["widowx_carrot_on_plate"]["episodes"] == 4
     # Octo-Base at 100% in sim (29% real) breaks the ranking: MMRV rises far above the published 0.031.
     assert sim["vs_real"]["google_robot_pick_coke_can"]["mmrv"] > 0.3 and sim["vs_real_policy"] == "octo-base"

@@ -47,6 +47,7 @@ def test_official_vs_pooled_aggregation():
     assert off["subtasks"] == {"horizontal": 0.5, "standing": 0.25} and off["success"] == pytest.approx(0.375)
     pooled = aggregate(recs, "pooled")["google_robot_pick_coke_can"]
     assert pooled["success"] == pytest.approx(5 / 10) and pooled["episodes"] == 10
+    assert off["variants"] == {"urdf_a": 0.625, "urdf_b": 0.0}
 
 
 def test_orientation_and_drawer_tasks_roll_up():

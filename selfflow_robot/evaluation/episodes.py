@@ -20,9 +20,19 @@ def simpler_tasks(env_cfg: dict) -> list[str]:
     return [tasks] if isinstance(tasks, str) else list(tasks)
 
 
+def spread(total: int, n: int | None) -> list[int]:
+    """n indices evenly spread over range(total) (all when n is None or >= total): a quick subset of
+    an official grid then still covers its variants, orientations and positions."""
+    if n is None or int(n) >= total:
+        return list(range(total))
+    n = int(n)
+    return sorted({round(i * (total - 1) / max(n - 1, 1)) for i in range(n)}) if n > 0 else []
+
+
 def build_episodes(cfg: dict) -> list[dict]:
     """Every episode of the run, in a fixed order. Each dict is JSON-serialisable and has a unique
-    `key`; `video` marks the first `videos_per_task` episodes of each task."""
+    `key`; `video` marks the first `videos_per_task` episodes of each task. SIMPLER official plans:
+    all entries, or `episodes_per_task` of them spread evenly over the grid."""
     env_cfg, n, seed = cfg["env"], cfg.get("episodes_per_task"), int(cfg.get("seed", 0))
     out: list[dict] = []
     if env_cfg["name"] == "metaworld":
@@ -36,9 +46,9 @@ def build_episodes(cfg: dict) -> list[dict]:
         for task in simpler_tasks(env_cfg):
             if env_cfg.get("episode_plan", "official") == "official":
                 plan = official_plan(task, env_cfg.get("setting", "visual_matching"), env_cfg.get("variants"))
-                plan = plan if n is None else plan[: int(n)]
-                out += [dict(key=f"{task}|{e['episode_id']}", task=task, subtask=e["subtask"], variant=e["variant"],
-                             episode_id=e["episode_id"], seed=seed, plan_idx=i) for i, e in enumerate(plan)]
+                out += [dict(key=f"{task}|{plan[i]['episode_id']}", task=task, subtask=plan[i]["subtask"],
+                             variant=plan[i]["variant"], episode_id=plan[i]["episode_id"], seed=seed, plan_idx=i)
+                        for i in spread(len(plan), n)]
             else:  # the prepackaged random draw, one seed per episode
                 out += [dict(key=f"{task}|seed={seed + i}", task=task, subtask=task, variant="prepackaged",
                              episode_id=f"seed={seed + i}", seed=seed + i) for i in range(int(n or 10))]
