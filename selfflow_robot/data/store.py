@@ -126,6 +126,11 @@ class EpisodeStore:
         return int(self._first_episode[-1])
 
     @property
+    def root(self) -> str:
+        """The store directory (same as .path)."""
+        return self.path
+
+    @property
     def num_steps(self) -> int:
         return int(sum(int(x.sum()) for x in self._lengths))
 
