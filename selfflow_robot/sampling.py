@@ -28,7 +28,7 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
     """Integrate dx/dt = v from t = 1 to 0. Shapes are full tensor shapes ([B, T, h, w, P], [B, H, A]).
     `forward` may be a compiled version of the model (e.g. CUDA graphs for batch-1 control)."""
     dev = model.type_embed.device
-    forward = forward or model
+    forward = model if forward is None else forward
     if steps < 1:
         raise ValueError(f"sampling needs steps >= 1, got {steps}")
     ts = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=dev), shift)
@@ -54,6 +54,9 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
 
 def resize_frame(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """uint8 [H, W, 3] -> uint8 tensor [h, w, 3] (bilinear, antialiased)."""
+    image = np.asarray(image)
+    if not image.flags.writeable:  # e.g. decoded from a message buffer; torch wants writable memory
+        image = image.copy()
     x = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)

@@ -1,0 +1,159 @@
+"""The real commands on tiny configs: pretrain, fine-tune (Meta-World and RT-1 format), resume, init."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow_robot.data import EpisodeWriter
+
+pytestmark = pytest.mark.slow
+TINY = ["model=tiny", "trainer.batch_size=8", "trainer.num_workers=0", "trainer.warmup_steps=5", "trainer.lr=1e-3",
+        "trainer.log_every=1", "trainer.ema_decay=0.9", "logger.wandb=disabled", "logger.progress_bar=false", "clip.image_size=[32,32]"]
+
+
+def run(module, *args, cwd, env_extra=None, check=True):
+    env = {**os.environ, "WANDB_MODE": "disabled", "MUJOCO_GL": "egl", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", f"selfflow_robot.{module}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory):
+    """A store of smooth moving-blob episodes whose actions are the blob's motion."""
+    path = tmp_path_factory.mktemp("data") / "store"
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32]
+    meta = {"source": "test", "fps": 10, "action_names": ["dx", "dy"], "image_shape": [32, 32, 3], "action_dim": 2}
+    with EpisodeWriter(str(path), meta=meta) as w:
+        for ep in range(6):
+            pos, vel = rng.uniform(8, 24, 2), rng.uniform(-1, 1, 2)
+            frames, actions = [], []
+            for _ in range(12):
+                img = np.exp(-((yy - pos[0]) ** 2 + (xx - pos[1]) ** 2) / 20.0)
+                frames.append(np.stack([img * 255, img * 128, 255 - img * 255], -1).astype(np.uint8))
+                actions.append(vel.astype(np.float32))
+                pos = np.clip(pos + vel, 4, 28)
+            w.add(key=f"ep{ep}", images=np.stack(frames), actions=np.stack(actions),
+                  instruction="move the blob" if ep % 2 else "push the blob")
+    return str(path)
+
+
+def test_pretrain_lowers_loss_and_resume_is_exact(toy_store, tmp_path):
+    common = ["dataset=store", f"data_dir={toy_store}", *TINY, "objective=self_flow", "trainer.checkpoint_every=10"]
+    straight = str(tmp_path / "straight")
+    run("pretrain", *common, "trainer.steps=20", f"run_dir={straight}", cwd=tmp_path)
+    first = losses(straight)
+    assert np.mean([first[s] for s in range(16, 21)]) < np.mean([first[s] for s in range(1, 6)])
+    # Stop at 10, resume to 20: the same loss sequence as the uninterrupted run.
+    split = str(tmp_path / "split")
+    run("pretrain", *common, "trainer.steps=10", f"run_dir={split}", cwd=tmp_path)
+    run("pretrain", *common, "trainer.steps=20", f"run_dir={split}", "resume=true", cwd=tmp_path)
+    second = losses(split)
+    for s in range(1, 21):
+        assert second[s] == pytest.approx(first[s], rel=1e-5, abs=1e-6), s
+    assert os.path.isfile(os.path.join(straight, "checkpoints", "step_00000020", "model.safetensors"))
+
+
+def test_finetune_from_pretrained_lowers_action_error(toy_store, tmp_path):
+    from selfflow_robot.policies import Policy
+
+    pre = str(tmp_path / "pre")
+    run("pretrain", "dataset=store", f"data_dir={toy_store}", *TINY, "trainer.steps=5", f"run_dir={pre}", cwd=tmp_path)
+    ft = str(tmp_path / "ft")
+    run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "trainer.steps=80", f"init={pre}",
+        "validation.fraction=0.2", "trainer.checkpoint_every=80", f"run_dir={ft}", cwd=tmp_path)
+    rows = [json.loads(line) for line in open(os.path.join(ft, "metrics.jsonl"))]
+    val = [r for r in rows if "eval/val_action_mse" in r]
+    assert val, rows[-3:]
+    # the action error of the trained EMA policy vs an untrained one, on the same clips
+    from selfflow_robot.data import ClipDataset, EpisodeStore
+    from selfflow_robot.models import build_model, load_checkpoint_model
+    from selfflow_robot.train.loader import make_loader
+    from selfflow_robot.validation import Validator
+
+    model, config = load_checkpoint_model(ft)
+    store = EpisodeStore(toy_store)
+    from selfflow_robot.data import ActionNormalizer
+
+    norm = ActionNormalizer.load(os.path.join(ft, "checkpoints", open(os.path.join(ft, "checkpoints", "latest")).read().strip(), "normalization.json"))
+    clips = ClipDataset(store, context_frames=1, future_frames=2, frame_stride=2, action_chunk=6, image_size=(32, 32),
+                        normalizer=norm)
+    validator = Validator(make_loader(clips, 16, seed=3), 2, model.cfg, 0.2)
+    trained = validator(model)["val_action_mse"]
+    fresh = validator(build_model(model.cfg))["val_action_mse"]
+    assert trained < 0.7 * fresh, (trained, fresh)
+    # saved and reloaded policy gives identical actions
+    obs = {"image": np.asarray(store.frames(0, np.array([0]))[0]), "instruction": "push the blob"}
+    a = Policy.load(ft).infer(obs)["actions"]
+    b = Policy.load(ft).infer(obs)["actions"]
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (6, 2) and config["io"]["action_chunk"] == 6
+
+
+def test_init_from_another_model_size_names_the_parameter(toy_store, tmp_path):
+    pre = str(tmp_path / "pre")
+    run("pretrain", "dataset=store", f"data_dir={toy_store}", *TINY, "trainer.steps=2", f"run_dir={pre}", cwd=tmp_path)
+    proc = run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "model.width=96", "model.heads=4",
+               "trainer.steps=2", f"init={pre}", f"run_dir={tmp_path / 'ft'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "does not fit this model" in proc.stderr and "video_embed.weight" in proc.stderr
+
+
+def test_bad_patch_size_is_named(toy_store, tmp_path):
+    proc = run("pretrain", "dataset=store", f"data_dir={toy_store}", *TINY, "model.patch_size=5", "trainer.steps=1",
+               f"run_dir={tmp_path / 'r'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "patch_size" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow writes the RLDS fixture")
+def test_finetune_rt1_format_end_to_end(tmp_path):
+    from selfflow_robot.data.synthetic_rt1 import write_fractal_rlds
+
+    builder = write_fractal_rlds(str(tmp_path / "rlds"), num_episodes=4, steps=10)
+    out = str(tmp_path / "rt1run")
+    run("finetune", "dataset=rt1", f"data_dir={builder}", *TINY, "dataset.image_size=[64,80]", "clip.image_size=[32,40]",
+        "trainer.steps=4", f"run_dir={out}", cwd=tmp_path, env_extra={"SELFFLOW_DATA_CACHE": str(tmp_path / "cache")})
+    config = json.load(open(os.path.join(out, "checkpoints", "step_00000004", "config.json")))
+    norm = json.load(open(os.path.join(out, "checkpoints", "step_00000004", "normalization.json")))
+    assert config["io"]["action_dim"] == 7 and config["io"]["fps"] == 3
+    assert norm["action"]["mask"] == [True] * 6 + [False]
+
+
+def test_bench_params_xl(tmp_path):
+    proc = run("bench", "params", "model=xl", cwd=tmp_path)
+    n = int(next(line for line in proc.stdout.splitlines() if line.startswith("params:")).split()[1])
+    assert 665e6 <= n <= 685e6
+
+
+def test_sampler_modes_and_world_model():
+    from selfflow_robot.models import build_model
+    from selfflow_robot.sampling import ActionSampler, predict_video
+
+    torch.manual_seed(0)
+    model = build_model("tiny", action_dim=3, frame_stride=2)
+    io = {"image_size": [16, 24], "context_frames": 2, "future_frames": 2, "frame_stride": 2, "action_chunk": 5,
+          "action_dim": 3}
+    img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    joint = ActionSampler(model, {"io": io}, steps=3, mode="joint")(img, "open drawer")
+    assert joint["actions"].shape == (5, 3) and joint["video"].shape == (2, 16, 24, 3)
+    fast = ActionSampler(model, {"io": io}, steps=3)(img, "open drawer")
+    assert fast["video"] is None and np.isfinite(fast["actions"]).all()
+    ctx = torch.randint(0, 256, (2, 1, 16, 24, 3), dtype=torch.uint8)
+    frames = predict_video(model, ctx, "open drawer", 3, actions=torch.zeros(2, 5, 3), steps=2)
+    assert frames.shape == (2, 3, 16, 24, 3) and frames.dtype == torch.uint8
+    with pytest.raises(ValueError, match="io"):
+        ActionSampler(build_model("tiny"), {}, steps=2)
