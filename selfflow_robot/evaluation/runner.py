@@ -9,6 +9,7 @@ import time
 from .episodes import build_episodes, dist_info, shard
 from .records import RecordWriter, done_marker, load_records, rank_file
 from .summary import summarize, to_markdown, write_summary
+from .training_env import match_training_env
 from .worker import EpisodeRunner, worker_main
 
 _DEFAULT_SUCCESS = {"metaworld": "early_stop", "simpler": "final_step"}
@@ -107,7 +108,7 @@ def evaluate(cfg: dict) -> dict:
     policy_obj = None if isinstance(cfg.get("policy"), str) else cfg.get("policy")
     if policy_obj is not None:
         cfg = dict(cfg, policy=getattr(policy_obj, "name", type(policy_obj).__name__))
-    cfg = json.loads(json.dumps(cfg, default=str))
+    cfg = match_training_env(json.loads(json.dumps(cfg, default=str)))
     env_cfg = cfg["env"]
     env_cfg.setdefault("success_mode", _DEFAULT_SUCCESS.get(env_cfg["name"], "final_step"))
     out_dir = cfg["out_dir"] = os.path.abspath(cfg.get("out_dir") or "outputs/eval")

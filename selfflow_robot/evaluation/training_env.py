@@ -1,0 +1,41 @@
+"""Evaluate a checkpoint in the env it was trained for.
+
+A Meta-World policy is trained on demonstrations rendered from one camera, at one image size and
+one action repeat (simulator steps per policy step). Env settings left null in the `env` config
+are filled from the checkpoint's dataset config, so `evaluate env=metaworld policy=RUN` rolls out
+exactly as the data was collected; explicit values always win.
+"""
+from __future__ import annotations
+
+import os
+
+# env key -> dataset key
+_METAWORLD_FROM_DATA = {"tasks": "tasks", "camera": "camera", "action_repeat": "action_repeat",
+                        "image_size": "image_size"}
+_METAWORLD_DEFAULTS = {"tasks": "mt10", "camera": "corner", "action_repeat": 1, "image_size": [128, 128]}
+
+
+def _checkpoint_config(policy) -> dict | None:
+    if not isinstance(policy, str) or "://" in policy or policy in ("expert", "random") or not os.path.exists(policy):
+        return None
+    from selfflow_robot.train.checkpoint import read_checkpoint_config
+
+    try:
+        return read_checkpoint_config(policy)
+    except (FileNotFoundError, ValueError):
+        return None  # Policy.load reports the problem with the path
+
+
+def match_training_env(cfg: dict) -> dict:
+    env = cfg["env"]
+    if env.get("name") != "metaworld":
+        return cfg
+    trained = _checkpoint_config(cfg.get("policy"))
+    data = (trained or {}).get("dataset") or {}
+    from_data = data.get("source") == "metaworld"
+    for key, data_key in _METAWORLD_FROM_DATA.items():
+        if env.get(key) is None:
+            env[key] = data[data_key] if from_data and data.get(data_key) is not None else _METAWORLD_DEFAULTS[key]
+    if env.get("include_state") is None:  # send state only to policies that condition on it
+        env["include_state"] = bool(((trained or {}).get("io") or {}).get("state_dim")) if trained else True
+    return cfg
