@@ -1,0 +1,72 @@
+"""`python -m selfflow_robot.serve` end to end: a tiny random-weight checkpoint, real model code."""
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from selfflow_robot.cli import compose
+
+
+def test_serve_config_defaults():
+    cfg = compose("serve", ["policy=x"])
+    assert cfg.host == "127.0.0.1" and cfg.port == 8000 and cfg.api_key is None
+    assert cfg.safety.normalized_clip == "auto" and cfg.chunk.execute_steps is None
+    assert compose("serve", ["policy=x", "api_key=k", "port=0"]).api_key == "k"
+
+
+def test_serve_missing_checkpoint_names_it(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.serve", f"policy={tmp_path}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "config.json" in r.stderr and str(tmp_path) in r.stderr
+
+
+@pytest.mark.timeout(150)
+def test_serve_end_to_end(tmp_path, monkeypatch):
+    try:
+        from selfflow_robot.models import build_model, load_checkpoint_model  # noqa: F401
+        from selfflow_robot.sampling import ActionSampler  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"model code not available yet ({e})")
+    from selfflow_robot.policies.bench import random_checkpoint
+    from selfflow_robot.policies.client import WebsocketClientPolicy
+
+    ckpt = random_checkpoint("tiny", str(tmp_path / "ckpt"), (32, 32), action_dim=4, action_chunk=3, patch_size=8)
+    env = {**os.environ, "SELFFLOW_API_KEY": "k3y", "PYTHONUNBUFFERED": "1"}
+    monkeypatch.chdir(tmp_path)  # anything Hydra might write lands here
+    proc = subprocess.Popen([sys.executable, "-m", "selfflow_robot.serve", f"policy={ckpt}", "port=0",
+                             "sampler_steps=2", "safety.max_delta=0.5"],
+                            stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        port, deadline, seen = None, time.time() + 90, []
+        while port is None and time.time() < deadline and proc.poll() is None:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                continue
+            m = re.search(r"ws://127\.0\.0\.1:(\d+)", seen[-1])
+            port = int(m.group(1)) if m else None
+        assert port, f"server did not report its port (exit {proc.poll()}):\n{''.join(seen)[-3000:]}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises(PermissionError):
+            WebsocketClientPolicy(f"ws://127.0.0.1:{port}")
+        with WebsocketClientPolicy(f"ws://127.0.0.1:{port}", api_key="k3y") as c:
+            assert c.metadata["action_dim"] == 4 and c.metadata["action_chunk"] == 3
+            assert c.metadata["safety"]["max_delta"] == 0.5
+            c.reset("pick")
+            r = c.infer({"image": np.zeros((48, 64, 3), np.uint8)})
+            assert r["actions"].shape == (3, 4) and np.all(np.isfinite(r["actions"]))
+            assert np.all(np.abs(np.diff(r["actions"], axis=0)) <= 0.5 + 1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no log files or output dirs left behind
