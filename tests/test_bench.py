@@ -1,0 +1,38 @@
+"""The benchmark commands run and report every figure they promise (tiny sizes, CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+
+def bench(*args, tmp_path):
+    out = str(tmp_path / "bench.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "selfflow_robot.bench", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in open(out)] if os.path.exists(out) else proc.stdout
+
+
+def test_bench_train_reports_throughput_mfu_and_selfflow_overhead(tmp_path):
+    rows = bench("train", "model=tiny", "train.compile=false", "train.warmup=1", "train.reps=2",
+                 "train.cases=[{name: t, frames: 2, grid: 4, batch: 4}]", f"train.out={tmp_path / 'bench.jsonl'}",
+                 tmp_path=tmp_path)
+    steps = [r for r in rows if "samples_per_s" in r]
+    assert {r["objective"] for r in steps} == {"flow_matching", "self_flow"}
+    for r in steps:
+        assert r["samples_per_s"] > 0 and r["tokens_per_s"] == r["samples_per_s"] * 32 and 0 < r["mfu"]
+    ratio = next(r for r in rows if "selfflow_over_fm" in r)["selfflow_over_fm"]
+    assert ratio > 0
+
+
+def test_bench_sample_reports_chunk_latency(tmp_path):
+    rows = bench("sample", "model=tiny", "model.patch_size=16", "sample.image_size=[32,48]", "sample.compile=[false]",
+                 "sample.warmup=1", "sample.reps=2", f"sample.out={tmp_path / 'bench.jsonl'}", tmp_path=tmp_path)
+    assert {r["mode"] for r in rows} == {"action_first", "joint"}
+    assert all(r["chunk_latency_ms"] > 0 for r in rows)
+
+
+def test_bench_needs_a_verb(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "selfflow_robot.bench", "model=tiny"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "params|train" in (proc.stderr + proc.stdout)
