@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import platform
 import tempfile
 import time
 
@@ -153,19 +154,20 @@ def bench_sample(cfg: DictConfig) -> list[dict]:
     return results
 
 
-def _device_name(device) -> str:
-    import platform
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
+
+def _device_name(device) -> str:
     import torch
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def main(cfg: DictConfig):

@@ -14,29 +14,13 @@ by a TensorFlow child process; reading never imports TensorFlow.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def _emit(rec: dict, out: str | None) -> None:
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
+from ..bench import cpu_name, emit
 
 
 def _settings(cfg) -> dict:
@@ -152,5 +136,5 @@ def main(cfg=None) -> list[dict]:
     s = _settings(cfg)
     recs = run(s)
     for r in recs:
-        _emit(r, s["out"])
+        emit(r, s["out"])
     return recs
