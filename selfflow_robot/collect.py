@@ -38,28 +38,30 @@ def resolve_tasks(tasks) -> list[str]:
     return tasks
 
 
-def _episode_meta(image_size, camera, action_repeat, tasks) -> dict:
+def _episode_meta(image_size, camera, action_repeat, tasks, state_mode="proprio") -> dict:
     from selfflow_robot.envs.metaworld import TASK_INSTRUCTIONS
 
-    return dict(image_shape=[int(image_size[0]), int(image_size[1]), 3], action_dim=4, state_dim=4,
+    full = state_mode == "full"  # the raw 39-d observation (hand, objects, goal) instead of hand + gripper
+    names = [f"obs_{i}" for i in range(39)] if full else ["hand_x", "hand_y", "hand_z", "gripper_open"]
+    return dict(image_shape=[int(image_size[0]), int(image_size[1]), 3], action_dim=4, state_dim=len(names),
                 embedding_dim=0, fps=80.0 / action_repeat, source="metaworld", camera=camera,
                 action_repeat=int(action_repeat), action_names=["dx", "dy", "dz", "gripper"],
-                action_mask=[True, True, True, False], state_names=["hand_x", "hand_y", "hand_z", "gripper_open"],
+                action_mask=[True, True, True, False], state_names=names, state_mode=state_mode,
                 instructions={t: TASK_INSTRUCTIONS[t] for t in tasks})
 
 
 def rollout(task: str, seed: int, image_size=(128, 128), camera: str = "corner", action_repeat: int = 4,
-            max_steps: int = 60) -> dict:
-    """One expert episode: T steps of (image before the action, action, proprio state)."""
+            max_steps: int = 60, state_mode: str = "proprio") -> dict:
+    """One expert episode: T steps of (image before the action, action, state)."""
     from selfflow_robot.envs.metaworld import MetaWorldEnv, make_expert
 
     cached = _ENVS.get(task)
     if cached is None or cached[0].image_size != tuple(image_size) or cached[0].camera != camera \
-            or cached[0].action_repeat != action_repeat:
+            or cached[0].action_repeat != action_repeat or cached[0].state_mode != state_mode:
         if cached is not None:
             cached[0].close()
         env = MetaWorldEnv(task, image_size=tuple(image_size), camera=camera, action_repeat=action_repeat,
-                           max_episode_steps=max_steps)
+                           max_episode_steps=max_steps, state_mode=state_mode)
         cached = _ENVS[task] = (env, make_expert(task))
         while len(_ENVS) > _KEEP_ENVS:
             _ENVS.pop(next(iter(_ENVS)))[0].close()
@@ -90,16 +92,16 @@ def _worker_init():
 def collect_metaworld(out: str, tasks="mt10", episodes_per_task: int = 10, image_size=(128, 128),
                       camera: str = "corner", action_repeat: int = 4, max_steps: int = 60, workers: int = 0,
                       seed: int = 0, resume: bool = True, keep_failures: bool = False,
-                      max_attempts_factor: int = 3, progress: bool = True) -> dict:
+                      max_attempts_factor: int = 3, progress: bool = True, state_mode: str = "proprio") -> dict:
     """Collect into the episode store at `out`; returns a summary dict. workers=0 runs in-process."""
     from tqdm import tqdm
 
     from selfflow_robot.data.store import EpisodeWriter
 
     tasks = resolve_tasks(tasks)
-    meta = _episode_meta(image_size, camera, action_repeat, tasks)
+    meta = _episode_meta(image_size, camera, action_repeat, tasks, state_mode)
     kw = dict(image_size=tuple(int(x) for x in image_size), camera=camera, action_repeat=int(action_repeat),
-              max_steps=int(max_steps))
+              max_steps=int(max_steps), state_mode=state_mode)
     summary = {"stored": 0, "already_stored": 0, "failed": 0, "tasks_short": {}}
     with EpisodeWriter(out, meta, resume=resume) as writer:
         # Per task: how many are still needed and which seed comes next. Seeds are tried in
@@ -189,7 +191,7 @@ def main(cfg) -> dict:
         episodes_per_task=int(cfg.episodes_per_task), image_size=list(cfg.image_size), camera=cfg.camera,
         action_repeat=int(cfg.action_repeat), max_steps=int(cfg.max_steps), workers=int(cfg.workers),
         seed=int(cfg.seed), resume=bool(cfg.resume), keep_failures=bool(cfg.keep_failures),
-        progress=bool(cfg.progress))
+        progress=bool(cfg.progress), state_mode=str(cfg.get("state_mode") or "proprio"))
     print(json.dumps(summary))
     return summary
 

@@ -22,7 +22,7 @@ from .store import EpisodeStore, _try_lock, _write_json_atomic
 # Settings that change the contents of a converted store, per source.
 _CONTENT_KEYS = {
     "metaworld": ("tasks", "episodes_per_task", "image_size", "camera", "action_repeat", "max_steps", "seed",
-                  "keep_failures"),
+                  "keep_failures", "state_mode"),
     "rlds": ("data_dir", "image_size", "max_episodes", "rlds"),
     "video_folder": ("path", "image_size", "clip_frames", "frame_skip", "max_episodes"),
 }
@@ -57,6 +57,8 @@ def store_path(cfg) -> str:
     if source not in _CONTENT_KEYS:
         raise ValueError(f"unknown dataset source {source!r}; expected store, metaworld, rlds or video_folder")
     content = {k: cfg.get(k) for k in _CONTENT_KEYS[source]}
+    if content.get("state_mode", "proprio") in (None, "proprio"):
+        content.pop("state_mode", None)  # the default: stores collected before the option keep their path
     for k in ("data_dir", "path"):
         if content.get(k):
             content[k] = os.path.abspath(os.path.expanduser(str(content[k])))
@@ -80,7 +82,8 @@ def build_store(cfg, progress: bool | None = None) -> dict:
                                     image_size=cfg["image_size"], camera=cfg.get("camera", "corner"),
                                     action_repeat=int(cfg.get("action_repeat", 4)), max_steps=int(cfg.get("max_steps", 60)),
                                     workers=int(cfg.get("workers", 0)), seed=int(cfg.get("seed", 0)),
-                                    keep_failures=bool(cfg.get("keep_failures", False)), progress=progress)
+                                    keep_failures=bool(cfg.get("keep_failures", False)), progress=progress,
+                                    state_mode=cfg.get("state_mode") or "proprio")
     elif source == "rlds":
         from .rlds import RLDSMapping, RLDSReader
         from .rlds_convert import convert_rlds

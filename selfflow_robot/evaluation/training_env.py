@@ -11,8 +11,9 @@ import os
 
 # env key -> dataset key
 _METAWORLD_FROM_DATA = {"tasks": "tasks", "camera": "camera", "action_repeat": "action_repeat",
-                        "image_size": "image_size"}
-_METAWORLD_DEFAULTS = {"tasks": "mt10", "camera": "corner", "action_repeat": 1, "image_size": [128, 128]}
+                        "image_size": "image_size", "state_mode": "state_mode"}
+_METAWORLD_DEFAULTS = {"tasks": "mt10", "camera": "corner", "action_repeat": 1, "image_size": [128, 128],
+                       "state_mode": "proprio"}
 
 
 def _checkpoint_config(policy) -> dict | None:
