@@ -279,3 +279,18 @@ def test_parallel_conversion_bad_data(builder_dir, tmp_path):
                                "dataset.workers=2", "dataset.on_error=skip"))
     assert len(store) == 2
     assert json.loads((tmp_path / "s" / "conversion.json").read_text())["summary"]["skipped"] == 1
+
+
+def test_terminate_as_action_dimension(builder_dir):
+    """RT-1's terminate one-hot can be learned as an 8th, unnormalised action dimension."""
+    from omegaconf import OmegaConf
+
+    from selfflow_robot.cli import CONFIG_DIR
+    from selfflow_robot.data.rlds import RLDSMapping, RLDSReader
+
+    mapping = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/dataset/rt1.yaml"))["rlds"]
+    reader = RLDSReader(builder_dir, RLDSMapping.from_config(dict(mapping, terminate_as_action=True)))
+    assert reader.action_dim == 8
+    ep = next(iter(reader.episodes()))
+    assert ep["actions"].shape == (10, 8)
+    np.testing.assert_array_equal(ep["actions"][:, 7], (np.arange(10) == 9).astype(np.float32))

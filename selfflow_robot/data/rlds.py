@@ -58,6 +58,9 @@ class RLDSMapping:
     gripper_threshold: float = 0.1
     terminate: str | None = None
     terminate_index: int | None = None  # one-hot position meaning "terminate" (RT-1: 0)
+    # Append the terminate flag (0/1) as a last action dimension, so that a policy learns to stop
+    # (SIMPLER's loop ends the episode, or advances the apple task's subtask, on it).
+    terminate_as_action: bool = False
     state: list = field(default_factory=list)
     split: str = "train"
 
@@ -171,6 +174,7 @@ class RLDSReader:
             self.spec[key] = (tuple(f.shape), f.np_dtype)
         self.native_image_shape = self.spec[mapping.image][0]
         self.action_dim = sum(int(np.prod(self.spec[k][0] or (1,))) for k in mapping.actions)
+        self.action_dim += int(mapping.terminate_as_action)
         self.state_dim = sum(int(np.prod(self.spec[k][0] or (1,))) for k in mapping.state)
         emb = mapping.instruction_embedding
         self.embedding_dim = int(np.prod(self.spec[emb][0])) if emb else 0
@@ -269,6 +273,8 @@ class RLDSReader:
             ep["terminate"] = (term[:, m.terminate_index] if m.terminate_index is not None else term[:, 0]) > 0.5
         else:
             ep["terminate"] = np.arange(t) == t - 1
+        if m.terminate_as_action:
+            ep["actions"] = np.concatenate([actions, ep["terminate"][:, None].astype(actions.dtype)], axis=1)
         return ep
 
     def _decode_images(self, jpegs, err, name) -> np.ndarray:
