@@ -28,6 +28,16 @@ def resolve_run_dir(cfg: DictConfig, job: str) -> Path:
     return Path(hydra_run_dir() or root / time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
+def open_dataset(cfg: DictConfig):
+    """The episode store of cfg.dataset; a top-level data_dir=PATH fills the dataset's data_dir."""
+    from .data import open_store
+
+    if cfg.get("data_dir") is not None:
+        with open_dict(cfg):
+            cfg.dataset.data_dir = cfg.data_dir
+    return open_store(cfg.dataset)
+
+
 def _check_image_size(size, patch: int) -> tuple[int, int]:
     h, w = (int(x) for x in size)
     if h % patch or w % patch:
@@ -39,7 +49,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     """Build everything from the composed config and train. Returns the trainer summary."""
     import torch
 
-    from .data import ActionNormalizer, ClipDataset, open_store
+    from .data import ActionNormalizer, ClipDataset
     from .models import build_model, model_config
     from .models.loading import load_backbone
     from .objectives import build_objective
@@ -49,10 +59,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     finetune = job == "finetune"
     run_dir = resolve_run_dir(cfg, job)
-    if cfg.get("data_dir") is not None:
-        with open_dict(cfg):
-            cfg.dataset.data_dir = cfg.data_dir
-    store = open_store(cfg.dataset)
+    store = open_dataset(cfg)
     clip = cfg.clip
     action_dim = int(store.meta["action_dim"]) if finetune else 0
     if finetune and action_dim == 0:

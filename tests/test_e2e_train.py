@@ -157,3 +157,28 @@ def test_sampler_modes_and_world_model():
     assert frames.shape == (2, 3, 16, 24, 3) and frames.dtype == torch.uint8
     with pytest.raises(ValueError, match="io"):
         ActionSampler(build_model("tiny"), {}, steps=2)
+
+
+def test_frozen_autoencoder_train_and_use(toy_store, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from selfflow_robot.models import load_checkpoint_model
+
+    ae_dir = str(tmp_path / "ae")
+    run("autoencoder", "dataset=store", f"data_dir={toy_store}", f"out={ae_dir}", "image_size=[32,32]", "downsample=4",
+        "width=16", "trainer.steps=6", "trainer.batch_size=8", "trainer.num_workers=0", "logger.wandb=disabled",
+        f"run_dir={tmp_path / 'ae_run'}", cwd=tmp_path)
+    ae = load_file(os.path.join(ae_dir, "model.safetensors"))
+    pre = str(tmp_path / "pre")
+    run("pretrain", "dataset=store", f"data_dir={toy_store}", *TINY, f"model.autoencoder={ae_dir}", "model.patch_size=2",
+        "trainer.steps=3", f"run_dir={pre}", cwd=tmp_path)
+    shutil.rmtree(ae_dir)  # the checkpoint carries the frozen weights: it loads without the directory
+    model, config = load_checkpoint_model(pre)
+    assert config["model"]["in_channels"] == 4 and config["model"]["autoencoder"]["downsample"] == 4
+    for k, v in ae.items():  # frozen: unchanged by training
+        torch.testing.assert_close(model.autoencoder.state_dict()[k], v)
+    tok = model.frames_to_tokens(torch.zeros(1, 1, 32, 32, 3, dtype=torch.uint8))
+    assert tok.shape == (1, 1, 4, 4, 2 * 2 * 4)
+    assert model.tokens_to_frames(tok).shape == (1, 1, 32, 32, 3)

@@ -13,9 +13,11 @@ class ModelConfig:
     width: int = 64
     heads: int = 4
     mlp_ratio: float = 4.0
-    # Pixel patches: a p x p x 3 patch of a [-1, 1] frame is one token.
+    # Pixel patches: a p x p x 3 patch of a [-1, 1] frame is one token. With a frozen autoencoder
+    # (a trained directory, or its spec dict as saved in checkpoints) a p x p patch of its latent is.
     patch_size: int = 8
     in_channels: int = 3
+    autoencoder: Any = None
     # Action stream: 0 means no action layers (pretraining); fine-tuning sets the dataset's action dim.
     action_dim: int = 0
     # Proprioceptive state as one conditioning token (0 = none).
@@ -41,6 +43,12 @@ class ModelConfig:
             raise ValueError(f"head dim {self.width // self.heads} must be even for rotary positions")
         if self.patch_size < 1:
             raise ValueError(f"model.patch_size must be >= 1, got {self.patch_size}")
+        if isinstance(self.autoencoder, str):
+            from .autoencoder import autoencoder_spec
+
+            self.autoencoder = autoencoder_spec(self.autoencoder)
+        if self.autoencoder:
+            self.in_channels = int(self.autoencoder["channels"])
         if self.text not in ("bytes", "embedding", "none"):
             raise ValueError(f"model.text must be bytes|embedding|none, got {self.text!r}")
 

@@ -61,6 +61,11 @@ class SelfFlowDiT(nn.Module):
         self.cfg = cfg
         D = cfg.width
         self.patch_dim = cfg.patch_size**2 * cfg.in_channels
+        self.autoencoder = None
+        if cfg.autoencoder:
+            from .autoencoder import build_frozen_autoencoder
+
+            self.autoencoder = build_frozen_autoencoder(cfg.autoencoder)
         self.video_embed = nn.Linear(self.patch_dim, D)
         self.t_embedder = TimestepEmbedder(D)
         self.type_embed = nn.Parameter(torch.zeros(len(STREAM_TYPES), D))
@@ -103,7 +108,7 @@ class SelfFlowDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.apply(_basic)
+        self.apply(_basic)  # linears only: a frozen autoencoder (convolutions) keeps its weights
         nn.init.normal_(self.type_embed, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -116,16 +121,29 @@ class SelfFlowDiT(nn.Module):
 
     def backbone_parameters(self) -> int:
         """Parameters without the action layers (the number `bench params` reports)."""
-        skip = {id(p) for m in (self.action_embed, self.action_head) if m is not None for p in m.parameters()}
+        skip = {id(p) for m in (self.action_embed, self.action_head, self.autoencoder) if m is not None
+                for p in m.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     # -------------------------------------------------------------------------- tokens
     def frames_to_tokens(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, T, H, W, 3] -> [B, T, h, w, P] in [-1, 1] pixel-patch space."""
-        return patchify(frames_to_float(frames), self.cfg.patch_size)
+        """uint8 [B, T, H, W, 3] -> [B, T, h, w, P]: [-1, 1] pixel patches, or autoencoder-latent patches."""
+        x = frames_to_float(frames)
+        if self.autoencoder is not None:
+            B, T = x.shape[:2]
+            with torch.no_grad():
+                z = self.autoencoder.encode(x.flatten(0, 1).permute(0, 3, 1, 2).to(self.type_embed.dtype))
+            x = z.permute(0, 2, 3, 1).unflatten(0, (B, T)).float()
+        return patchify(x, self.cfg.patch_size)
 
     def tokens_to_frames(self, tokens: torch.Tensor) -> torch.Tensor:
-        return float_to_frames(unpatchify(tokens, self.cfg.patch_size))
+        x = unpatchify(tokens, self.cfg.patch_size)
+        if self.autoencoder is not None:
+            B, T = x.shape[:2]
+            with torch.no_grad():
+                img = self.autoencoder.decode(x.flatten(0, 1).permute(0, 3, 1, 2).to(self.type_embed.dtype))
+            x = img.permute(0, 2, 3, 1).unflatten(0, (B, T)).float()
+        return float_to_frames(x)
 
     def encode_text(self, instructions: Sequence[str], device=None) -> torch.Tensor:
         return encode_bytes(instructions, self.cfg.max_text_len).to(device or self.type_embed.device)
