@@ -52,6 +52,9 @@ def validate_obs(obs: Any, state_dim: int | None = None) -> dict:
                             or emb.shape[0] > 65536 or not np.all(np.isfinite(emb))):
         raise ObservationError("obs['instruction_embedding'] must be a finite 1-D float array")
     state = obs.get("state")
+    if state is not None and state_dim == 0:  # a policy without state input ignores it (robots send it anyway)
+        obs = {k: v for k, v in obs.items() if k != "state"}
+        state = None
     if state is not None:
         if not isinstance(state, np.ndarray) or state.dtype.kind not in "fiu" or state.ndim != 1:
             raise ObservationError("obs['state'] must be a 1-D numeric array")

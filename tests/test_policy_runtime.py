@@ -242,3 +242,11 @@ def test_matches_training_side_normaliser():
         np.testing.assert_allclose(run.unnormalize_action(train.normalize(a)), a, atol=1e-5)
         np.testing.assert_allclose(run.unnormalize_action(train.normalize(a)), train.unnormalize(train.normalize(a)),
                                    atol=1e-6)
+
+
+def test_policy_without_state_input_ignores_state():
+    from selfflow_robot.policies.policy import validate_obs
+
+    obs = {"image": np.zeros((8, 8, 3), np.uint8), "instruction": "x", "state": np.zeros(4, np.float32)}
+    assert "state" not in validate_obs(obs, 0)
+    assert validate_obs(obs, 4)["state"].shape == (4,)
