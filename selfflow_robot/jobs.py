@@ -109,7 +109,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     config["model"] = mcfg.to_dict()
     config["job"] = job
     config["data"] = {"episodes": len(store), "train_episodes": len(train_eps), "val_episodes": len(val_eps),
-                      "clips": len(train_set), "store": str(getattr(store, "root", ""))}
+                      "clips": len(train_set), "store": os.path.abspath(store.path)}
     extra = {}
     if finetune:
         config["io"] = {"image_size": list(image_size), "context_frames": int(clip.context_frames),

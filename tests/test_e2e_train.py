@@ -182,3 +182,17 @@ def test_frozen_autoencoder_train_and_use(toy_store, tmp_path):
     tok = model.frames_to_tokens(torch.zeros(1, 1, 32, 32, 3, dtype=torch.uint8))
     assert tok.shape == (1, 1, 4, 4, 2 * 2 * 4)
     assert model.tokens_to_frames(tok).shape == (1, 1, 32, 32, 3)
+
+
+def test_world_model_rollout_video(toy_store, tmp_path):
+    import imageio.v2 as imageio
+    import imageio_ffmpeg
+
+    ft = str(tmp_path / "ft")
+    run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "trainer.steps=2", f"run_dir={ft}", cwd=tmp_path)
+    for out in ("roll.gif", "roll.mp4"):
+        run("predict", f"policy={ft}", f"out={tmp_path / out}", "chunks=2", "steps=2", cwd=tmp_path)
+    frames = imageio.mimread(str(tmp_path / "roll.gif"))
+    assert len(frames) == 4 and frames[0].shape[:2] == (32, 64)  # 2 chunks x 2 frames, prediction | recorded
+    n_frames, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "roll.mp4"))
+    assert n_frames == 4

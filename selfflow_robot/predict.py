@@ -1,0 +1,81 @@
+"""`python -m selfflow_robot.predict policy=RUN episode=0 out=rollout.mp4`: world-model rollouts.
+
+Takes the context frame(s) of a dataset episode and the episode's own actions, and lets the
+fine-tuned video-action model generate the future frames chunk by chunk (clean actions given,
+frames denoised; each chunk's last predicted frame becomes the next context). Writes an mp4 or gif
+with the prediction beside the recorded frames.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import cli
+
+
+def rollout(model, io: dict, normalizer, store, episode: int, start: int, chunks: int, steps: int, seed: int = 0):
+    """Returns (predicted, recorded) uint8 [N, H, W, 3] at the model's frame rate and image size."""
+    from .sampling import predict_video, resize_frame
+
+    size, stride, H = tuple(io["image_size"]), int(io["frame_stride"]), int(io["action_chunk"])
+    n_ctx, n_fut = int(io["context_frames"]), int(io["future_frames"])
+    length = store.episode_length(episode)
+    actions = store.actions(episode)
+    instruction = store.episode(episode)["instruction"]
+    frame = lambda i: resize_frame(store.frames(episode, np.array([min(i, length - 1)]))[0], size)  # noqa: E731
+    context = [frame(max(start - stride * k, 0)) for k in range(n_ctx - 1, -1, -1)]
+    predicted, recorded = [], []
+    g = torch.Generator(model.type_embed.device).manual_seed(seed)
+    for c in range(chunks):
+        t0 = start + c * n_fut * stride
+        if t0 >= length - 1:
+            break
+        chunk = actions[np.minimum(np.arange(t0, t0 + H), length - 1)]
+        norm = torch.as_tensor(normalizer.normalize(chunk) if normalizer else chunk, dtype=torch.float32)[None]
+        out = predict_video(model, torch.stack(context)[None], instruction, n_fut, actions=norm, steps=steps, generator=g)[0]
+        predicted += list(out)
+        recorded += [frame(t0 + stride * (k + 1)) for k in range(n_fut)]
+        context = (context + list(out))[-n_ctx:]
+    return torch.stack(predicted).numpy(), torch.stack(recorded).numpy()
+
+
+def main(cfg: DictConfig) -> str:
+    import imageio
+
+    from .data import ActionNormalizer, EpisodeStore, open_store
+    from .models import load_checkpoint_model
+    from .train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(cfg.policy)
+    model, config = load_checkpoint_model(ckpt, cfg.device)
+    io = config.get("io")
+    if not io or model.action_head is None:
+        raise SystemExit(f"{ckpt}: not a fine-tuned video-action model (no io section); predict needs actions")
+    trained_store = (config.get("data") or {}).get("store")
+    if cfg.get("dataset"):
+        store = open_store(cfg.dataset)
+    elif trained_store and os.path.isdir(trained_store):  # the very store the model was trained on
+        store = EpisodeStore(trained_store)
+    else:
+        store = open_store(OmegaConf.create(config["dataset"]))
+    norm_file = ckpt / "normalization.json"
+    normalizer = ActionNormalizer.load(norm_file) if norm_file.is_file() else None
+    pred, real = rollout(model, io, normalizer, store, int(cfg.episode), int(cfg.start), int(cfg.chunks),
+                         int(cfg.steps), int(cfg.seed))
+    frames = np.concatenate([pred, real], axis=2)  # prediction | recorded
+    out = cfg.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fps = float(cfg.fps or (io.get("fps") or 10) / int(io["frame_stride"]))
+    if out.endswith(".gif"):
+        imageio.mimsave(out, list(frames), duration=1.0 / fps, loop=0)
+    else:
+        imageio.mimsave(out, list(frames), fps=fps, macro_block_size=1)
+    print(f"wrote {len(frames)} frames (prediction | recorded) to {os.path.abspath(out)}")
+    return os.path.abspath(out)
+
+
+if __name__ == "__main__":
+    cli.run("predict", main)
