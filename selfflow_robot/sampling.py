@@ -37,12 +37,15 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
     B = next(s for s in (video_shape, action_shape) if s)[0]
     ctx_t = torch.full((B,), float(context_t), device=dev)
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    cond = dict(context=context, context_t=ctx_t, text=text, text_emb=text_emb, state=state)
+    if model.cfg.isolate_condition and any(v is not None for k, v in cond.items() if k != "context_t"):
+        with autocast:  # the conditioning's keys/values, once for all steps
+            cond = {"prefix": model.encode_prefix(**cond)}
     for i in range(steps):
         t = ts[i].expand(B)
         with autocast:
             out = forward(video=x_v, video_t=t, action=given_actions if given_actions is not None else x_a,
-                        action_t=torch.zeros_like(t) if given_actions is not None else t,
-                        context=context, context_t=ctx_t, text=text, text_emb=text_emb, state=state)
+                          action_t=torch.zeros_like(t) if given_actions is not None else t, **cond)
         dt = ts[i + 1] - ts[i]
         # New tensors every step: compiled (CUDA-graph) outputs are overwritten by the next call.
         if x_v is not None:

@@ -91,3 +91,28 @@ def test_bad_config_is_named():
         build_model("tiny", width=66, heads=4)
     with pytest.raises(ValueError, match="unknown model size"):
         build_model("huge")
+
+
+def test_prefix_cache_equals_full_forward(model):
+    """Conditioning never attends to generated tokens, so its keys/values can be cached."""
+    x = inputs(model)
+    t = torch.tensor([0.3, 0.8])
+    full = model(**x, video_t=t, action_t=t, context_t=t * 0.1)
+    prefix = model.encode_prefix(context=x["context"], context_t=t * 0.1, text=x["text"])
+    cached = model(video=x["video"], video_t=t, action=x["action"], action_t=t, prefix=prefix)
+    torch.testing.assert_close(cached["video"], full["video"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached["action"], full["action"], rtol=1e-4, atol=1e-4)
+    # the conditioning's features do not depend on the noisy tokens
+    other = model(**{**x, "video": torch.randn_like(x["video"])}, video_t=t, action_t=t, context_t=t * 0.1,
+                  taps=(1,))
+    assert not torch.allclose(other["video"], full["video"])
+    with pytest.raises(ValueError, match="prefix"):
+        model(**x, video_t=t, action_t=t, prefix=prefix)
+
+
+def test_full_attention_option():
+    m = randomized(build_model("tiny", depth=2, action_dim=3, isolate_condition=False))
+    x = inputs(m)
+    with pytest.raises(ValueError, match="isolate_condition"):
+        m.encode_prefix(context=x["context"], text=x["text"])
+    assert m(**x, video_t=torch.tensor([0.5, 0.5]), action_t=torch.tensor([0.5, 0.5]))["video"].shape == x["video"].shape

@@ -30,6 +30,10 @@ class ModelConfig:
     max_text_len: int = 64
     text_embed_dim: int = 512
     qk_norm: bool = False
+    # Conditioning tokens (text, state, context frames) attend only among themselves, never to the
+    # noisy generated tokens: their keys/values are then computed once per observation and reused
+    # by every denoising step (PrefixCache), as prefix caching does in VLA policies.
+    isolate_condition: bool = True
     rope_theta: float = 10000.0
     # Layers for the Self-Flow taps (1-indexed "after block i"); None -> round(0.3 D), round(0.7 D).
     student_layer: int | None = None

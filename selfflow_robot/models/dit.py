@@ -55,6 +55,13 @@ def _slice_cond(cond, select, tokens: slice):
     return (cond[:, tokens] if cond.shape[1] > 1 else cond), None
 
 
+class PrefixCache(NamedTuple):
+    """Per-block (keys, values) of the conditioning tokens, and how many context frames they hold."""
+
+    kv: list
+    context_frames: int
+
+
 class SelfFlowDiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -156,20 +163,9 @@ class SelfFlowDiT(nn.Module):
         return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
 
     # -------------------------------------------------------------------------- forward
-    def forward(self, video=None, video_t=None, action=None, action_t=None, context=None, context_t=None,
-                text=None, text_emb=None, state=None, taps: Sequence[int] = (), stop_after: int | None = None) -> dict:
-        """Velocities for the generated streams, plus residual-stream taps.
-
-        video   [B, T, h, w, P] noisy frame tokens; context [B, Tc, h, w, P] conditioning frames;
-        action  [B, H, A] noisy action tokens; text [B, L] byte ids or text_emb [B, E]; state [B, S].
-        *_t: None (clean), [B], token-shaped, or TokenTimes. taps: 1-indexed blocks whose output
-        (generated tokens only) is returned in out["features"]; stop_after=k ends after block k.
-        """
-        ref = next(x for x in (video, action, context) if x is not None)
-        B, dev = ref.shape[0], ref.device
-        D = self.cfg.width
+    def _condition_tokens(self, B, dev, context, context_t, text, text_emb, state):
+        """Embedded conditioning streams: (tokens, positions, timesteps) lists and the context length."""
         parts, pos, times = [], [], []
-
         if self.text_encoder is not None and (text is not None or text_emb is not None):
             tx = self.text_encoder(text if self.cfg.text == "bytes" else text_emb)
             parts.append(tx + self.type_embed[0])
@@ -185,7 +181,10 @@ class SelfFlowDiT(nn.Module):
             parts.append(self.video_embed(context).flatten(1, 3) + self.type_embed[1])
             pos.append(self._positions(n_ctx_frames, h, w, -(n_ctx_frames - 1), dev))
             times.append(_as_token_times(context_t, B, tuple(context.shape[1:4]), dev))
-        gen_start = sum(p.shape[1] for p in parts)
+        return parts, pos, times, n_ctx_frames
+
+    def _generated_tokens(self, B, dev, video, video_t, action, action_t, n_ctx_frames):
+        parts, pos, times = [], [], []
         if video is not None:
             T, h, w = video.shape[1:4]
             parts.append(self.video_embed(video).flatten(1, 3) + self.type_embed[2])
@@ -199,14 +198,16 @@ class SelfFlowDiT(nn.Module):
             at = torch.arange(H, device=dev, dtype=torch.float32) / self.cfg.frame_stride
             pos.append(torch.stack([at, torch.zeros_like(at), torch.zeros_like(at)], -1))
             times.append(_as_token_times(action_t, B, (H,), dev))
+        return parts, pos, times
 
+    def _prepare(self, parts, pos, times):
+        """Concatenate streams; time-embed the distinct timestep slots; choose each token's slot."""
         x = torch.cat(parts, dim=1)
         if torch.is_autocast_enabled(x.device.type):
             # Keep the residual stream in the autocast dtype (as plain DiT does): fp32 type
             # embeddings would otherwise promote every block's elementwise work to fp32.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         rope = self.rope(torch.cat(pos, dim=0))
-        # Distinct timestep slots of all streams, and each token's one-hot choice among them.
         offsets, values, index = 0, [], []
         for tt in times:
             values.append(tt.values)
@@ -222,12 +223,54 @@ class SelfFlowDiT(nn.Module):
         else:  # arbitrary per-token timesteps: condition every token (the released per-token path)
             cond = torch.gather(cond, 1, index[..., None].expand(-1, -1, cond.shape[-1]))
             select = None
+        return x, rope, cond, select
+
+    @torch.no_grad()
+    def encode_prefix(self, context=None, context_t=None, text=None, text_emb=None, state=None) -> PrefixCache:
+        """Keys/values of the conditioning tokens at every block, computed once per observation.
+        Needs model.isolate_condition (conditioning never attends to generated tokens), so that
+        every denoising step can reuse them and process only the generated tokens."""
+        if not self.cfg.isolate_condition:
+            raise ValueError("encode_prefix needs model.isolate_condition=true")
+        ref = next(x for x in (context, text, text_emb, state) if x is not None)
+        parts, pos, times, n_ctx = self._condition_tokens(ref.shape[0], ref.device, context, context_t, text,
+                                                            text_emb, state)
+        x, rope, cond, select = self._prepare(parts, pos, times)
+        kv: list = []
+        for block in self.blocks:
+            x = block(x, cond, select, rope, kv_out=kv)
+        return PrefixCache(kv, n_ctx)
+
+    def forward(self, video=None, video_t=None, action=None, action_t=None, context=None, context_t=None,
+                text=None, text_emb=None, state=None, taps: Sequence[int] = (), stop_after: int | None = None,
+                prefix: PrefixCache | None = None) -> dict:
+        """Velocities for the generated streams, plus residual-stream taps.
+
+        video   [B, T, h, w, P] noisy frame tokens; context [B, Tc, h, w, P] conditioning frames;
+        action  [B, H, A] noisy action tokens; text [B, L] byte ids or text_emb [B, E]; state [B, S].
+        *_t: None (clean), [B], token-shaped, or TokenTimes. taps: 1-indexed blocks whose output
+        (generated tokens only) is returned in out["features"]; stop_after=k ends after block k.
+        prefix: the conditioning's cached keys/values from encode_prefix (then pass no conditioning).
+        """
+        ref = next(x for x in (video, action, context) if x is not None)
+        B, dev = ref.shape[0], ref.device
+        if prefix is not None:
+            if any(c is not None for c in (context, text, text_emb, state)):
+                raise ValueError("pass the conditioning either as inputs or as a prefix cache, not both")
+            parts, pos, times, n_ctx_frames = [], [], [], prefix.context_frames
+        else:
+            parts, pos, times, n_ctx_frames = self._condition_tokens(B, dev, context, context_t, text, text_emb, state)
+        gen_start = sum(p.shape[1] for p in parts)
+        g_parts, g_pos, g_times = self._generated_tokens(B, dev, video, video_t, action, action_t, n_ctx_frames)
+        x, rope, cond, select = self._prepare(parts + g_parts, pos + g_pos, times + g_times)
+        n_prefix = gen_start if self.cfg.isolate_condition else 0
 
         out: dict = {"features": {}}
         taps = set(taps)
         last = stop_after if stop_after is not None else len(self.blocks)
         for i, block in enumerate(self.blocks[:last], start=1):
-            x = block(x, cond, select, rope)
+            past = prefix.kv[i - 1] if prefix is not None else None
+            x = block(x, cond, select, rope, n_prefix, past)
             if i in taps:
                 out["features"][i] = x[:, gen_start:]
         if stop_after is not None:

@@ -84,11 +84,26 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(hd, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(hd, eps=1e-6) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_prefix: int = 0,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, kv_out: list | None = None) -> torch.Tensor:
+        """n_prefix > 0: the first n_prefix tokens (the conditioning) attend only among themselves,
+        the rest attend to everything. past: cached prefix keys/values (x is then generated tokens
+        only). kv_out: a list that receives this call's (k, v), to build such a cache."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_out is not None:
+            kv_out.append((k, v))
+        if past is not None:
+            k, v = torch.cat([past[0].to(k.dtype), k], dim=2), torch.cat([past[1].to(v.dtype), v], dim=2)
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif 0 < n_prefix < N:  # two unmasked calls keep the fused (flash) kernels
+            P = n_prefix
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P]),
+                           F.scaled_dot_product_attention(q[:, :, P:], k, v)], dim=2)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -113,10 +128,10 @@ class Block(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, cond_slots, select, rope):
+    def forward(self, x, cond_slots, select, rope, n_prefix: int = 0, past=None, kv_out=None):
         mod = gather_tokens(self.adaLN_modulation(cond_slots), select)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, n_prefix, past, kv_out)
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
