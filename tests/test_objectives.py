@@ -188,3 +188,18 @@ def test_repa_loss(tmp_path):
 def test_bad_mask_ratio_is_named():
     with pytest.raises(ValueError, match="mask_ratio"):
         build_objective(dict(kind="self_flow", mask_ratio=0.7), build_model("tiny").cfg)
+
+
+def test_independent_video_and_action_timesteps():
+    model, ema, obj = _setup("self_flow", video_action_times="independent")
+    student, teacher = Recorder(model), Recorder(ema)
+    obj(student, teacher, make_batch())
+    (skw, _), = student.calls
+    (tkw, _), = teacher.calls
+    vt, at = skw["video_t"], skw["action_t"]
+    assert vt.values.shape[1] == 5 and int(vt.index.max()) <= 1 and int(at.index.min()) >= 3
+    assert not torch.allclose(vt.values[:, 0], vt.values[:, 3])  # actions drew their own t
+    torch.testing.assert_close(tkw["video_t"], torch.minimum(vt.values[:, 0], vt.values[:, 1]))
+    torch.testing.assert_close(tkw["action_t"], torch.minimum(vt.values[:, 3], vt.values[:, 4]))
+    with pytest.raises(ValueError, match="video_action_times"):
+        build_objective(dict(kind="dts", video_action_times="sometimes"), model.cfg)

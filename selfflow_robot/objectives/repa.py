@@ -104,7 +104,7 @@ class REPAObjective(SelfFlowObjective):
         self._frames = batch["future"]
         return super().forward(model, ema_model, batch)
 
-    def _representation(self, model, ema_model, inp, out, targets, index, t, s, kw, metrics):
+    def _representation(self, model, ema_model, inp, out, targets, index, values, kw, metrics):
         if inp.video is None:
             return None
         T, h, w = inp.video.shape[1:4]

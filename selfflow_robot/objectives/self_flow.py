@@ -38,6 +38,9 @@ class ObjectiveConfig:
     context_noise_max: float = 0.2
     action_only_fraction: float = 0.0
     forward_dynamics_fraction: float = 0.0
+    # shared: video and action tokens of a sample share t (and s), as in the paper; independent:
+    # actions draw their own (t_a, s_a), so one model learns every mix of noisy/clean video/actions.
+    video_action_times: str = "shared"
 
     @classmethod
     def from_dict(cls, d: dict) -> "ObjectiveConfig":
@@ -45,6 +48,8 @@ class ObjectiveConfig:
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         if cfg.kind not in KINDS:
             raise ValueError(f"objective.kind must be one of {KINDS}, got {cfg.kind!r}")
+        if cfg.video_action_times not in ("shared", "independent"):
+            raise ValueError(f"objective.video_action_times must be shared|independent, got {cfg.video_action_times!r}")
         if not 0.0 <= cfg.mask_ratio <= 0.5:
             raise ValueError(f"objective.mask_ratio must be in [0, 0.5] (Self-Flow requires R_M <= 0.5), got {cfg.mask_ratio}")
         return cfg
@@ -206,8 +211,13 @@ class SelfFlowObjective(nn.Module):
     def _joint(self, model, ema_model, inp: FlowInputs, sums, metrics):
         B, dev = inp.batch_size, model.type_embed.device
         t, s = self._t(B, dev), self._t(B, dev)
-        zeros = torch.zeros_like(t)
-        student_values = torch.stack([t, s, zeros], dim=1)  # slot 2 = clean (given actions)
+        # Slots: 0 = t, 1 = s, 2 = clean (given actions); independent action times add 3 = t_a, 4 = s_a.
+        levels = [t, s, torch.zeros_like(t)]
+        self._base = {"video": 0, "action": 0}
+        if self.cfg.video_action_times == "independent" and inp.video is not None and inp.action is not None:
+            levels += [self._t(B, dev), self._t(B, dev)]
+            self._base["action"] = 3
+        student_values = torch.stack(levels, dim=1)
         ctx, ct = self._context(inp)
         kw = self._model_kwargs(inp, ctx, ct)
         noisy, targets, index = {}, {}, {}
@@ -217,7 +227,7 @@ class SelfFlowObjective(nn.Module):
             if x0 is None:
                 continue
             tok_shape = x0.shape[:-1]
-            idx = dts_index(tok_shape, self.cfg.mask_ratio if self.dual else 0.0, dev)
+            idx = dts_index(tok_shape, self.cfg.mask_ratio if self.dual else 0.0, dev) + self._base[name]
             if name == "action" and inp.video is not None and self.cfg.forward_dynamics_fraction > 0:
                 fd = torch.rand(B, device=dev) < self.cfg.forward_dynamics_fraction
                 idx = torch.where(fd[:, None], torch.full_like(idx, 2), idx)
@@ -227,8 +237,8 @@ class SelfFlowObjective(nn.Module):
             noisy[name], targets[name], index[name] = interpolate(x0, noise, tau), (noise, x0), idx
 
         taps = (self.l,) if self.head is not None else self._student_taps()
-        out = model(video=noisy.get("video"), video_t=self._times(student_values, index.get("video")),
-                    action=noisy.get("action"), action_t=self._times(student_values, index.get("action")),
+        out = model(video=noisy.get("video"), video_t=self._times(student_values, index.get("video"), "video"),
+                    action=noisy.get("action"), action_t=self._times(student_values, index.get("action"), "action"),
                     taps=taps, **kw)
         masks = {"video": inp.video_mask, "action": inp.action_mask}
         for name in noisy:
@@ -239,14 +249,14 @@ class SelfFlowObjective(nn.Module):
                 mask = given if mask is None else mask & given
             s_, n_ = masked_mse(out[name], noise - x0, mask)
             sums[name] = [sums[name][0] + s_, sums[name][1] + n_]
-        return self._representation(model, ema_model, inp, out, targets, index, t, s, kw, metrics)
+        return self._representation(model, ema_model, inp, out, targets, index, student_values, kw, metrics)
 
-    def _times(self, values, idx):
-        """Slot form only when tokens can differ; else the plain [B] timestep (DiT broadcasting)."""
+    def _times(self, values, idx, stream: str):
+        """Slot form only when a stream's tokens can differ; else its plain [B] timestep (DiT broadcasting)."""
         if idx is None:
             return None
         if not self.dual and not self._given_actions:
-            return values[:, 0]
+            return values[:, self._base[stream]]
         return TokenTimes(values, idx)
 
     def _student_taps(self) -> tuple[int, ...]:
@@ -262,20 +272,25 @@ class SelfFlowObjective(nn.Module):
             parts.append(m)
         return torch.cat(parts, 1)
 
-    def _representation(self, model, ema_model, inp, out, targets, index, t, s, kw, metrics):
+    def _representation(self, model, ema_model, inp, out, targets, index, values, kw, metrics):
         if self.head is None:
             return None
         if ema_model is None:
             raise ValueError("objective.kind=self_flow needs the EMA teacher (trainer EMA is off?)")
-        tmin = torch.minimum(t, s)  # paper convention: the cleaner level
-        teacher_values = torch.stack([tmin, tmin, torch.zeros_like(tmin)], dim=1)
+        tmin = torch.minimum(values[:, 0], values[:, 1])  # paper convention: the cleaner level
+        levels = [tmin, tmin, torch.zeros_like(tmin)]
+        if self._base["action"] == 3:  # independent action times: the cleaner of (t_a, s_a)
+            ta_min = torch.minimum(values[:, 3], values[:, 4])
+            levels += [ta_min, ta_min]
+        teacher_values = torch.stack(levels, dim=1)
         with torch.no_grad():
             tin = {}
             for name, (noise, x0) in targets.items():
                 tau = torch.gather(teacher_values, 1, index[name].flatten(1)).view(x0.shape[:-1])
                 tin[name] = interpolate(x0, noise, tau)  # same data, same noise, cleaner level
-            # Every teacher token sits at min(t, s); only given (clean) actions differ.
-            tt = {n: TokenTimes(teacher_values, i) if self._given_actions else tmin for n, i in index.items()}
+            # Every teacher token of a stream sits at the cleaner level; only given (clean) actions differ.
+            tt = {n: TokenTimes(teacher_values, i) if self._given_actions else teacher_values[:, self._base[n]]
+                  for n, i in index.items()}
             teacher = ema_model(video=tin.get("video"), video_t=tt.get("video"),
                                 action=tin.get("action"), action_t=tt.get("action"),
                                 taps=(self.k,), stop_after=self.k, **kw)["features"][self.k]
