@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+
+# Sleeping (not spinning) OpenMP threads: on a CPU shared with other jobs, spinning torch threads
+# slowed training ~10x in our runs. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import time
 
 from omegaconf import DictConfig, OmegaConf
@@ -87,7 +91,7 @@ def main(cfg: DictConfig) -> dict:
     ev = evaluate(["env=metaworld", f"policy={d['finetune']}", f"episodes_per_task={e.episodes_per_task}",
                    f"seed={e.seed}", f"workers={e.workers}", f"out_dir={d['eval']}", f"device={cfg.device}",
                    f"+policy_kwargs.sampler_steps={e.sampler_steps}", f"+policy_kwargs.execute_steps={e.execute_steps}",
-                   "progress=false", *e.overrides])
+                   f"max_episode_steps={e.max_episode_steps}", "progress=false", *e.overrides])
     times["evaluate_s"] = time.time() - t
     times["total_s"] = time.time() - t0
 

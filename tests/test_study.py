@@ -1,0 +1,39 @@
+"""`python -m selfflow_robot.study` on a reduced configuration: three arms, report, table and plot."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_study_runs_three_arms_and_writes_the_report(tmp_path):
+    out = tmp_path / "study"
+    env = {**os.environ, "WANDB_MODE": "disabled", "MUJOCO_GL": "egl", "SELFFLOW_DATA_CACHE": str(tmp_path / "cache")}
+    args = ["tasks=[reach-v3]", "episodes_per_task=2", "image_size=[32,32]", "model.depth=2", "model.width=32",
+            "model.patch_size=8", "seeds=[0]", "steps=4", "batch_size=4", "checkpoint_every=2", "validation.every=2",
+            "validation.batches=1", "validation.fraction=0.5", "evaluate.episodes_per_task=1", "evaluate.workers=0",
+            "evaluate.max_episode_steps=4", f"out_dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "selfflow_robot.study", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    arms = ["flow_matching", "dts", "self_flow"]
+    runs = json.loads((out / "runs.json").read_text())
+    assert [r["objective"] for r in runs] == arms
+    for r in runs:
+        assert [v["step"] for v in r["validation"]] == [2, 4], r["validation"]
+        assert all(v["val_flow_loss"] > 0 and v["val_action_mse"] > 0 for v in r["validation"])
+        assert [s["step"] for s in r["success"]] == [2, 4]
+        cfg = json.loads((out / "runs" / f"{r['objective']}_seed0" / "checkpoints" / "step_00000002" / "config.json").read_text())
+        assert cfg["objective"]["kind"] == r["objective"] and cfg["trainer"]["seed"] == 0
+    # the same initialisation and data: the first validation differs only through 2 training steps
+    first = [r["validation"][0]["val_flow_loss"] for r in runs]
+    assert max(first) - min(first) < 0.2 * max(first)
+    report = (out / "report.md").read_text()
+    for header in ("validation flow loss", "validation action MSE", "success rate", "Steps to reach flow_matching"):
+        assert header in report
+    assert "| step | flow_matching | dts | self_flow |" in report
+    assert (out / "curves.png").stat().st_size > 1000
+    assert "| success rate |" in proc.stdout
