@@ -19,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from . import cli
 
 
+def _null(v) -> str:
+    return "null" if v is None else str(v)
+
+
 def _model(cfg) -> list[str]:
     m = OmegaConf.to_container(cfg.model, resolve=True)
     return [f"model={m.pop('name')}"] + [f"model.{k}={v}" for k, v in m.items()]
@@ -91,8 +95,11 @@ def main(cfg: DictConfig) -> dict:
     ev = evaluate(["env=metaworld", f"policy={d['finetune']}", f"episodes_per_task={e.episodes_per_task}",
                    f"seed={e.seed}", f"workers={e.workers}", f"out_dir={d['eval']}", f"device={cfg.device}",
                    f"+policy_kwargs.sampler_steps={e.sampler_steps}", f"+policy_kwargs.execute_steps={e.execute_steps}",
-                   f"max_episode_steps={e.max_episode_steps}", "progress=false", *e.overrides])
+                   f"max_episode_steps={_null(e.max_episode_steps)}", "progress=false", *e.overrides])
     times["evaluate_s"] = time.time() - t
+    if not ev.get("complete"):
+        raise RuntimeError(f"evaluation incomplete ({ev.get('episodes')}/{ev.get('episodes_expected')} episodes); "
+                           f"see the errors above and {d['eval']}")
     times["total_s"] = time.time() - t0
 
     print("\n[quickstart] success on the training tasks (unseen seeds):")

@@ -20,7 +20,7 @@ import time
 from omegaconf import OmegaConf
 
 from . import cli
-from .quickstart import _dataset, _model
+from .quickstart import _dataset, _model, _null
 
 
 def _finetune_overrides(cfg, objective: str, seed: int, run_dir: str, store: str) -> list[str]:
@@ -57,7 +57,7 @@ def _success(cfg, run_dir: str, out: str) -> list[dict]:
         step = int(ckpt.name.split("_")[1])
         s = evaluate(["env=metaworld", f"policy={ckpt}", f"episodes_per_task={e.episodes_per_task}", f"seed={e.seed}",
                       f"workers={e.workers}", f"out_dir={os.path.join(out, ckpt.name)}", f"device={cfg.device}",
-                      "videos_per_task=0", "progress=false", f"max_episode_steps={e.max_episode_steps}", f"+policy_kwargs.sampler_steps={e.sampler_steps}",
+                      "videos_per_task=0", "progress=false", f"max_episode_steps={_null(e.max_episode_steps)}", f"+policy_kwargs.sampler_steps={e.sampler_steps}",
                       f"+policy_kwargs.execute_steps={e.execute_steps}"])
         rows.append({"step": step, "success": s["mean_success"],
                      "tasks": {t: r["success_rate"] for t, r in s["tasks"].items()}})
