@@ -33,7 +33,7 @@ def _dataset(cfg, store: str) -> list[str]:
     size = ",".join(str(int(x)) for x in cfg.image_size)
     return ["dataset=metaworld", f"dataset.tasks=[{tasks}]", f"dataset.episodes_per_task={cfg.episodes_per_task}",
             f"dataset.image_size=[{size}]", f"dataset.state_mode={cfg.state_mode}", f"dataset.store_dir={store}",
-            f"clip.image_size=[{size}]", "dataset.workers=2"]
+            f"clip.image_size=[{size}]", f"dataset.workers={cfg.get('collect_workers', 2)}"]
 
 
 def _trainer(stage, cfg) -> list[str]:
