@@ -1,4 +1,4 @@
-"""`python -m selfflow_robot.quickstart`: the whole toolkit in ~20 CPU minutes.
+"""`python -m selfflow_robot.quickstart`: the whole toolkit in ~8 minutes on 2 CPU cores.
 
 Meta-World expert demos -> Self-Flow pretraining of a small backbone on their frames -> video-action
 fine-tuning initialised from it -> evaluation on the same tasks (unseen seeds). Everything goes
