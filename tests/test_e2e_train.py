@@ -17,7 +17,8 @@ TINY = ["model=tiny", "trainer.batch_size=8", "trainer.num_workers=0", "trainer.
 
 
 def run(module, *args, cwd, env_extra=None, check=True):
-    env = {**os.environ, "WANDB_MODE": "disabled", "MUJOCO_GL": "egl", **(env_extra or {})}
+    # Passive OpenMP waits: spinning threads slow training ~10x when another process shares the cores.
+    env = {**os.environ, "WANDB_MODE": "disabled", "MUJOCO_GL": "egl", "OMP_WAIT_POLICY": "PASSIVE", **(env_extra or {})}
     proc = subprocess.run([sys.executable, "-m", f"selfflow_robot.{module}", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
