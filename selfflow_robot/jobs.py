@@ -124,8 +124,9 @@ def run_training(cfg: DictConfig, job: str) -> dict:
                       resume=cfg.get("resume"))
     summary = trainer.fit()
     summary["run_dir"] = str(run_dir)
-    if validator is not None:
-        summary["validation"] = validator(trainer.ema_model)
+    if validator is not None:  # the trainer's final pass, unless it had nothing left to train
+        done = validator.last is not None and validator.last[0] == trainer.step
+        summary["validation"] = validator.last[1] if done else validator(trainer.ema_model, trainer.step)
     log.info("done: %s", summary)
     print(f"run: {run_dir}\ncheckpoint: {summary.get('checkpoint')}\nmetrics: {summary.get('metrics_path')}")
     return summary

@@ -23,6 +23,7 @@ class Validator:
         self.batches = [b for _, b in zip(range(batches), loader)]
         self.flow = SelfFlowObjective(ObjectiveConfig(kind="flow_matching", context_noise_max=context_noise_max), model_cfg)
         self.sampler_steps, self.seed = sampler_steps, seed
+        self.last: tuple[int | None, dict] | None = None  # (step, metrics) of the latest pass
 
     @torch.no_grad()
     def __call__(self, model, step: int | None = None) -> dict[str, float]:
@@ -39,7 +40,9 @@ class Validator:
                 if model.action_head is not None and batch.get("actions") is not None and batch["actions"].shape[-1] > 0:
                     totals.setdefault("val_action_mse", []).append(self._action_mse(model, batch))
         model.train(was_training)
-        return {k: sum(v) / len(v) for k, v in totals.items()}
+        result = {k: sum(v) / len(v) for k, v in totals.items()}
+        self.last = (step, result)
+        return result
 
     def _action_mse(self, model, batch) -> float:
         """Action-first sampling (no video tokens), MSE in normalised action space over valid steps."""
