@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from .store import _write_json_atomic
+
 MODES = ("q99", "mean_std")
 STD_EPS = 1e-6
 _ALIASES = {"bounds_q99": "q99", "normal": "mean_std"}
@@ -94,10 +96,7 @@ class ActionNormalizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write normalization.json (saved with every fine-tuning run)."""
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        _write_json_atomic(os.fspath(path), self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ActionNormalizer":
