@@ -126,11 +126,6 @@ class EpisodeStore:
         return int(self._first_episode[-1])
 
     @property
-    def root(self) -> str:
-        """The store directory (same as .path)."""
-        return self.path
-
-    @property
     def num_steps(self) -> int:
         return int(sum(int(x.sum()) for x in self._lengths))
 
@@ -143,15 +138,14 @@ class EpisodeStore:
         j, k = self._locate(i)
         return int(self._lengths[j][k])
 
-    def _span(self, i: int) -> tuple[dict, int, int, int, int]:
+    def _span(self, i: int) -> tuple[dict, int, int]:
+        """(shard arrays, first row, length) of episode i."""
         j, k = self._locate(i)
-        arrays = self._shard(j)
-        start = int(self._offsets[j][k])
-        return arrays, j, k, start, int(self._lengths[j][k])
+        return self._shard(j), int(self._offsets[j][k]), int(self._lengths[j][k])
 
     def gather(self, i: int, field: str, idx) -> np.ndarray:
         """Rows `idx` (steps of episode i) of 'images', 'actions' or 'state', in one read."""
-        arrays, _, _, start, length = self._span(i)
+        arrays, start, length = self._span(i)
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= length):
             raise IndexError(f"step index out of range [0, {length}) for episode {i}")
@@ -163,11 +157,11 @@ class EpisodeStore:
         return self.gather(i, "images", idx)
 
     def actions(self, i: int) -> np.ndarray:
-        arrays, _, _, start, length = self._span(i)
+        arrays, start, length = self._span(i)
         return np.array(arrays["actions"][start:start + length])
 
     def state(self, i: int) -> np.ndarray | None:
-        arrays, _, _, start, length = self._span(i)
+        arrays, start, length = self._span(i)
         return np.array(arrays["state"][start:start + length]) if "state" in arrays else None
 
     def instruction(self, i: int) -> str:
@@ -186,7 +180,7 @@ class EpisodeStore:
         return np.array(arrays["embeddings"][k]) if "embeddings" in arrays else None
 
     def episode(self, i: int) -> dict:
-        arrays, j, k, start, length = self._span(i)
+        arrays, start, length = self._span(i)
         return dict(images=np.array(arrays["images"][start:start + length]), actions=self.actions(i),
                     state=self.state(i), instruction=self.instruction(i),
                     instruction_embedding=self.instruction_embedding(i), key=self.key(i))
