@@ -36,12 +36,22 @@ def _dataset(cfg, store: str) -> list[str]:
             f"clip.image_size=[{size}]", f"dataset.workers={cfg.get('collect_workers', 2)}"]
 
 
-def _trainer(stage, cfg) -> list[str]:
+def _trainer(stage, cfg, checkpoint_every=None) -> list[str]:
+    """Trainer and logger overrides of a fine-tuning or pretraining run (quickstart stages, study arms)."""
     return [f"trainer.steps={stage.steps}", f"trainer.batch_size={stage.batch_size}", f"trainer.lr={stage.lr}",
             f"trainer.ema_decay={stage.ema_decay}", f"trainer.warmup_steps={max(1, int(stage.steps) // 20)}",
-            f"trainer.checkpoint_every={stage.steps}", "trainer.num_workers=0", f"trainer.device={cfg.device}",
-            f"trainer.log_every={max(1, int(stage.steps) // 50)}", "trainer.precision=fp32" if cfg.device == "cpu"
-            else "trainer.precision=auto", f"logger={cfg.logger}", "validation.every=0"]
+            f"trainer.checkpoint_every={checkpoint_every or stage.steps}", "trainer.num_workers=0",
+            f"trainer.device={cfg.device}", f"trainer.log_every={max(1, int(stage.steps) // 50)}",
+            "trainer.precision=fp32" if cfg.device == "cpu" else "trainer.precision=auto", f"logger={cfg.logger}"]
+
+
+def _evaluate(cfg, policy: str, out_dir: str) -> list[str]:
+    """`python -m selfflow_robot.evaluate` overrides for Meta-World rollouts of `policy`."""
+    e = cfg.evaluate
+    return ["env=metaworld", f"policy={policy}", f"episodes_per_task={e.episodes_per_task}", f"seed={e.seed}",
+            f"workers={e.workers}", f"out_dir={out_dir}", f"device={cfg.device}",
+            f"+policy_kwargs.sampler_steps={e.sampler_steps}", f"+policy_kwargs.execute_steps={e.execute_steps}",
+            f"max_episode_steps={_null(e.max_episode_steps)}", "progress=false"]
 
 
 def _train(job: str, overrides: list[str]) -> dict:
@@ -78,24 +88,21 @@ def main(cfg: DictConfig) -> dict:
 
     print(f"[quickstart] 2/4 Self-Flow pretraining ({cfg.pretrain.steps} steps) -> {d['pretrain']}")
     t = time.time()
-    pre = _train("pretrain", [*data, *_model(cfg), *_trainer(cfg.pretrain, cfg), "objective=self_flow",
-                              f"run_dir={d['pretrain']}", *cfg.pretrain.overrides])
+    pre = _train("pretrain", [*data, *_model(cfg), *_trainer(cfg.pretrain, cfg), "validation.every=0",
+                              "objective=self_flow", f"run_dir={d['pretrain']}", *cfg.pretrain.overrides])
     times["pretrain_s"] = time.time() - t
 
     print(f"[quickstart] 3/4 video-action fine-tuning ({cfg.finetune.steps} steps) -> {d['finetune']}")
     t = time.time()
-    ft = _train("finetune", [*data, *_model(cfg), *_trainer(cfg.finetune, cfg), "objective=self_flow",
-                             f"use_state={cfg.use_state}", f"init={d['pretrain']}", f"run_dir={d['finetune']}",
-                             *cfg.finetune.overrides])
+    ft = _train("finetune", [*data, *_model(cfg), *_trainer(cfg.finetune, cfg), "validation.every=0",
+                             "objective=self_flow", f"use_state={cfg.use_state}", f"init={d['pretrain']}",
+                             f"run_dir={d['finetune']}", *cfg.finetune.overrides])
     times["finetune_s"] = time.time() - t
 
     e = cfg.evaluate
     print(f"[quickstart] 4/4 evaluating {e.episodes_per_task} episodes x {len(cfg.tasks)} tasks -> {d['eval']}")
     t = time.time()
-    ev = evaluate(["env=metaworld", f"policy={d['finetune']}", f"episodes_per_task={e.episodes_per_task}",
-                   f"seed={e.seed}", f"workers={e.workers}", f"out_dir={d['eval']}", f"device={cfg.device}",
-                   f"+policy_kwargs.sampler_steps={e.sampler_steps}", f"+policy_kwargs.execute_steps={e.execute_steps}",
-                   f"max_episode_steps={_null(e.max_episode_steps)}", "progress=false", *e.overrides])
+    ev = evaluate([*_evaluate(cfg, d["finetune"], d["eval"]), *e.overrides])
     times["evaluate_s"] = time.time() - t
     if not ev.get("complete"):
         raise RuntimeError(f"evaluation incomplete ({ev.get('episodes')}/{ev.get('episodes_expected')} episodes); "

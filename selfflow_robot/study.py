@@ -20,19 +20,16 @@ import time
 from omegaconf import OmegaConf
 
 from . import cli
-from .quickstart import _dataset, _model, _null
+from .quickstart import _dataset, _evaluate, _model, _trainer
 
 
 def _finetune_overrides(cfg, objective: str, seed: int, run_dir: str, store: str) -> list[str]:
     v = cfg.validation
     return [*_dataset(cfg, store), *_model(cfg), f"objective={objective}", f"use_state={cfg.use_state}",
-            f"init={cfg.init}", f"run_dir={run_dir}", f"trainer.seed={seed}", f"trainer.steps={cfg.steps}",
-            f"trainer.batch_size={cfg.batch_size}", f"trainer.lr={cfg.lr}", f"trainer.ema_decay={cfg.ema_decay}",
-            f"trainer.warmup_steps={max(1, int(cfg.steps) // 20)}", f"trainer.checkpoint_every={cfg.checkpoint_every}",
-            "trainer.keep_last=0", "trainer.num_workers=0", f"trainer.device={cfg.device}",
-            f"trainer.log_every={max(1, int(cfg.steps) // 50)}", f"logger={cfg.logger}", "logger.progress_bar=false",
-            f"validation.every={v.every}", f"validation.batches={v.batches}", f"validation.fraction={v.fraction}",
-            *(["trainer.precision=fp32"] if cfg.device == "cpu" else []), *cfg.overrides]
+            f"init={cfg.init}", f"run_dir={run_dir}", f"trainer.seed={seed}",
+            *_trainer(cfg, cfg, checkpoint_every=cfg.checkpoint_every), "trainer.keep_last=0",
+            "logger.progress_bar=false", f"validation.every={v.every}", f"validation.batches={v.batches}",
+            f"validation.fraction={v.fraction}", *cfg.overrides]
 
 
 def _validation_rows(run_dir: str) -> list[dict]:
@@ -55,10 +52,7 @@ def _success(cfg, run_dir: str, out: str) -> list[dict]:
         return rows
     for ckpt in list_checkpoints(run_dir):
         step = int(ckpt.name.split("_")[1])
-        s = evaluate(["env=metaworld", f"policy={ckpt}", f"episodes_per_task={e.episodes_per_task}", f"seed={e.seed}",
-                      f"workers={e.workers}", f"out_dir={os.path.join(out, ckpt.name)}", f"device={cfg.device}",
-                      "videos_per_task=0", "progress=false", f"max_episode_steps={_null(e.max_episode_steps)}", f"+policy_kwargs.sampler_steps={e.sampler_steps}",
-                      f"+policy_kwargs.execute_steps={e.execute_steps}"])
+        s = evaluate([*_evaluate(cfg, str(ckpt), os.path.join(out, ckpt.name)), "videos_per_task=0"])
         rows.append({"step": step, "success": s["mean_success"],
                      "tasks": {t: r["success_rate"] for t, r in s["tasks"].items()}})
     return rows
