@@ -358,13 +358,11 @@ class EpisodeWriter:
             return DataError(problem, file=source, episode=key, field=field)
 
         actions = np.asarray(actions)
+        if actions.ndim >= 1 and actions.shape[0] == 0:
+            raise err("actions", "empty episode (0 steps)")
         if actions.ndim != 2 or actions.shape[1] != self.meta["action_dim"]:
-            if actions.ndim >= 1 and actions.shape[0] == 0:
-                raise err("actions", "empty episode (0 steps)")
             raise err("actions", f"expected shape [T, {self.meta['action_dim']}], got {list(actions.shape)}")
         t = actions.shape[0]
-        if t == 0:
-            raise err("actions", "empty episode (0 steps)")
         if not np.issubdtype(actions.dtype, np.number) or not np.isfinite(actions).all():
             bad = np.argwhere(~np.isfinite(actions.astype(np.float64)))[0] if np.issubdtype(
                 actions.dtype, np.number) else None
