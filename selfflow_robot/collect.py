@@ -85,10 +85,6 @@ def rollout(task: str, seed: int, image_size=(128, 128), camera: str = "corner",
                 instruction=obs["instruction"])
 
 
-def _worker_init():
-    os.environ.setdefault("MUJOCO_GL", "egl")
-
-
 def collect_metaworld(out: str, tasks="mt10", episodes_per_task: int = 10, image_size=(128, 128),
                       camera: str = "corner", action_repeat: int = 4, max_steps: int = 60, workers: int = 0,
                       seed: int = 0, resume: bool = True, keep_failures: bool = False,
@@ -141,7 +137,7 @@ def collect_metaworld(out: str, tasks="mt10", episodes_per_task: int = 10, image
                 while (s := jobs_for(t)) is not None:
                     store(rollout(t, s, **kw))
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 pending, inflight = {}, dict.fromkeys(tasks, 0)
 
                 def submit(t):
