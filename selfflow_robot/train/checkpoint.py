@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -148,11 +147,6 @@ def load_model_weights(model: nn.Module, path: str | Path, strict: bool = True,
     return model
 
 
-def tensor_names(path: str | Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
-
-
 # ---------------------------------------------------------------- optimizer state
 def flatten_optimizer_state(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """FQN-keyed optimizer state dict ({"state": {fqn: {k: v}}, "param_groups": [...]}) ->
@@ -255,9 +249,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
+    for p in [*path.rglob("*"), path]:
+        if p.is_dir():
+            _fsync_dir(p)
+        elif p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    for d in [*[p for p in path.rglob("*") if p.is_dir()], path]:
-        _fsync_dir(d)
