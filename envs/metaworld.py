@@ -226,15 +226,14 @@ class MetaWorldEnv(gym.Env):
 
 
 def make_expert(task: str) -> Callable[[MetaWorldEnv], np.ndarray]:
-    """Meta-World's scripted policy for `task`, called on an env: `a = expert(env)`."""
+    """Meta-World's scripted policy for `task`, called on an env or a wrapper of one: `a = expert(env)`."""
     from metaworld.policies import ENV_POLICY_MAP
 
     _check_task(task)
     policy = ENV_POLICY_MAP[task]()
 
     def expert(env: MetaWorldEnv) -> np.ndarray:
-        raw = env.raw_observation if isinstance(env, MetaWorldEnv) else env.unwrapped.raw_observation
-        return np.clip(policy.get_action(raw), -1.0, 1.0).astype(np.float32)
+        return np.clip(policy.get_action(env.unwrapped.raw_observation), -1.0, 1.0).astype(np.float32)
 
     return expert
 
