@@ -32,7 +32,7 @@ def _settings(cfg) -> dict:
         from omegaconf import OmegaConf
 
         got = OmegaConf.to_container(got, resolve=True) if not isinstance(got, dict) else got
-        defaults.update({k: v for k, v in got.items() if v is not None or k in ("work_dir", "out")})
+        defaults.update({k: v for k, v in got.items() if v is not None})
     return defaults
 
 
