@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -142,10 +143,7 @@ class Trainer:
         self.forward_model, self.ema_model = parallelize(
             model, self.ema_model, self.parallel, self.dist, bool(c.compile),
             torch.bfloat16 if precision == "bf16" else None, bool(c.ddp_find_unused_parameters))
-        modules = {"model": model}
-        if isinstance(objective, nn.Module):
-            modules["objective"] = objective
-        self.optimizer = build_optimizer(modules, c, self.device)
+        self.optimizer = build_optimizer(dict(self.train_module.named_children()), c, self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.objective_params = [p for p in _module_params(objective) if p.requires_grad]
 
@@ -301,10 +299,10 @@ class Trainer:
 
                 if self.step % log_every == 0 or self.step == total:
                     steps_s, samples_s = meter.rates(self.step, samples)
-                    row = {"loss": loss_sum / max(loss_n, 1) if loss_n else float("nan"),
+                    row = {"loss": loss_sum / loss_n if loss_n else float("nan"),
                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": gn_v,
                            "steps_per_s": steps_s, "samples_per_s": samples_s, "epoch": self.epoch,
-                           **{k: to_float(v) / max(loss_n, 1) for k, v in acc.items()}}
+                           **{k: to_float(v) / loss_n for k, v in acc.items()}}  # acc: finite steps only
                     if self.nan_skips:
                         row["nan_skips"] = self.nan_skips
                     if flops_per_sample:
@@ -351,8 +349,6 @@ class Trainer:
         main, rank = self.dist.is_main, self.dist.rank
         tmp = ckpt.tmp_dir_for(self.run_dir, self.step)
         if main:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "trainer_state").mkdir(parents=True)
         barrier()
