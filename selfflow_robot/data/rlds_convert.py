@@ -13,29 +13,29 @@ import time
 import traceback
 
 from .errors import DataError
-from .rlds import RLDSMapping, RLDSReader, read_tfrecord
+from .rlds import RLDSMapping, RLDSReader
 
 
 def _error_fields(e: DataError) -> dict:
     return {"problem": e.problem, "file": e.file, "episode": e.episode, "field": e.field}
 
 
+class _ForwardErrors:
+    """A worker reader's SkipLog stand-in: bad data goes to the parent, which applies raise/skip."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def handle(self, err: DataError) -> None:
+        self.queue.put(("error", _error_fields(err)))
+
+
 def _worker(queue, data_dir, mapping: dict, image_size, files, skip_keys) -> None:
     try:
         reader = RLDSReader(data_dir, RLDSMapping(**mapping), image_size=image_size)
-        for path in files:
-            name = os.path.basename(path)
-            for i, raw in read_tfrecord(path):
-                if isinstance(raw, DataError):
-                    queue.put(("error", _error_fields(raw)))
-                    continue
-                key = f"{name}:{i}"
-                if key in skip_keys:
-                    continue
-                try:
-                    queue.put(("episode", reader.decode(raw, key=key, file=path)))
-                except DataError as e:
-                    queue.put(("error", _error_fields(e)))
+        reader.skips = _ForwardErrors(queue)
+        for ep in reader.episodes(files, skip_keys):
+            queue.put(("episode", ep))
         queue.put(("done", None))
     except BaseException:  # anything unexpected: report it instead of leaving the parent waiting
         queue.put(("crash", traceback.format_exc()))
