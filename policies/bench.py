@@ -5,7 +5,7 @@ main(cfg) reads the `policy_bench` section of cfg if there is one, else cfg itse
   random_model: a size (tiny/s/b/l/xl) -> the same latency with random weights (latency does not
       depend on the weights), built with patch_size 16, context_frames 1, future_frames 2
   image_size [256, 320], iters 200, warmup 20, device auto, sampler_steps 10,
-  modes [action_first, joint], action_dim 7, action_chunk 6, patch_size 16, out (JSON file).
+  modes [action_first, joint], action_dim 7, action_chunk 6, patch_size 16, out (JSON lines, appended).
 Overhead = client round trip - server-reported infer_ms, with an instant fake policy, so it is
 the cost of msgpack encoding, the websocket hop, validation, safety and the worker-thread hand-off.
 Standalone: python -m selfflow_robot.policies.bench [key=value ...]
@@ -19,16 +19,7 @@ import time
 
 import numpy as np
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from selfflow_robot.bench import cpu_name, emit
 
 
 def _stats(ms: list[float]) -> dict:
@@ -122,11 +113,11 @@ def main(cfg) -> dict:
     rng = np.random.default_rng(0)
     obs = {"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "instruction": "pick coke can",
            "state": np.zeros(8, np.float32)}
-    result = {"cpu": cpu_model(), "python": platform.python_version(), "numpy": np.__version__,
+    action_dim, action_chunk = int(_get(cfg, "action_dim", 7)), int(_get(cfg, "action_chunk", 6))
+    result = {"cpu": cpu_name(), "python": platform.python_version(), "numpy": np.__version__,
               "image": [h, w, 3], "iters": iters,
               "codec": bench_codec(obs, iters),
-              "loopback": bench_loopback(obs, iters, warmup, int(_get(cfg, "action_dim", 7)),
-                                         int(_get(cfg, "action_chunk", 4)))}
+              "loopback": bench_loopback(obs, iters, warmup, action_dim, action_chunk)}
     path = _get(cfg, "checkpoint", None) or _get(cfg, "policy", None)
     size = _get(cfg, "random_model", None)
     if path or size:
@@ -136,10 +127,11 @@ def main(cfg) -> dict:
         if device == "auto":
             import torch
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        tmp = tempfile.TemporaryDirectory() if not path else None
+        tmp = None
         if not path:
-            path = random_checkpoint(str(size), tmp.name, (h, w), int(_get(cfg, "action_dim", 7)),
-                                     int(_get(cfg, "action_chunk", 6)), int(_get(cfg, "patch_size", 16)))
+            tmp = tempfile.TemporaryDirectory()
+            path = random_checkpoint(str(size), tmp.name, (h, w), action_dim, action_chunk,
+                                     int(_get(cfg, "patch_size", 16)))
             result["random_model"] = str(size)
         modes = _get(cfg, "modes", ["action_first", "joint"])
         modes = [modes] if isinstance(modes, str) else list(modes)
@@ -151,12 +143,7 @@ def main(cfg) -> dict:
             result["gpu"] = torch.cuda.get_device_name()
         if tmp is not None:
             tmp.cleanup()
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = _get(cfg, "out", None)
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit(result, _get(cfg, "out", None))
     return result
 
 
