@@ -286,7 +286,6 @@ def test_terminate_as_action_dimension(builder_dir):
     from omegaconf import OmegaConf
 
     from selfflow_robot.cli import CONFIG_DIR
-    from selfflow_robot.data.rlds import RLDSMapping, RLDSReader
 
     mapping = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/dataset/rt1.yaml"))["rlds"]
     reader = RLDSReader(builder_dir, RLDSMapping.from_config(dict(mapping, terminate_as_action=True)))
