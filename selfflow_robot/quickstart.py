@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> dict:
     from .data.sources import open_store
     from .evaluate import evaluate
 
-    OmegaConf.resolve(cfg)
+    OmegaConf.resolve(cfg)  # fixes out_dir's timestamp once
     out = os.path.abspath(str(cfg.out_dir))
     os.makedirs(out, exist_ok=True)
     d = {k: os.path.join(out, k) for k in ("collect", "pretrain", "finetune", "eval")}
@@ -134,9 +134,7 @@ def cli_main(argv: list[str] | None = None) -> dict:
     # Composed without @hydra.main: the stages compose their own configs (pretrain, finetune, evaluate).
     import sys
 
-    cfg = cli.compose("quickstart", sys.argv[1:] if argv is None else argv)
-    OmegaConf.resolve(cfg)  # fixes out_dir's timestamp once
-    return main(cfg)
+    return main(cli.compose("quickstart", sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

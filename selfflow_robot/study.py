@@ -67,9 +67,10 @@ def main(cfg) -> dict:
     out = os.path.abspath(str(cfg.out_dir))
     os.makedirs(out, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(out, "study.yaml"))
-    store = os.path.abspath(cfg.store_dir) if cfg.store_dir else \
-        store_path(cli.compose("finetune", _dataset(cfg, "null")).dataset)  # the dataset cache
-    open_store(cli.compose("finetune", _dataset(cfg, store)).dataset)  # collect once, before the arms
+    explicit = os.path.abspath(cfg.store_dir) if cfg.store_dir else "null"
+    dataset = cli.compose("finetune", _dataset(cfg, explicit)).dataset
+    store = store_path(dataset)  # store_dir, or the dataset cache
+    open_store(dataset)  # collect once, before the arms
     runs, t0 = [], time.time()
     for seed in cfg.seeds:
         for objective in cfg.objectives:
