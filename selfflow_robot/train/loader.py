@@ -20,8 +20,7 @@ class ResumableSampler(Sampler[int]):
         self.n, self.rank, self.world, self.seed = dataset_len, rank, world_size, seed
         self.shuffle, self.drop_last, self.batch_size = shuffle, drop_last, batch_size
         self.epoch, self.start = 0, 0
-        per_rank = dataset_len // world_size if drop_last else math.ceil(dataset_len / world_size)
-        self.num_samples = per_rank
+        self.num_samples = dataset_len // world_size if drop_last else math.ceil(dataset_len / world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start = epoch, 0
