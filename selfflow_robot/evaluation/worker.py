@@ -59,7 +59,6 @@ class EpisodeRunner:
 
 def worker_main(cfg: dict, jobs, results) -> None:
     """Process entry: run episodes from `jobs` until None; report ("record"|"error"|"fatal", ...)."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         runner = EpisodeRunner(cfg)
     except Exception:
