@@ -5,6 +5,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+import traceback
 
 from .episodes import build_episodes, dist_info, shard
 from .records import RecordWriter, done_marker, load_records, rank_file
@@ -49,7 +50,6 @@ def _run_inline(cfg, todo, on_record, on_error, policy=None):
             try:
                 on_record(runner.run(ep))
             except Exception as e:  # keep going; the episode stays unrecorded and is retried on resume
-                import traceback
                 on_error(ep["key"], "".join(traceback.format_exception(e)))
     finally:
         runner.close()
@@ -77,18 +77,17 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
                 on_record(a)
             elif kind == "error":
                 on_error(a, b)
-            elif kind == "fatal":
+            elif kind == "fatal":  # a worker that could not start; it sends no "exit"
                 fatal = b
-            elif kind == "exit":
                 alive -= 1
-            if kind in ("fatal",):
+            elif kind == "exit":
                 alive -= 1
     finally:
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
-    if fatal and alive == 0:
+    if fatal:
         raise RuntimeError(f"an evaluation worker could not start:\n{fatal}")
 
 
