@@ -52,11 +52,15 @@ class RandomPolicy:
         return self._rng.uniform(low, high).astype(np.float32)
 
 
+def check_policy_env(spec, cfg: dict) -> None:
+    if spec == "expert" and cfg["env"]["name"] != "metaworld":
+        raise ValueError("policy=expert is only available for env=metaworld (Meta-World's scripted experts)")
+
+
 def make_policy(spec: str, cfg: dict):
     spec = str(spec)
+    check_policy_env(spec, cfg)
     if spec == "expert":
-        if cfg["env"]["name"] != "metaworld":
-            raise ValueError("policy=expert is only available for env=metaworld (Meta-World's scripted experts)")
         return ExpertPolicy()
     if spec == "random":
         return RandomPolicy(int(cfg.get("seed", 0)))

@@ -8,6 +8,7 @@ import time
 import traceback
 
 from .episodes import build_episodes, dist_info, shard
+from .policy_factory import check_policy_env
 from .records import RecordWriter, done_marker, load_records, rank_file
 from .summary import summarize, to_markdown, write_summary
 from .training_env import match_training_env
@@ -93,9 +94,8 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
 
 def _preflight(cfg: dict) -> None:
     """Fail in the parent, once, on what would otherwise fail in every worker."""
+    check_policy_env(cfg["policy"], cfg)
     env_cfg = cfg["env"]
-    if cfg["policy"] == "expert" and env_cfg["name"] != "metaworld":
-        raise ValueError("policy=expert is only available for env=metaworld (Meta-World's scripted experts)")
     if env_cfg["name"] == "simpler":
         from selfflow_robot.envs.simpler import load_backend
         load_backend(env_cfg.get("backend") or "mani_skill2_real2sim")  # ImportError says how to install
