@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 
-# env key -> dataset key
-_METAWORLD_FROM_DATA = {"tasks": "tasks", "camera": "camera", "action_repeat": "action_repeat",
-                        "image_size": "image_size", "state_mode": "state_mode"}
+# env keys filled from the dataset config (same names there), else these defaults
 _METAWORLD_DEFAULTS = {"tasks": "mt10", "camera": "corner", "action_repeat": 1, "image_size": [128, 128],
                        "state_mode": "proprio"}
 
@@ -34,9 +32,9 @@ def match_training_env(cfg: dict) -> dict:
     trained = _checkpoint_config(cfg.get("policy"))
     data = (trained or {}).get("dataset") or {}
     from_data = data.get("source") == "metaworld"
-    for key, data_key in _METAWORLD_FROM_DATA.items():
+    for key, default in _METAWORLD_DEFAULTS.items():
         if env.get(key) is None:
-            env[key] = data[data_key] if from_data and data.get(data_key) is not None else _METAWORLD_DEFAULTS[key]
+            env[key] = data[key] if from_data and data.get(key) is not None else default
     if env.get("include_state") is None:  # send state only to policies that condition on it
-        env["include_state"] = bool(((trained or {}).get("io") or {}).get("state_dim")) if trained else True
+        env["include_state"] = bool((trained.get("io") or {}).get("state_dim")) if trained else True
     return cfg
