@@ -5,10 +5,7 @@ import os
 
 
 def metaworld_tasks(env_cfg: dict) -> list[str]:
-    tasks = env_cfg.get("tasks")
-    if not tasks:
-        from selfflow_robot.envs.metaworld import MT10_TASKS
-        return list(MT10_TASKS)
+    tasks = env_cfg.get("tasks") or "mt10"
     if tasks in ("mt10", "MT10", "mt50", "MT50"):
         from selfflow_robot.envs import metaworld
         return list(metaworld.MT10_TASKS if tasks.lower() == "mt10" else metaworld.MT50_TASKS)
