@@ -21,7 +21,7 @@ DRAWERS = ("top", "middle", "bottom")
 _GOOGLE_SCENE = "google_pick_coke_can_1_v4"
 _TABLES = ("Baked_sc1_staging_objaverse_cabinet1_h870", "Baked_sc1_staging_objaverse_cabinet2_h870")
 _BACKGROUNDS = ("google_pick_coke_can_1_v4_alt_background", "google_pick_coke_can_1_v4_alt_background_2")
-# Tabletop VA variants: name -> (scene, extra build kwargs, env id override).
+# Tabletop VA variants: name -> (scene, extra build kwargs).
 _TABLETOP_VA = {
     "base": (_GOOGLE_SCENE, {}),
     "table_texture_1": (_TABLES[0], {}), "table_texture_2": (_TABLES[1], {}),
