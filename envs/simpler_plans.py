@@ -12,12 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from .rotations import euler2quat, quat_mul
-from .simpler_tasks import ROBOT_SETUP, URDF_VARIANTS, get_task
+from .simpler_tasks import DRAWERS, ROBOT_SETUP, URDF_VARIANTS, get_task
 
 SETTINGS = ("visual_matching", "variant_aggregation")
 COKE_ORIENTATIONS = {"horizontal": {"lr_switch": True}, "vertical": {"laid_vertically": True},
                      "standing": {"upright": True}}
-DRAWERS = ("top", "middle", "bottom")
 _GOOGLE_SCENE = "google_pick_coke_can_1_v4"
 _TABLES = ("Baked_sc1_staging_objaverse_cabinet1_h870", "Baked_sc1_staging_objaverse_cabinet2_h870")
 _BACKGROUNDS = ("google_pick_coke_can_1_v4_alt_background", "google_pick_coke_can_1_v4_alt_background_2")

@@ -41,7 +41,7 @@ def _t(name, env_id, robot, steps, raytraced=False, **kwargs) -> SimplerTask:
     return SimplerTask(name, env_id, robot, steps, MappingProxyType(dict(kwargs)), raytraced)
 
 
-_DRAWERS = ("top", "middle", "bottom")
+DRAWERS = ("top", "middle", "bottom")
 TASKS: dict[str, SimplerTask] = {t.name: t for t in [
     _t("google_robot_pick_coke_can", "GraspSingleOpenedCokeCanInScene-v0", "google_robot", 80),
     _t("google_robot_pick_horizontal_coke_can", "GraspSingleOpenedCokeCanInScene-v0", "google_robot", 80,
@@ -57,13 +57,13 @@ TASKS: dict[str, SimplerTask] = {t.name: t for t in [
     _t("google_robot_move_near_v1", "MoveNearGoogleBakedTexInScene-v1", "google_robot", 80),
     _t("google_robot_open_drawer", "OpenDrawerCustomInScene-v0", "google_robot", 113, True),
     *[_t(f"google_robot_open_{d}_drawer", f"Open{d.title()}DrawerCustomInScene-v0", "google_robot", 113, True)
-      for d in _DRAWERS],
+      for d in DRAWERS],
     _t("google_robot_close_drawer", "CloseDrawerCustomInScene-v0", "google_robot", 113, True),
     *[_t(f"google_robot_close_{d}_drawer", f"Close{d.title()}DrawerCustomInScene-v0", "google_robot", 113, True)
-      for d in _DRAWERS],
+      for d in DRAWERS],
     _t("google_robot_place_in_closed_drawer", "PlaceIntoClosedDrawerCustomInScene-v0", "google_robot", 200, True),
     *[_t(f"google_robot_place_in_closed_{d}_drawer", f"PlaceIntoClosed{d.title()}DrawerCustomInScene-v0",
-         "google_robot", 200, True) for d in _DRAWERS],
+         "google_robot", 200, True) for d in DRAWERS],
     _t("google_robot_place_apple_in_closed_top_drawer", "PlaceIntoClosedTopDrawerCustomInScene-v0",
        "google_robot", 200, True, model_ids="baked_apple_v2"),
     _t("widowx_spoon_on_towel", "PutSpoonOnTableClothInScene-v0", "widowx", 60),
