@@ -146,11 +146,11 @@ class SimplerGym(gym.Env):
         return self._env.unwrapped
 
     def _make(self, env_id: str, kwargs: dict, max_steps: int):
-        pkg = load_backend(self.backend)
         key = json.dumps([env_id, kwargs, max_steps], sort_keys=True, default=str)
         if self._env is not None and key == self._env_key:
             return
         self._close_inner()
+        pkg = load_backend(self.backend)
         kw = json.loads(json.dumps(kwargs, default=str))  # deep copy: never share dicts with the caller
         if kw.get("rgb_overlay_path") and not os.path.isabs(kw["rgb_overlay_path"]):
             kw["rgb_overlay_path"] = os.path.join(str(pkg.ASSET_DIR), kw["rgb_overlay_path"])
