@@ -59,8 +59,8 @@ def _resize(img: np.ndarray, hw) -> np.ndarray:
         fy, fx = H // h, W // w
         blocks = img.reshape(h, fy, w, fx, img.shape[2]).astype(np.float32)
         return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
-    ys = ((np.arange(h) + 0.5) * img.shape[0] / h).astype(np.int64)
-    xs = ((np.arange(w) + 0.5) * img.shape[1] / w).astype(np.int64)
+    ys = ((np.arange(h) + 0.5) * H / h).astype(np.int64)
+    xs = ((np.arange(w) + 0.5) * W / w).astype(np.int64)
     return np.ascontiguousarray(img[ys][:, xs])
 
 
