@@ -31,13 +31,15 @@ def evaluate(overrides: list[str] | None = None, **kwargs: Any) -> dict:
     merged on top (`evaluate(policy="expert", episodes_per_task=2)`); returns the summary.
     `policy` may be an object with reset(instruction) / act(obs); it then runs in this process."""
     policy = kwargs.get("policy")
-    if policy is not None and not isinstance(policy, str):  # a policy object: evaluated in-process
+    if policy is None or isinstance(policy, str):
+        policy = None
+    else:  # a policy object: kept out of the config, evaluated in-process
         kwargs = {k: v for k, v in kwargs.items() if k != "policy"}
     cfg = compose("evaluate", list(overrides or []))
     if kwargs:
         cfg = OmegaConf.merge(cfg, OmegaConf.create(kwargs))
     c = to_container(cfg)
-    if policy is not None and not isinstance(policy, str):
+    if policy is not None:
         c["policy"] = policy
     return main(c)
 
