@@ -3,7 +3,8 @@
 Protocol (every frame is one msgpack map; arrays as raw bytes, see msgpack_numpy):
   server -> client on connect: metadata dict (+ "protocol", "max_message_bytes")
   {"type": "infer", "obs": {"image": uint8[H,W,3], "instruction": str, "state": float[S]}}
-      -> {"actions": float32[H,A], "server_timing": {"infer_ms", "total_ms", "prev_total_ms"}, "safety": {...}}
+      -> {"actions": float32[H,A], "safety": {...},
+          "server_timing": {"infer_ms", "postprocess_ms", "total_ms", "prev_total_ms"}}
   {"type": "reset", "instruction": str | None} -> {"ok": True}
   anything wrong -> {"error": {"type": ..., "message": ...}}; the connection stays open.
 Messages above `max_message_bytes` get a "too_large" error; above twice that, websockets
