@@ -100,16 +100,12 @@ class REPAObjective(SelfFlowObjective):
         fmap = F.interpolate(fmap.float(), size=grid, mode="bilinear", align_corners=False)
         return fmap.flatten(2).transpose(1, 2).reshape(B, T * grid[0] * grid[1], -1)
 
-    def forward(self, model, ema_model, batch):
-        self._frames = batch["future"]
-        return super().forward(model, ema_model, batch)
-
     def _representation(self, model, ema_model, inp, out, targets, index, values, kw, metrics):
         if inp.video is None:
             return None
         T, h, w = inp.video.shape[1:4]
         n = T * h * w
-        frames = self._frames[-inp.batch_size:].to(inp.video.device)  # the joint part is the batch tail
+        frames = inp.frames.to(inp.video.device)
         target = self.target_features(frames, (h, w))
         pred = self.projector(out["features"][self.l][:, :n])
         mask = inp.video_mask.flatten(1) if inp.video_mask is not None else None

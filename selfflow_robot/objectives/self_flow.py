@@ -109,6 +109,7 @@ class FlowInputs:
     def __init__(self, model, batch: dict):
         dev = model.type_embed.device
         # Pre-extracted tokens (e.g. autoencoder latents, or benchmarks) are used as they are.
+        self.frames = batch.get("future")  # raw uint8 frames (REPA's encoder targets)
         self.video = self._tokens(model, batch, "future", "video_tokens", dev)
         self.context = self._tokens(model, batch, "context", "context_tokens", dev)
         if self.video is not None and "future_mask" in batch:
@@ -213,32 +214,32 @@ class SelfFlowObjective(nn.Module):
         t, s = self._t(B, dev), self._t(B, dev)
         # Slots: 0 = t, 1 = s, 2 = clean (given actions); independent action times add 3 = t_a, 4 = s_a.
         levels = [t, s, torch.zeros_like(t)]
-        self._base = {"video": 0, "action": 0}
+        inp.base = {"video": 0, "action": 0}
         if self.cfg.video_action_times == "independent" and inp.video is not None and inp.action is not None:
             levels += [self._t(B, dev), self._t(B, dev)]
-            self._base["action"] = 3
+            inp.base["action"] = 3
         student_values = torch.stack(levels, dim=1)
         ctx, ct = self._context(inp)
         kw = self._model_kwargs(inp, ctx, ct)
         noisy, targets, index = {}, {}, {}
-        self._given_actions = False
+        inp.given_actions = False
         for name in ("video", "action"):
             x0 = getattr(inp, name)
             if x0 is None:
                 continue
             tok_shape = x0.shape[:-1]
-            idx = dts_index(tok_shape, self.cfg.mask_ratio if self.dual else 0.0, dev) + self._base[name]
+            idx = dts_index(tok_shape, self.cfg.mask_ratio if self.dual else 0.0, dev) + inp.base[name]
             if name == "action" and inp.video is not None and self.cfg.forward_dynamics_fraction > 0:
                 fd = torch.rand(B, device=dev) < self.cfg.forward_dynamics_fraction
                 idx = torch.where(fd[:, None], torch.full_like(idx, 2), idx)
-                self._given_actions = True
+                inp.given_actions = True
             noise = torch.randn_like(x0)
             tau = torch.gather(student_values, 1, idx.flatten(1)).view(tok_shape)
             noisy[name], targets[name], index[name] = interpolate(x0, noise, tau), (noise, x0), idx
 
         taps = (self.l,) if self.head is not None else self._student_taps()
-        out = model(video=noisy.get("video"), video_t=self._times(student_values, index.get("video"), "video"),
-                    action=noisy.get("action"), action_t=self._times(student_values, index.get("action"), "action"),
+        out = model(video=noisy.get("video"), video_t=self._times(student_values, index.get("video"), "video", inp),
+                    action=noisy.get("action"), action_t=self._times(student_values, index.get("action"), "action", inp),
                     taps=taps, **kw)
         masks = {"video": inp.video_mask, "action": inp.action_mask}
         for name in noisy:
@@ -251,12 +252,12 @@ class SelfFlowObjective(nn.Module):
             sums[name] = [sums[name][0] + s_, sums[name][1] + n_]
         return self._representation(model, ema_model, inp, out, targets, index, student_values, kw, metrics)
 
-    def _times(self, values, idx, stream: str):
+    def _times(self, values, idx, stream: str, inp: "FlowInputs"):
         """Slot form only when a stream's tokens can differ; else its plain [B] timestep (DiT broadcasting)."""
         if idx is None:
             return None
-        if not self.dual and not self._given_actions:
-            return values[:, self._base[stream]]
+        if not self.dual and not inp.given_actions:
+            return values[:, inp.base[stream]]
         return TokenTimes(values, idx)
 
     def _student_taps(self) -> tuple[int, ...]:
@@ -279,7 +280,7 @@ class SelfFlowObjective(nn.Module):
             raise ValueError("objective.kind=self_flow needs the EMA teacher (trainer EMA is off?)")
         tmin = torch.minimum(values[:, 0], values[:, 1])  # paper convention: the cleaner level
         levels = [tmin, tmin, torch.zeros_like(tmin)]
-        if self._base["action"] == 3:  # independent action times: the cleaner of (t_a, s_a)
+        if inp.base["action"] == 3:  # independent action times: the cleaner of (t_a, s_a)
             ta_min = torch.minimum(values[:, 3], values[:, 4])
             levels += [ta_min, ta_min]
         teacher_values = torch.stack(levels, dim=1)
@@ -289,7 +290,7 @@ class SelfFlowObjective(nn.Module):
                 tau = torch.gather(teacher_values, 1, index[name].flatten(1)).view(x0.shape[:-1])
                 tin[name] = interpolate(x0, noise, tau)  # same data, same noise, cleaner level
             # Every teacher token of a stream sits at the cleaner level; only given (clean) actions differ.
-            tt = {n: TokenTimes(teacher_values, i) if self._given_actions else teacher_values[:, self._base[n]]
+            tt = {n: TokenTimes(teacher_values, i) if inp.given_actions else teacher_values[:, inp.base[n]]
                   for n, i in index.items()}
             teacher = ema_model(video=tin.get("video"), video_t=tt.get("video"),
                                 action=tin.get("action"), action_t=tt.get("action"),
