@@ -38,14 +38,22 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
     ctx_t = torch.full((B,), float(context_t), device=dev)
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     cond = dict(context=context, context_t=ctx_t, text=text, text_emb=text_emb, state=state)
-    if model.cfg.isolate_condition and any(v is not None for k, v in cond.items() if k != "context_t"):
+    has_cond = any(v is not None for k, v in cond.items() if k != "context_t")
+    if model.cfg.isolate_condition and has_cond:
         with autocast:  # the conditioning's keys/values, once for all steps
             cond = {"prefix": model.encode_prefix(**cond)}
+    elif not has_cond:
+        cond = {}
+    schedule = [None] * steps
+    if given_actions is None and "context" not in cond:  # every processed token is at the step's t
+        with autocast:
+            schedule = model.modulation_schedule(ts[:-1], B)
     for i in range(steps):
         t = ts[i].expand(B)
         with autocast:
             out = forward(video=x_v, video_t=t, action=given_actions if given_actions is not None else x_a,
-                          action_t=torch.zeros_like(t) if given_actions is not None else t, **cond)
+                          action_t=torch.zeros_like(t) if given_actions is not None else t,
+                          modulation=schedule[i], **cond)
         dt = ts[i + 1] - ts[i]
         # New tensors every step: compiled (CUDA-graph) outputs are overwritten by the next call.
         if x_v is not None:

@@ -1,4 +1,6 @@
 """Backbone math: per-token conditioning, taps, truncated teacher forward, sizes."""
+import copy
+
 import pytest
 import torch
 
@@ -108,6 +110,25 @@ def test_prefix_cache_equals_full_forward(model):
     assert not torch.allclose(other["video"], full["video"])
     with pytest.raises(ValueError, match="prefix"):
         model(**x, video_t=t, action_t=t, prefix=prefix)
+
+
+def test_precomputed_modulation_equals_time_embedding(model):
+    """Sampling computes every step's adaLN output up front; each step must match the plain path
+    (in float64, so that batched and single-row matmuls agree to rounding)."""
+    model = copy.deepcopy(model).double()
+    x = {k: v.double() if v.is_floating_point() else v for k, v in inputs(model).items()}
+    prefix = model.encode_prefix(context=x["context"], context_t=torch.zeros(2), text=x["text"])
+    ts = torch.tensor([1.0, 0.55, 0.1], dtype=torch.float64)
+    schedule = model.modulation_schedule(ts, batch=2)
+    assert len(schedule) == 3 and len(schedule[0].blocks) == len(model.blocks)
+    for t, mod in zip(ts, schedule):
+        tb = t.expand(2)
+        plain = model(video=x["video"], video_t=tb, action=x["action"], action_t=tb, prefix=prefix)
+        fast = model(video=x["video"], video_t=tb, action=x["action"], action_t=tb, prefix=prefix, modulation=mod)
+        torch.testing.assert_close(fast["video"], plain["video"], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fast["action"], plain["action"], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="prefix"):
+        model(**x, video_t=ts[:2], action_t=ts[:2], modulation=schedule[0])
 
 
 def test_full_attention_option():

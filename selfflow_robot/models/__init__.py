@@ -1,6 +1,6 @@
 """Self-Flow backbone: `build_model(name_or_cfg, **overrides)`, sizes tiny/s/b/l/xl."""
 from .config import SIZES, ModelConfig, model_config
-from .dit import PrefixCache, SelfFlowDiT, TokenTimes
+from .dit import Modulation, PrefixCache, SelfFlowDiT, TokenTimes
 
 
 def build_model(name_or_cfg="tiny", **overrides) -> SelfFlowDiT:
@@ -14,5 +14,5 @@ def load_checkpoint_model(path, device="cpu"):
     return _load(path, device)
 
 
-__all__ = ["SIZES", "ModelConfig", "PrefixCache", "SelfFlowDiT", "TokenTimes", "build_model", "model_config",
-           "load_checkpoint_model"]
+__all__ = ["SIZES", "ModelConfig", "Modulation", "PrefixCache", "SelfFlowDiT", "TokenTimes", "build_model",
+           "model_config", "load_checkpoint_model"]

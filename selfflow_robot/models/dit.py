@@ -50,6 +50,8 @@ def _as_token_times(t, batch: int, token_shape: tuple[int, ...], device) -> Toke
 
 def _slice_cond(cond, select, tokens: slice):
     """The conditioning of a token range: slot rows + sliced one-hot, or sliced per-token rows."""
+    if cond is None:  # precomputed modulation
+        return None, None
     if select is not None:
         return cond, select[:, tokens]
     return (cond[:, tokens] if cond.shape[1] > 1 else cond), None
@@ -60,6 +62,16 @@ class PrefixCache(NamedTuple):
 
     kv: list
     context_frames: int
+
+
+class Modulation(NamedTuple):
+    """adaLN outputs for one timestep shared by every processed token: [B, 1, 6D] per block and
+    [B, 1, 2D] per output head. They depend on t alone, so a sampler computes its whole schedule
+    in one batched matmul per layer instead of re-reading the modulation weights every step."""
+
+    blocks: list
+    video: torch.Tensor
+    action: torch.Tensor | None
 
 
 class SelfFlowDiT(nn.Module):
@@ -200,7 +212,7 @@ class SelfFlowDiT(nn.Module):
             times.append(_as_token_times(action_t, B, (H,), dev))
         return parts, pos, times
 
-    def _prepare(self, parts, pos, times):
+    def _prepare(self, parts, pos, times, time_embed: bool = True):
         """Concatenate streams; time-embed the distinct timestep slots; choose each token's slot."""
         x = torch.cat(parts, dim=1)
         if torch.is_autocast_enabled(x.device.type):
@@ -208,6 +220,8 @@ class SelfFlowDiT(nn.Module):
             # embeddings would otherwise promote every block's elementwise work to fp32.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         rope = self.rope(torch.cat(pos, dim=0))
+        if not time_embed:  # the caller brings precomputed modulation
+            return x, rope, None, None
         offsets, values, index = 0, [], []
         for tt in times:
             values.append(tt.values)
@@ -241,9 +255,22 @@ class SelfFlowDiT(nn.Module):
             x = block(x, cond, select, rope, kv_out=kv)
         return PrefixCache(kv, n_ctx)
 
+    @torch.no_grad()
+    def modulation_schedule(self, ts: torch.Tensor, batch: int) -> list[Modulation]:
+        """Modulation for each timestep of a sampling schedule ts [S], computed in one pass."""
+        emb = self.t_embedder(ts.reshape(-1, 1))  # [S, 1, D]
+
+        def rows(m):
+            return m(emb).unsqueeze(1).expand(-1, batch, -1, -1).unbind(0)  # S x [B, 1, C]
+
+        blocks = [rows(b.adaLN_modulation) for b in self.blocks]
+        video = rows(self.video_head.adaLN_modulation)
+        action = rows(self.action_head.adaLN_modulation) if self.action_head is not None else [None] * len(video)
+        return [Modulation([b[i] for b in blocks], video[i], action[i]) for i in range(len(video))]
+
     def forward(self, video=None, video_t=None, action=None, action_t=None, context=None, context_t=None,
                 text=None, text_emb=None, state=None, taps: Sequence[int] = (), stop_after: int | None = None,
-                prefix: PrefixCache | None = None) -> dict:
+                prefix: PrefixCache | None = None, modulation: Modulation | None = None) -> dict:
         """Velocities for the generated streams, plus residual-stream taps.
 
         video   [B, T, h, w, P] noisy frame tokens; context [B, Tc, h, w, P] conditioning frames;
@@ -251,6 +278,8 @@ class SelfFlowDiT(nn.Module):
         *_t: None (clean), [B], token-shaped, or TokenTimes. taps: 1-indexed blocks whose output
         (generated tokens only) is returned in out["features"]; stop_after=k ends after block k.
         prefix: the conditioning's cached keys/values from encode_prefix (then pass no conditioning).
+        modulation: from modulation_schedule, when every processed token shares one timestep
+        (generated tokens after a prefix); it replaces the time embedding of video_t/action_t.
         """
         ref = next(x for x in (video, action, context) if x is not None)
         B, dev = ref.shape[0], ref.device
@@ -262,7 +291,9 @@ class SelfFlowDiT(nn.Module):
             parts, pos, times, n_ctx_frames = self._condition_tokens(B, dev, context, context_t, text, text_emb, state)
         gen_start = sum(p.shape[1] for p in parts)
         g_parts, g_pos, g_times = self._generated_tokens(B, dev, video, video_t, action, action_t, n_ctx_frames)
-        x, rope, cond, select = self._prepare(parts + g_parts, pos + g_pos, times + g_times)
+        if modulation is not None and parts:
+            raise ValueError("precomputed modulation covers generated tokens only: pass the conditioning as a prefix")
+        x, rope, cond, select = self._prepare(parts + g_parts, pos + g_pos, times + g_times, modulation is None)
         n_prefix = gen_start if self.cfg.isolate_condition else 0
 
         out: dict = {"features": {}}
@@ -270,7 +301,7 @@ class SelfFlowDiT(nn.Module):
         last = stop_after if stop_after is not None else len(self.blocks)
         for i, block in enumerate(self.blocks[:last], start=1):
             past = prefix.kv[i - 1] if prefix is not None else None
-            x = block(x, cond, select, rope, n_prefix, past)
+            x = block(x, cond, select, rope, n_prefix, past, mod=modulation.blocks[i - 1] if modulation else None)
             if i in taps:
                 out["features"][i] = x[:, gen_start:]
         if stop_after is not None:
@@ -280,9 +311,10 @@ class SelfFlowDiT(nn.Module):
         if video is not None:
             n = video.shape[1] * video.shape[2] * video.shape[3]
             c, sel = _slice_cond(cond, select, slice(start, start + n))
-            out["video"] = self.video_head(x[:, start:start + n], c, sel).view(*video.shape[:4], -1)
+            mod = modulation.video if modulation else None
+            out["video"] = self.video_head(x[:, start:start + n], c, sel, mod).view(*video.shape[:4], -1)
             start += n
         if action is not None:
             c, sel = _slice_cond(cond, select, slice(start, None))
-            out["action"] = self.action_head(x[:, start:], c, sel)
+            out["action"] = self.action_head(x[:, start:], c, sel, modulation.action if modulation else None)
         return out

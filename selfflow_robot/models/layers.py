@@ -128,8 +128,10 @@ class Block(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, cond_slots, select, rope, n_prefix: int = 0, past=None, kv_out=None):
-        mod = gather_tokens(self.adaLN_modulation(cond_slots), select)
+    def forward(self, x, cond_slots, select, rope, n_prefix: int = 0, past=None, kv_out=None, mod=None):
+        """mod: this block's adaLN output computed ahead (sampling precomputes the whole schedule)."""
+        if mod is None:
+            mod = gather_tokens(self.adaLN_modulation(cond_slots), select)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, n_prefix, past, kv_out)
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -145,6 +147,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x, cond_slots, select):
-        shift, scale = gather_tokens(self.adaLN_modulation(cond_slots), select).chunk(2, dim=-1)
+    def forward(self, x, cond_slots, select, mod=None):
+        if mod is None:
+            mod = gather_tokens(self.adaLN_modulation(cond_slots), select)
+        shift, scale = mod.chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
