@@ -125,3 +125,26 @@ def test_client_waits_for_a_late_server():
             assert c.metadata["action_dim"] == 2
     finally:
         s.stop()
+
+
+BLOCK_HEAVY = ("import sys, importlib.abc\n"
+               "class Block(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('torch', 'omegaconf', 'hydra', 'safetensors', 'einops'):\n"
+               "            raise ImportError(f'{name} is blocked: the client must not need it')\n"
+               "sys.meta_path.insert(0, Block())\n")
+
+
+def test_client_round_trip_without_torch_installed(counting_server):
+    """A robot computer has numpy, msgpack and websockets only: make the heavy packages unimportable."""
+    s, _ = counting_server
+    code = BLOCK_HEAVY + (
+        "import numpy as np\n"
+        "from selfflow_robot.policies.client import WebsocketClientPolicy\n"
+        f"with WebsocketClientPolicy('ws://127.0.0.1:{s.port}') as c:\n"
+        "    c.reset('pick coke can')\n"
+        "    r = c.infer({'image': np.zeros((16, 20, 3), np.uint8)})\n"
+        "print(r['actions'].shape, c.metadata['action_dim'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "(3, 2) 2"
