@@ -5,7 +5,8 @@ main(cfg) reads the `policy_bench` section of cfg if there is one, else cfg itse
   random_model: a size (tiny/s/b/l/xl) -> the same latency with random weights (latency does not
       depend on the weights), built with patch_size 16, context_frames 1, future_frames 2
   image_size [256, 320], iters 200, warmup 20, device auto, sampler_steps 10,
-  modes [action_first, joint], action_dim 7, action_chunk 6, patch_size 16, out (JSON lines, appended).
+  modes [action_first, joint], compile [false] (a list: true adds torch.compile / CUDA-graph runs),
+  action_dim 7, action_chunk 6, patch_size 16, out (JSON lines, appended).
 Overhead = client round trip - server-reported infer_ms, with an instant fake policy, so it is
 the cost of msgpack encoding, the websocket hop, validation, safety and the worker-thread hand-off.
 Standalone: python -m selfflow_robot.policies.bench [key=value ...]
@@ -68,17 +69,19 @@ def bench_loopback(obs: dict, iters: int, warmup: int, action_dim: int, chunk: i
     return {"roundtrip": _stats(rt), "overhead": _stats(overhead)}
 
 
-def bench_model(path: str, obs: dict, iters: int, warmup: int, device: str, steps: int, mode: str) -> dict:
+def bench_model(path: str, obs: dict, iters: int, warmup: int, device: str, steps: int, mode: str,
+                compile: bool = False) -> dict:
     from .policy import Policy
 
-    policy = Policy.load(path, device=device, sampler_steps=steps, mode=mode)
+    policy = Policy.load(path, device=device, sampler_steps=steps, mode=mode, compile=compile)
     times = []
     for i in range(warmup + iters):
         r = policy.infer(obs)  # infer_ms spans predict_fn, which returns numpy (so CUDA is synced)
         if i >= warmup:
             times.append(r["server_timing"]["infer_ms"])
     return {"checkpoint": policy.metadata.get("checkpoint"), "model": policy.metadata.get("model"),
-            "device": device, "sampler_steps": steps, "mode": mode, "image_size": policy.metadata.get("image_size"),
+            "device": device, "sampler_steps": steps, "mode": mode, "compiled": compile,
+            "dtype": policy.metadata.get("dtype"), "image_size": policy.metadata.get("image_size"),
             "chunk_shape": list(r["actions"].shape), "infer": _stats(times)}
 
 
@@ -136,8 +139,13 @@ def main(cfg) -> dict:
         modes = _get(cfg, "modes", ["action_first", "joint"])
         modes = [modes] if isinstance(modes, str) else list(modes)
         n = int(_get(cfg, "model_iters", max(3, iters // 10)))
-        result["model"] = [bench_model(str(path), obs, n, min(warmup, 3), device,
-                                       int(_get(cfg, "sampler_steps", 10)), str(m)) for m in modes]
+        compiles = _get(cfg, "compile", [False])
+        compiles = [compiles] if isinstance(compiles, (bool, str)) else list(compiles)
+        compiles = [str(c).lower() in ("true", "1", "yes") for c in compiles]
+        # compiled runs warm up longer: the first calls compile and record the CUDA graphs
+        result["model"] = [bench_model(str(path), obs, n, max(min(warmup, 3), 5 if c else 0), device,
+                                       int(_get(cfg, "sampler_steps", 10)), str(m), c)
+                           for c in compiles for m in modes]
         if device.startswith("cuda"):
             import torch
             result["gpu"] = torch.cuda.get_device_name()
@@ -149,7 +157,7 @@ def main(cfg) -> dict:
 
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    for k in ("image_size", "modes"):
+    for k in ("image_size", "modes", "compile"):
         if k in args and args[k].startswith("["):
             args[k] = json.loads(args[k])
     main(args)

@@ -25,6 +25,7 @@ from .safety import SafetyConfig, SafetyFilter
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json")
 MAX_IMAGE_SIDE = 4096
 MAX_INSTRUCTION_CHARS = 4096
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ObservationError(ValueError):
@@ -181,9 +182,14 @@ class Policy:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", *, sampler_steps: int = 10,
              mode: str = "action_first", chunk: ChunkConfig | None = None,
-             safety: SafetyConfig | None = None, **overrides) -> "Policy":
+             safety: SafetyConfig | None = None, dtype: str = "auto", compile: bool = False,
+             **overrides) -> "Policy":
         """Load a checkpoint dir (or a run dir's latest). `overrides` are ChunkConfig /
-        SafetyConfig fields, e.g. execute_steps=2, ensemble=True, max_delta=0.05."""
+        SafetyConfig fields, e.g. execute_steps=2, ensemble=True, max_delta=0.05.
+        dtype: weights for inference, auto = bfloat16 on CUDA, float32 elsewhere. compile:
+        torch.compile the model (mode reduce-overhead: CUDA graphs replay each batch-1 step)."""
+        if dtype not in INFERENCE_DTYPES:
+            raise ValueError(f"dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
         ckpt = resolve_checkpoint(path)
         chunk_fields = {f.name for f in dataclasses.fields(ChunkConfig)}
         safety_fields = {f.name for f in dataclasses.fields(SafetyConfig)}
@@ -205,9 +211,15 @@ class Policy:
         from selfflow_robot.models import load_checkpoint_model
         from selfflow_robot.sampling import ActionSampler
 
+        import torch
+
         model, model_cfg = load_checkpoint_model(str(ckpt), device)
-        sampler = ActionSampler(model, model_cfg, device, steps=sampler_steps, mode=mode)
-        metadata.update(checkpoint=str(ckpt), device=str(device), sampler_steps=int(sampler_steps), mode=mode)
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+        model = model.to(getattr(torch, dtype))
+        sampler = ActionSampler(model, model_cfg, device, steps=sampler_steps, mode=mode, compile=bool(compile))
+        metadata.update(checkpoint=str(ckpt), device=str(device), sampler_steps=int(sampler_steps), mode=mode,
+                        dtype=dtype, compiled=bool(compile))
         return cls(_SamplerPredictor(sampler), metadata, normalization, chunk, safety)
 
 

@@ -36,7 +36,7 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
     x_a = torch.randn(action_shape, device=dev, generator=generator) if action_shape and given_actions is None else None
     B = next(s for s in (video_shape, action_shape) if s)[0]
     ctx_t = torch.full((B,), float(context_t), device=dev)
-    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = _autocast(dev, model.type_embed.dtype)
     cond = dict(context=context, context_t=ctx_t, text=text, text_emb=text_emb, state=state)
     has_cond = any(v is not None for k, v in cond.items() if k != "context_t")
     if model.cfg.isolate_condition and has_cond:
@@ -61,6 +61,14 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
         if x_a is not None:
             x_a = x_a + dt * out["action"].float()
     return {"video": x_v, "action": x_a}
+
+
+def _autocast(device: torch.device, weight_dtype: torch.dtype):
+    """bf16 autocast on CUDA (fp32 or bf16 weights); low-precision weights elsewhere run in their
+    own dtype; fp32 weights on CPU stay fp32 (CPU bf16 matmuls are slow without AMX)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", torch.bfloat16 if weight_dtype == torch.float32 else weight_dtype)
+    return torch.autocast(device.type, weight_dtype, enabled=weight_dtype != torch.float32)
 
 
 def resize_frame(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -17,7 +17,8 @@ def build_policy(cfg: dict):
 
     return Policy.load(cfg["policy"], device=cfg.get("device", "cpu"), sampler_steps=int(cfg.get("sampler_steps", 10)),
                        mode=cfg.get("mode", "action_first"), chunk=ChunkConfig(**(cfg.get("chunk") or {})),
-                       safety=SafetyConfig(**(cfg.get("safety") or {})))
+                       safety=SafetyConfig(**(cfg.get("safety") or {})), dtype=str(cfg.get("dtype", "auto")),
+                       compile=bool(cfg.get("compile", False)))
 
 
 def warmup(policy, n: int) -> None:
@@ -37,7 +38,8 @@ def main(cfg: DictConfig | dict):
     if c.get("host") not in ("127.0.0.1", "localhost", "::1") and not c.get("api_key"):
         logging.warning("serving on %s without an api_key: anyone on the network can drive the robot", c.get("host"))
     policy = build_policy(c)
-    warmup(policy, c.get("warmup", 1))
+    # compiled: the first calls compile and record the CUDA graphs; keep them off the robot's clock
+    warmup(policy, max(int(c.get("warmup", 1)), 3 if c.get("compile") else 0))
     server = PolicyServer(policy, host=c.get("host", "127.0.0.1"), port=int(c.get("port", 8000)),
                           api_key=c.get("api_key"), max_message_bytes=int(float(c.get("max_message_mb", 16)) * 2**20),
                           return_extras=bool(c.get("return_extras", False)))

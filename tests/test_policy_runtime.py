@@ -171,13 +171,18 @@ def test_load_run_dir_with_fake_model_code(tmp_path, monkeypatch):
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000010\n")
     calls = {}
 
+    class Model:
+        def to(self, dtype):
+            calls["dtype"] = dtype
+            return self
+
     def load_checkpoint_model(path, device):
         calls["load"] = (path, device)
-        return "MODEL", {"model": {"action_dim": 3}}
+        return MODEL, {"model": {"action_dim": 3}}
 
     class ActionSampler:
-        def __init__(self, model, cfg, device, steps=10, mode="action_first"):
-            calls["sampler"] = (model, device, steps, mode)
+        def __init__(self, model, cfg, device, steps=10, mode="action_first", compile=False):
+            calls["sampler"] = (model, device, steps, mode, compile)
 
         def __call__(self, image, instruction, state=None, instruction_embedding=None):
             calls["call"] = (image.shape, instruction, None if instruction_embedding is None else len(instruction_embedding))
@@ -186,11 +191,13 @@ def test_load_run_dir_with_fake_model_code(tmp_path, monkeypatch):
         def reset(self):
             calls["reset"] = calls.get("reset", 0) + 1
 
+    MODEL = Model()
     import selfflow_robot.models as models
     monkeypatch.setattr(models, "load_checkpoint_model", load_checkpoint_model, raising=False)
     monkeypatch.setitem(sys.modules, "selfflow_robot.sampling", types.SimpleNamespace(ActionSampler=ActionSampler))
     p = Policy.load(tmp_path / "run", device="cpu", sampler_steps=5, mode="joint", execute_steps=2, max_delta=0.5)
-    assert calls["load"] == (str(ckpt), "cpu") and calls["sampler"] == ("MODEL", "cpu", 5, "joint")
+    assert calls["load"] == (str(ckpt), "cpu") and calls["sampler"] == (MODEL, "cpu", 5, "joint", False)
+    assert str(calls["dtype"]) == "torch.float32" and p.metadata["dtype"] == "float32"  # auto on CPU
     assert p.metadata["action_dim"] == 3 and p.metadata["action_chunk"] == 4 and p.metadata["fps"] == 3
     assert p.metadata["normalization"] == "q99" and p.chunk_cfg.execute_steps == 2
     assert p.safety_cfg.max_delta == 0.5
@@ -223,6 +230,16 @@ def test_load_real_model_if_available(tmp_path):
     r = p.infer({"image": np.zeros((48, 64, 3), np.uint8), "instruction": "pick coke can"})
     assert r["actions"].dtype == np.float32 and r["actions"].shape == (4, 3) and np.all(np.isfinite(r["actions"]))
     assert p.act({"image": np.zeros((32, 32, 3), np.uint8)}).shape == (3,)
+    # torch.compile (CUDA graphs on a GPU) and bfloat16 weights: the same policy, same noise
+    obs = {"image": np.full((32, 32, 3), 90, np.uint8), "instruction": "pick coke can"}
+    eager = Policy.load(ckpt, sampler_steps=2).infer(obs)["actions"]
+    compiled = Policy.load(ckpt, sampler_steps=2, compile=True)
+    assert compiled.metadata["compiled"] is True
+    np.testing.assert_allclose(compiled.infer(obs)["actions"], eager, rtol=1e-4, atol=1e-4)
+    half = Policy.load(ckpt, sampler_steps=2, dtype="bfloat16")
+    np.testing.assert_allclose(half.infer(obs)["actions"], eager, atol=0.1)
+    with pytest.raises(ValueError, match="dtype"):
+        Policy.load(ckpt, dtype="fp8")
 
 
 def test_matches_training_side_normaliser():
