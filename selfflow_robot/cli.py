@@ -57,6 +57,30 @@ def compose(config_name: str, overrides: list[str] | None = None, verb: str | No
     return _with_verb(cfg, verb)
 
 
+def compose_argv(config_name: str, argv: list[str]) -> DictConfig:
+    """compose() for commands that run other commands in-process (quickstart, study), which
+    cannot sit inside @hydra.main; `--help` prints the config file, `--cfg job` the composed one."""
+    if "--help" in argv or "-h" in argv:
+        text = (importlib.resources.files("selfflow_robot.configs") / f"{config_name}.yaml").read_text()
+        raise SystemExit(f"python -m selfflow_robot.{config_name} [key=value ...]; keys and defaults "
+                         f"(configs/{config_name}.yaml):\n\n{text}")
+    show = "--cfg" in argv
+    overrides = [a for i, a in enumerate(argv) if a != "--cfg" and not (i and argv[i - 1] == "--cfg")]
+    bad = [a for a in overrides if a.startswith("-")]
+    if bad:
+        raise SystemExit(f"unknown option {bad[0]}: use key=value overrides, --help or --cfg job")
+    from hydra.errors import HydraException
+
+    try:
+        cfg = compose(config_name, overrides)
+    except HydraException as e:  # a one-line message, as @hydra.main gives, not a traceback
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        raise SystemExit(f"python -m selfflow_robot.{config_name}: {e}{cause}\n(see --help)") from None
+    if show:
+        raise SystemExit(OmegaConf.to_yaml(cfg))
+    return cfg
+
+
 def hydra_run_dir() -> str | None:
     """The Hydra output directory of the current job, or None outside @hydra.main."""
     try:

@@ -134,7 +134,7 @@ def cli_main(argv: list[str] | None = None) -> dict:
     # Composed without @hydra.main: the stages compose their own configs (pretrain, finetune, evaluate).
     import sys
 
-    return main(cli.compose("quickstart", sys.argv[1:] if argv is None else argv))
+    return main(cli.compose_argv("quickstart", sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main(cfg) -> dict:
 
 
 def cli_main(argv: list[str] | None = None) -> dict:
-    cfg = cli.compose("study", sys.argv[1:] if argv is None else argv)
+    cfg = cli.compose_argv("study", sys.argv[1:] if argv is None else list(argv))
     return main(cfg)
 
 

@@ -37,3 +37,18 @@ def test_study_runs_three_arms_and_writes_the_report(tmp_path):
     assert "| step | flow_matching | dts | self_flow |" in report
     assert (out / "curves.png").stat().st_size > 1000
     assert "| success rate |" in proc.stdout
+
+
+def test_in_process_commands_answer_help_cfg_and_bad_keys():
+    """quickstart and study compose other commands' configs, so they parse argv themselves."""
+    from selfflow_robot.quickstart import cli_main as quickstart
+    from selfflow_robot.study import cli_main as study
+
+    with pytest.raises(SystemExit, match="seeds: "):
+        study(["--help"])
+    with pytest.raises(SystemExit, match=r"(?s)steps: 3\b"):
+        study(["steps=3", "--cfg", "job"])
+    with pytest.raises(SystemExit, match="Could not override 'stepz'"):
+        study(["stepz=3"])
+    with pytest.raises(SystemExit, match="unknown option --bogus"):
+        quickstart(["--bogus"])
