@@ -1,44 +1,62 @@
 #!/usr/bin/env bash
 # GPU job: the shared plain reference (reference_dit.py) and the project's own figures, on the
 # same card in the same job. On a GPU machine, from the repo root:
-#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [train|sample|policy|study|all]
+#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [train|sample|policy|study|all ...]
 # Needs torch with CUDA and this package (pip install --no-deps -e .). On the workplace's lent GPU
 # (no network), first run scripts/gpu_prepare.sh here, carry [".whl", ".gpu"], and begin with:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
 #     && REFERENCE=.gpu/reference_dit.py OUT=$OUT bash scripts/gpu_bench.sh all
-# Stages (one H200, estimated): train ~4 min, sample ~1.5 min, policy ~1 min, study ~6 min (capped).
+# Stages: train, sample, policy (rough guesses on one H200: 4, 1.5 and 1 min; untimed since the last
+# changes) and study (capped at STUDY_MINUTES, default 6). Pass several: gpu_bench.sh sample policy.
+# DRY=1 runs every stage on a tiny model on the CPU in about a minute (tests/test_gpu_script.py),
+# so a broken argument never costs device time.
 set -uo pipefail
-what=${1:-all}
+stages=" ${*:-all} "
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-want() { [[ $what == all || $what == "$1" ]]; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
-python3 -m selfflow_robot.bench params model=xl
+PY=${PYTHON:-python3}
+MODEL=xl STUDY_DEVICE=cuda TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=()
+if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overrides win
+  MODEL=tiny STUDY_DEVICE=cpu REFERENCE=
+  TRAIN_X=(train.device=cpu train.compile=false train.warmup=1 train.reps=1 'train.cases=[{name:dry,frames:2,grid:4,batch:2}]')
+  SAMPLE_X=(sample.device=cpu sample.warmup=1 sample.reps=1 'sample.image_size=[32,32]' 'sample.camera_size=[32,32]')
+  POLICY_X=(policy_bench.device=cpu policy_bench.iters=3 policy_bench.warmup=1 'policy_bench.image_size=[32,32]')
+  STUDY_X=('tasks=[reach-v3]' episodes_per_task=2 'image_size=[32,32]' model.name=tiny model.depth=2 model.width=32
+           model.heads=2 model.patch_size=8 'seeds=[0]' steps=2 batch_size=2 checkpoint_every=2 validation.every=2
+           validation.batches=1 validation.fraction=0.5 evaluate.episodes_per_task=1 evaluate.workers=0
+           evaluate.max_episode_steps=2 collect_workers=0)
+fi
+want() { [[ $stages == *" all "* || $stages == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+$PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+$PY -m selfflow_robot.bench params model=$MODEL || exit 1
 if want train; then
   if [[ -n ${REFERENCE:-} ]]; then
-    OUT=$OUT python3 "$REFERENCE" --quick   # writes $OUT/gpu_anchor.json
+    OUT=$OUT $PY "$REFERENCE" --quick   # writes $OUT/gpu_anchor.json
   fi
-  python3 -m selfflow_robot.bench train model=xl train.out="$OUT/bench_train.jsonl"
+  $PY -m selfflow_robot.bench train model=$MODEL train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}"
 fi
 if want sample; then
   # XL policy: 256x320 frames in 16x16 pixel patches (320 tokens per frame), 6-action chunk, 10 Euler steps.
-  python3 -m selfflow_robot.bench sample model=xl model.patch_size=16 'sample.compile=[false]' sample.out="$OUT/bench_sample.jsonl"
-  python3 -m selfflow_robot.bench sample model=xl model.patch_size=16 'sample.compile=[true]' 'sample.modes=[action_first]' sample.out="$OUT/bench_sample.jsonl"
+  $PY -m selfflow_robot.bench sample model=$MODEL model.patch_size=16 'sample.compile=[false]' \
+    sample.out="$OUT/bench_sample.jsonl" "${SAMPLE_X[@]}"
+  $PY -m selfflow_robot.bench sample model=$MODEL model.patch_size=16 'sample.compile=[true]' 'sample.modes=[action_first]' \
+    sample.out="$OUT/bench_sample.jsonl" "${SAMPLE_X[@]}"
 fi
 if want policy; then
   # The whole Policy (resize, sampler, un-normalisation, safety) and the loopback server overhead.
-  python3 -m selfflow_robot.bench policy policy_bench.random_model=xl 'policy_bench.compile=[false,true]' \
-    'policy_bench.modes=[action_first]' policy_bench.iters=100 policy_bench.out="$OUT/bench_policy.jsonl"
+  $PY -m selfflow_robot.bench policy policy_bench.random_model=$MODEL 'policy_bench.compile=[false,true]' \
+    'policy_bench.modes=[action_first]' policy_bench.iters=100 policy_bench.out="$OUT/bench_policy.jsonl" "${POLICY_X[@]}"
 fi
 if want study; then
   # Self-Flow vs DTS vs flow matching on Meta-World (docs/study.md, GPU configuration), capped at
   # STUDY_MINUTES; runs.json under $OUT is rewritten after each run, so a capped study still reports.
-  MUJOCO_GL=egl timeout "$(( ${STUDY_MINUTES:-6} * 60 ))" python3 -m selfflow_robot.study device=cuda \
+  MUJOCO_GL=egl timeout "$(( ${STUDY_MINUTES:-6} * 60 ))" $PY -m selfflow_robot.study device=$STUDY_DEVICE \
     collect_workers=12 evaluate.workers=12 model.name=s model.depth=12 model.width=384 model.heads=6 \
-    model.patch_size=16 image_size=[128,128] episodes_per_task=40 batch_size=64 steps=${STUDY_STEPS:-1500} \
+    model.patch_size=16 'image_size=[128,128]' episodes_per_task=40 batch_size=64 steps=${STUDY_STEPS:-1500} \
     lr=3e-4 ema_decay=0.999 checkpoint_every=500 validation.every=250 validation.batches=8 \
-    seeds=${STUDY_SEEDS:-[0,1]} evaluate.episodes_per_task=10 out_dir="$OUT/study_gpu" 2>&1 | grep -v "it/s\]$" | tail -60
+    "seeds=${STUDY_SEEDS:-[0,1]}" evaluate.episodes_per_task=10 out_dir="$OUT/study_gpu" "${STUDY_X[@]}" 2>&1 \
+    | grep -v "it/s\]$" | tail -60
 fi

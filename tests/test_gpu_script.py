@@ -1,0 +1,31 @@
+"""scripts/gpu_bench.sh in DRY mode: every stage's command and keys run on a tiny CPU model, so a
+broken argument is caught here instead of costing scarce GPU time."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.sim]
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.sh"
+
+
+def test_gpu_job_script_runs_every_stage_dry(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY": "1", "OUT": str(out), "PYTHON": sys.executable, "MUJOCO_GL": "egl",
+           "SELFFLOW_DATA_CACHE": str(tmp_path / "cache"), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run(["bash", str(SCRIPT), "all"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train = [json.loads(x) for x in (out / "bench_train.jsonl").read_text().splitlines()]
+    assert {r.get("objective") for r in train} >= {"flow_matching", "self_flow"}
+    assert any("selfflow_over_fm" in r for r in train)
+    sample = [json.loads(x) for x in (out / "bench_sample.jsonl").read_text().splitlines()]
+    assert [r["compiled"] for r in sample] == [False, False, True]
+    policy = json.loads((out / "bench_policy.jsonl").read_text())
+    assert [m["compiled"] for m in policy["model"]] == [False, True]
+    assert policy["loopback"]["overhead"]["n"] == 3
+    runs = json.loads((out / "study_gpu" / "runs.json").read_text())
+    assert [r["objective"] for r in runs] == ["flow_matching", "dts", "self_flow"]
