@@ -159,5 +159,8 @@ if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     for k in ("image_size", "modes", "compile"):
         if k in args and args[k].startswith("["):
-            args[k] = json.loads(args[k])
+            try:
+                args[k] = json.loads(args[k])
+            except json.JSONDecodeError:  # Hydra-style [a,b] without quotes
+                args[k] = [x.strip() for x in args[k].strip("[]").split(",") if x.strip()]
     main(args)

@@ -251,8 +251,8 @@ class SelfFlowDiT(nn.Module):
                                                             text_emb, state)
         x, rope, cond, select = self._prepare(parts, pos, times)
         kv: list = []
-        for block in self.blocks:
-            x = block(x, cond, select, rope, kv_out=kv)
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x, cond, select, rope, kv_out=kv, kv_only=i == len(self.blocks))
         return PrefixCache(kv, n_ctx)
 
     @torch.no_grad()

@@ -85,16 +85,20 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(hd, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_prefix: int = 0,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None, kv_out: list | None = None) -> torch.Tensor:
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, kv_out: list | None = None,
+                kv_only: bool = False) -> torch.Tensor | None:
         """n_prefix > 0: the first n_prefix tokens (the conditioning) attend only among themselves,
         the rest attend to everything. past: cached prefix keys/values (x is then generated tokens
-        only). kv_out: a list that receives this call's (k, v), to build such a cache."""
+        only). kv_out: a list that receives this call's (k, v), to build such a cache; with kv_only
+        nothing else is computed (the last block of a cache needs no output)."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if kv_out is not None:
             kv_out.append((k, v))
+            if kv_only:
+                return None
         if past is not None:
             k, v = torch.cat([past[0].to(k.dtype), k], dim=2), torch.cat([past[1].to(v.dtype), v], dim=2)
             y = F.scaled_dot_product_attention(q, k, v)
@@ -128,11 +132,16 @@ class Block(nn.Module):
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, cond_slots, select, rope, n_prefix: int = 0, past=None, kv_out=None, mod=None):
-        """mod: this block's adaLN output computed ahead (sampling precomputes the whole schedule)."""
+    def forward(self, x, cond_slots, select, rope, n_prefix: int = 0, past=None, kv_out=None, mod=None,
+                kv_only: bool = False):
+        """mod: this block's adaLN output computed ahead (sampling precomputes the whole schedule).
+        kv_only: only append this block's keys/values to kv_out; x is returned unchanged."""
         if mod is None:
             mod = gather_tokens(self.adaLN_modulation(cond_slots), select)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        if kv_only:
+            self.attn(modulate(self.norm1(x), shift1, scale1), rope, kv_out=kv_out, kv_only=True)
+            return x
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, n_prefix, past, kv_out)
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
