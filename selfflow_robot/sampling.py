@@ -24,11 +24,14 @@ MODES = ("joint", "action_first", "video")
 @torch.no_grad()
 def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, state=None,
                  video_shape=None, action_shape=None, given_actions=None, shift: float = 1.0,
-                 context_t: float = 0.0, generator: torch.Generator | None = None, forward=None) -> dict:
+                 context_t: float = 0.0, generator: torch.Generator | None = None, forward=None,
+                 encode_prefix=None) -> dict:
     """Integrate dx/dt = v from t = 1 to 0. Shapes are full tensor shapes ([B, T, h, w, P], [B, H, A]).
-    `forward` may be a compiled version of the model (e.g. CUDA graphs for batch-1 control)."""
+    `forward` / `encode_prefix` may be compiled versions of the model's (e.g. CUDA graphs for
+    batch-1 control)."""
     dev = model.type_embed.device
     forward = model if forward is None else forward
+    encode_prefix = model.encode_prefix if encode_prefix is None else encode_prefix
     if steps < 1:
         raise ValueError(f"sampling needs steps >= 1, got {steps}")
     ts = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=dev), shift)
@@ -41,7 +44,7 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
     has_cond = any(v is not None for k, v in cond.items() if k != "context_t")
     if model.cfg.isolate_condition and has_cond:
         with autocast:  # the conditioning's keys/values, once for all steps
-            cond = {"prefix": model.encode_prefix(**cond)}
+            cond = {"prefix": encode_prefix(**cond)}
     elif not has_cond:
         cond = {}
     schedule = [None] * steps
@@ -102,8 +105,11 @@ class ActionSampler:
         self.history: deque = deque(maxlen=int(io["context_frames"]))
         self.generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         self._text_cache: tuple[str, torch.Tensor] | None = None
-        # Batch-1 control is launch-bound: CUDA graphs (reduce-overhead) replay the whole forward.
+        # Batch-1 control is launch-bound: CUDA graphs (reduce-overhead) replay each denoising step.
+        # The once-per-observation prefix is compiled without CUDA graphs: its keys/values must
+        # outlive the step graphs' replays, which would overwrite a graph's outputs.
         self.forward = torch.compile(model, mode="reduce-overhead", dynamic=False) if compile else model
+        self.encode_prefix = torch.compile(model.encode_prefix, dynamic=False) if compile else model.encode_prefix
 
     def reset(self) -> None:
         self.history.clear()
@@ -136,7 +142,7 @@ class ActionSampler:
             video_shape = (1, int(self.io["future_frames"]), *context.shape[2:])
         out = euler_sample(self.model, steps=self.steps, context=context, text=text, text_emb=text_emb, state=st,
                            video_shape=video_shape, action_shape=(1, H, A), shift=self.shift, generator=self.generator,
-                           forward=self.forward)
+                           forward=self.forward, encode_prefix=self.encode_prefix)
         video = self.model.tokens_to_frames(out["video"])[0].cpu().numpy() if out["video"] is not None else None
         return {"actions": out["action"][0].float().cpu().numpy(), "video": video}
 
