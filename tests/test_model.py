@@ -55,6 +55,24 @@ def test_distinct_timestep_slots_equal_dense_per_token(model):
     assert not torch.allclose(a["video"], c["video"], atol=1e-4)
 
 
+def test_streams_given_one_timestep_tensor_share_slots(model):
+    """Video and actions on the same levels embed them once (fewer slots, less modulation work)."""
+    x = inputs(model)
+    values = torch.tensor([[0.2, 0.9], [0.5, 0.1]])
+    vi = torch.randint(0, 2, (2, 2, 3, 4), generator=torch.Generator().manual_seed(3))
+    ai = torch.randint(0, 2, (2, 5), generator=torch.Generator().manual_seed(4))
+    slots = []
+    hook = model.t_embedder.register_forward_hook(lambda m, args, out: slots.append(args[0].shape[1]))
+    shared = model(**x, video_t=TokenTimes(values, vi), action_t=TokenTimes(values, ai))
+    apart = model(**x, video_t=TokenTimes(values, vi), action_t=TokenTimes(values.clone(), ai))
+    t = values[:, 0]
+    model(**x, video_t=t, action_t=t)
+    hook.remove()
+    assert slots == [1 + 1 + 2, 1 + 1 + 2 + 2, 1 + 1 + 1]  # text, context, then the generated streams
+    torch.testing.assert_close(shared["video"], apart["video"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared["action"], apart["action"], rtol=1e-5, atol=1e-5)
+
+
 def test_taps_and_truncated_teacher_forward(model):
     x = inputs(model)
     t = torch.tensor([0.3, 0.8])

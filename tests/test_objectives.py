@@ -93,8 +93,9 @@ def test_teacher_sees_min_t_s_with_student_noise():
     expected = (1 - tmin)[:, None, None, None, None] * x0 + tmin[:, None, None, None, None] * noise
     torch.testing.assert_close(tkw["video"], expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(tkw["video_t"], tmin)  # one level for every teacher token: plain broadcasting
-    # both slots of the student are used, with roughly R_M of tokens on s
-    assert 0.05 < vt.index.float().mean() < 0.5
+    # both slots of the student are used, with roughly R_M of tokens on s; no unused clean slot
+    assert 0.05 < vt.index.float().mean() < 0.5 and vt.values.shape[1] == 2
+    assert skw["action_t"].values is vt.values  # video and actions share their slots
     # same conditioning for student and teacher
     assert torch.equal(skw["context"], tkw["context"]) and torch.equal(skw["text"], tkw["text"])
 
@@ -157,7 +158,8 @@ def test_action_only_and_forward_dynamics_subsets():
     obj(student, None, make_batch())
     (jkw, _), (akw, _) = student.calls
     assert akw.get("video") is None and akw["action"].shape[0] == 2  # action-only half: no video tokens
-    # forward dynamics: the joint half's actions are all clean (slot 2, value 0)
+    # forward dynamics: the joint half's actions are all clean (the last slot, value 0)
+    assert jkw["action_t"].values.shape[1] == 3 and jkw["video_t"].values is jkw["action_t"].values
     assert torch.all(jkw["action_t"].index == 2) and torch.all(jkw["action_t"].values[:, 2] == 0)
 
 
@@ -197,9 +199,11 @@ def test_independent_video_and_action_timesteps():
     (skw, _), = student.calls
     (tkw, _), = teacher.calls
     vt, at = skw["video_t"], skw["action_t"]
-    assert vt.values.shape[1] == 5 and int(vt.index.max()) <= 1 and int(at.index.min()) >= 3
-    assert not torch.allclose(vt.values[:, 0], vt.values[:, 3])  # actions drew their own t
+    # slots t, s, t_a, s_a (the clean slot is dropped: no action is given); one tensor for both streams
+    assert vt.values.shape[1] == 4 and int(vt.index.max()) <= 1 and int(at.index.min()) >= 2
+    assert at.values is vt.values
+    assert not torch.allclose(vt.values[:, 0], vt.values[:, 2])  # actions drew their own t
     torch.testing.assert_close(tkw["video_t"], torch.minimum(vt.values[:, 0], vt.values[:, 1]))
-    torch.testing.assert_close(tkw["action_t"], torch.minimum(vt.values[:, 3], vt.values[:, 4]))
+    torch.testing.assert_close(tkw["action_t"], torch.minimum(vt.values[:, 2], vt.values[:, 3]))
     with pytest.raises(ValueError, match="video_action_times"):
         build_objective(dict(kind="dts", video_action_times="sometimes"), model.cfg)

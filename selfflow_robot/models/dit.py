@@ -48,6 +48,14 @@ def _as_token_times(t, batch: int, token_shape: tuple[int, ...], device) -> Toke
     return TokenTimes(t.reshape(batch, n), idx)
 
 
+def _shared_source(t):
+    """The tensor that identifies a stream's timestep slots: streams given the same [B] tensor or
+    the same TokenTimes.values share their slots instead of duplicating them."""
+    if isinstance(t, TokenTimes):
+        return t.values
+    return t if torch.is_tensor(t) and t.dim() == 1 else None
+
+
 def _slice_cond(cond, select, tokens: slice):
     """The conditioning of a token range: slot rows + sliced one-hot, or sliced per-token rows."""
     if cond is None:  # precomputed modulation
@@ -182,17 +190,17 @@ class SelfFlowDiT(nn.Module):
             tx = self.text_encoder(text if self.cfg.text == "bytes" else text_emb)
             parts.append(tx + self.type_embed[0])
             pos.append(torch.zeros(tx.shape[1], 3, device=dev))
-            times.append(_as_token_times(None, B, (tx.shape[1],), dev))
+            times.append((_as_token_times(None, B, (tx.shape[1],), dev), None))
         if self.state_embed is not None and state is not None:
             parts.append(self.state_embed(state.float()).unsqueeze(1) + self.type_embed[4])
             pos.append(torch.zeros(1, 3, device=dev))
-            times.append(_as_token_times(None, B, (1,), dev))
+            times.append((_as_token_times(None, B, (1,), dev), None))
         n_ctx_frames = 0
         if context is not None:
             n_ctx_frames, h, w = context.shape[1:4]
             parts.append(self.video_embed(context).flatten(1, 3) + self.type_embed[1])
             pos.append(self._positions(n_ctx_frames, h, w, -(n_ctx_frames - 1), dev))
-            times.append(_as_token_times(context_t, B, tuple(context.shape[1:4]), dev))
+            times.append((_as_token_times(context_t, B, tuple(context.shape[1:4]), dev), _shared_source(context_t)))
         return parts, pos, times, n_ctx_frames
 
     def _generated_tokens(self, B, dev, video, video_t, action, action_t, n_ctx_frames):
@@ -201,7 +209,7 @@ class SelfFlowDiT(nn.Module):
             T, h, w = video.shape[1:4]
             parts.append(self.video_embed(video).flatten(1, 3) + self.type_embed[2])
             pos.append(self._positions(T, h, w, 1.0 if n_ctx_frames else 0.0, dev))
-            times.append(_as_token_times(video_t, B, tuple(video.shape[1:4]), dev))
+            times.append((_as_token_times(video_t, B, tuple(video.shape[1:4]), dev), _shared_source(video_t)))
         if action is not None:
             if self.action_embed is None:
                 raise ValueError("this model has no action layers (model.action_dim=0)")
@@ -209,7 +217,7 @@ class SelfFlowDiT(nn.Module):
             parts.append(self.action_embed(action) + self.type_embed[3])
             at = torch.arange(H, device=dev, dtype=torch.float32) / self.cfg.frame_stride
             pos.append(torch.stack([at, torch.zeros_like(at), torch.zeros_like(at)], -1))
-            times.append(_as_token_times(action_t, B, (H,), dev))
+            times.append((_as_token_times(action_t, B, (H,), dev), _shared_source(action_t)))
         return parts, pos, times
 
     def _prepare(self, parts, pos, times, time_embed: bool = True):
@@ -222,11 +230,14 @@ class SelfFlowDiT(nn.Module):
         rope = self.rope(torch.cat(pos, dim=0))
         if not time_embed:  # the caller brings precomputed modulation
             return x, rope, None, None
-        offsets, values, index = 0, [], []
-        for tt in times:
-            values.append(tt.values)
-            index.append(tt.index + offsets)
-            offsets += tt.values.shape[1]
+        offsets, values, index, first_slot = 0, [], [], {}
+        for tt, source in times:
+            key = id(source) if source is not None else id(tt)
+            if key not in first_slot:  # a timestep tensor shared by streams gets its slots once
+                first_slot[key] = offsets
+                values.append(tt.values)
+                offsets += tt.values.shape[1]
+            index.append(tt.index + first_slot[key])
         values, index = torch.cat(values, 1), torch.cat(index, 1)
         cond = self.t_embedder(values)  # [B, K, D]
         K = values.shape[1]

@@ -212,13 +212,15 @@ class SelfFlowObjective(nn.Module):
     def _joint(self, model, ema_model, inp: FlowInputs, sums, metrics):
         B, dev = inp.batch_size, model.type_embed.device
         t, s = self._t(B, dev), self._t(B, dev)
-        # Slots: 0 = t, 1 = s, 2 = clean (given actions); independent action times add 3 = t_a, 4 = s_a.
-        levels = [t, s, torch.zeros_like(t)]
+        # Slots: 0 = t, 1 = s; independent action times add 2 = t_a, 3 = s_a; the last is clean
+        # (given actions, forward dynamics) and is dropped when no action is given (_times).
+        levels = [t, s]
         inp.base = {"video": 0, "action": 0}
         if self.cfg.video_action_times == "independent" and inp.video is not None and inp.action is not None:
             levels += [self._t(B, dev), self._t(B, dev)]
-            inp.base["action"] = 3
-        student_values = torch.stack(levels, dim=1)
+            inp.base["action"] = 2
+        inp.clean_slot = len(levels)
+        student_values = torch.stack(levels + [torch.zeros_like(t)], dim=1)
         ctx, ct = self._context(inp)
         kw = self._model_kwargs(inp, ctx, ct)
         noisy, targets, index = {}, {}, {}
@@ -231,12 +233,13 @@ class SelfFlowObjective(nn.Module):
             idx = dts_index(tok_shape, self.cfg.mask_ratio if self.dual else 0.0, dev) + inp.base[name]
             if name == "action" and inp.video is not None and self.cfg.forward_dynamics_fraction > 0:
                 fd = torch.rand(B, device=dev) < self.cfg.forward_dynamics_fraction
-                idx = torch.where(fd[:, None], torch.full_like(idx, 2), idx)
+                idx = torch.where(fd[:, None], torch.full_like(idx, inp.clean_slot), idx)
                 inp.given_actions = True
             noise = torch.randn_like(x0)
             tau = torch.gather(student_values, 1, idx.flatten(1)).view(tok_shape)
             noisy[name], targets[name], index[name] = interpolate(x0, noise, tau), (noise, x0), idx
 
+        inp.slot_values = {}  # one tensor per level set, so the model shares slots between streams
         taps = (self.l,) if self.head is not None else self._student_taps()
         out = model(video=noisy.get("video"), video_t=self._times(student_values, index.get("video"), "video", inp),
                     action=noisy.get("action"), action_t=self._times(student_values, index.get("action"), "action", inp),
@@ -246,19 +249,29 @@ class SelfFlowObjective(nn.Module):
             noise, x0 = targets[name]
             mask = masks[name]
             if name == "action":  # given (clean) actions carry no flow target
-                given = index[name] != 2
+                given = index[name] != inp.clean_slot
                 mask = given if mask is None else mask & given
             s_, n_ = masked_mse(out[name], noise - x0, mask)
             sums[name] = [sums[name][0] + s_, sums[name][1] + n_]
         return self._representation(model, ema_model, inp, out, targets, index, student_values, kw, metrics)
 
     def _times(self, values, idx, stream: str, inp: "FlowInputs"):
-        """Slot form only when a stream's tokens can differ; else its plain [B] timestep (DiT broadcasting)."""
+        """Slot form only when a stream's tokens can differ; else its plain [B] timestep (DiT
+        broadcasting). Streams get the same tensor for the same level, so the model shares slots;
+        fewer slots means less per-token modulation work."""
         if idx is None:
             return None
         if not self.dual and not inp.given_actions:
-            return values[:, inp.base[stream]]
-        return TokenTimes(values, idx)
+            return self._scalar(values, stream, inp)
+        key = (id(values), "slots")
+        used = values if inp.given_actions else values[:, :inp.clean_slot]
+        return TokenTimes(inp.slot_values.setdefault(key, used), idx)
+
+    @staticmethod
+    def _scalar(values, stream: str, inp: "FlowInputs"):
+        """A stream's [B] level; streams on the same level get the same tensor (one shared slot)."""
+        key = (id(values), inp.base[stream])
+        return inp.slot_values.setdefault(key, values[:, inp.base[stream]])
 
     def _student_taps(self) -> tuple[int, ...]:
         return ()
@@ -279,18 +292,18 @@ class SelfFlowObjective(nn.Module):
         if ema_model is None:
             raise ValueError("objective.kind=self_flow needs the EMA teacher (trainer EMA is off?)")
         tmin = torch.minimum(values[:, 0], values[:, 1])  # paper convention: the cleaner level
-        levels = [tmin, tmin, torch.zeros_like(tmin)]
-        if inp.base["action"] == 3:  # independent action times: the cleaner of (t_a, s_a)
-            ta_min = torch.minimum(values[:, 3], values[:, 4])
+        levels = [tmin, tmin]
+        if inp.base["action"] == 2:  # independent action times: the cleaner of (t_a, s_a)
+            ta_min = torch.minimum(values[:, 2], values[:, 3])
             levels += [ta_min, ta_min]
-        teacher_values = torch.stack(levels, dim=1)
+        teacher_values = torch.stack(levels + [torch.zeros_like(tmin)], dim=1)  # same layout, clean last
         with torch.no_grad():
             tin = {}
             for name, (noise, x0) in targets.items():
                 tau = torch.gather(teacher_values, 1, index[name].flatten(1)).view(x0.shape[:-1])
                 tin[name] = interpolate(x0, noise, tau)  # same data, same noise, cleaner level
             # Every teacher token of a stream sits at the cleaner level; only given (clean) actions differ.
-            tt = {n: TokenTimes(teacher_values, i) if inp.given_actions else teacher_values[:, inp.base[n]]
+            tt = {n: TokenTimes(teacher_values, i) if inp.given_actions else self._scalar(teacher_values, n, inp)
                   for n, i in index.items()}
             teacher = ema_model(video=tin.get("video"), video_t=tt.get("video"),
                                 action=tin.get("action"), action_t=tt.get("action"),
