@@ -48,7 +48,8 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
     elif not has_cond:
         cond = {}
     schedule = [None] * steps
-    if given_actions is None and "context" not in cond:  # every processed token is at the step's t
+    only_generated = not cond or "prefix" in cond  # the forward processes generated tokens alone
+    if given_actions is None and only_generated:  # ... and all of them sit at the step's t
         with autocast:
             schedule = model.modulation_schedule(ts[:-1], B)
     for i in range(steps):

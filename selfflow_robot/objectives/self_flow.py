@@ -213,7 +213,7 @@ class SelfFlowObjective(nn.Module):
         B, dev = inp.batch_size, model.type_embed.device
         t, s = self._t(B, dev), self._t(B, dev)
         # Slots: 0 = t, 1 = s; independent action times add 2 = t_a, 3 = s_a; the last is clean
-        # (given actions, forward dynamics) and is dropped when no action is given (_times).
+        # (given actions, forward dynamics) and is dropped when no action is given (_stream_times).
         levels = [t, s]
         inp.base = {"video": 0, "action": 0}
         if self.cfg.video_action_times == "independent" and inp.video is not None and inp.action is not None:
@@ -239,11 +239,10 @@ class SelfFlowObjective(nn.Module):
             tau = torch.gather(student_values, 1, idx.flatten(1)).view(tok_shape)
             noisy[name], targets[name], index[name] = interpolate(x0, noise, tau), (noise, x0), idx
 
-        inp.slot_values = {}  # one tensor per level set, so the model shares slots between streams
         taps = (self.l,) if self.head is not None else self._student_taps()
-        out = model(video=noisy.get("video"), video_t=self._times(student_values, index.get("video"), "video", inp),
-                    action=noisy.get("action"), action_t=self._times(student_values, index.get("action"), "action", inp),
-                    taps=taps, **kw)
+        times = self._stream_times(student_values, index, inp, slots=self.dual or inp.given_actions)
+        out = model(video=noisy.get("video"), video_t=times.get("video"),
+                    action=noisy.get("action"), action_t=times.get("action"), taps=taps, **kw)
         masks = {"video": inp.video_mask, "action": inp.action_mask}
         for name in noisy:
             noise, x0 = targets[name]
@@ -255,23 +254,17 @@ class SelfFlowObjective(nn.Module):
             sums[name] = [sums[name][0] + s_, sums[name][1] + n_]
         return self._representation(model, ema_model, inp, out, targets, index, student_values, kw, metrics)
 
-    def _times(self, values, idx, stream: str, inp: "FlowInputs"):
-        """Slot form only when a stream's tokens can differ; else its plain [B] timestep (DiT
-        broadcasting). Streams get the same tensor for the same level, so the model shares slots;
-        fewer slots means less per-token modulation work."""
-        if idx is None:
-            return None
-        if not self.dual and not inp.given_actions:
-            return self._scalar(values, stream, inp)
-        key = (id(values), "slots")
-        used = values if inp.given_actions else values[:, :inp.clean_slot]
-        return TokenTimes(inp.slot_values.setdefault(key, used), idx)
-
     @staticmethod
-    def _scalar(values, stream: str, inp: "FlowInputs"):
-        """A stream's [B] level; streams on the same level get the same tensor (one shared slot)."""
-        key = (id(values), inp.base[stream])
-        return inp.slot_values.setdefault(key, values[:, inp.base[stream]])
+    def _stream_times(values, index: dict, inp: "FlowInputs", slots: bool) -> dict:
+        """Each stream's timestep argument: slots + per-token index when a stream's tokens can
+        differ, else its plain [B] level (DiT broadcasting). Streams on the same level get the same
+        tensor, so the model embeds it once (fewer slots, less per-token modulation work); the
+        clean slot is kept only when actions are given."""
+        if not slots:
+            level = {b: values[:, b] for b in set(inp.base.values())}
+            return {n: level[inp.base[n]] for n in index}
+        used = values if inp.given_actions else values[:, :inp.clean_slot]
+        return {n: TokenTimes(used, i) for n, i in index.items()}
 
     def _student_taps(self) -> tuple[int, ...]:
         return ()
@@ -303,8 +296,7 @@ class SelfFlowObjective(nn.Module):
                 tau = torch.gather(teacher_values, 1, index[name].flatten(1)).view(x0.shape[:-1])
                 tin[name] = interpolate(x0, noise, tau)  # same data, same noise, cleaner level
             # Every teacher token of a stream sits at the cleaner level; only given (clean) actions differ.
-            tt = {n: TokenTimes(teacher_values, i) if inp.given_actions else self._scalar(teacher_values, n, inp)
-                  for n, i in index.items()}
+            tt = self._stream_times(teacher_values, index, inp, slots=inp.given_actions)
             teacher = ema_model(video=tin.get("video"), video_t=tt.get("video"),
                                 action=tin.get("action"), action_t=tt.get("action"),
                                 taps=(self.k,), stop_after=self.k, **kw)["features"][self.k]
