@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import write_json_atomic
 from .errors import DataError, SkipLog
 from .stats import array_stats
 
@@ -32,12 +33,7 @@ _SHAPE_KEYS = ("image_shape", "action_dim", "state_dim", "embedding_dim")
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1)
 
 
 def _try_lock(path: str, blocking: bool = False):

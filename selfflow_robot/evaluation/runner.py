@@ -7,6 +7,7 @@ import os
 import time
 import traceback
 
+from ..fileio import write_json_atomic
 from .episodes import build_episodes, dist_info, shard
 from .policy_factory import check_policy_env
 from .records import RecordWriter, done_marker, load_records, rank_file
@@ -34,9 +35,7 @@ def _check_run_file(cfg: dict, rank: int) -> None:
                              f"or resume=false to start over.\n old: {old}\n new: {fp}")
     if rank == 0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(fp, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, fp, indent=2)
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):

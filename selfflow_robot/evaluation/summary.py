@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections import defaultdict
 
 import numpy as np
+
+from ..fileio import write_json_atomic
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -101,9 +102,7 @@ def write_summary(s: dict, out_dir: str) -> dict:
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"summary.{k}") for k in ("json", "md", "csv")}
-    with open(paths["json"] + ".tmp", "w") as f:
-        json.dump(s, f, indent=2, default=str)
-    os.replace(paths["json"] + ".tmp", paths["json"])
+    write_json_atomic(paths["json"], s, indent=2, default=str)
     with open(paths["md"], "w") as f:
         f.write(to_markdown(s))
     with open(paths["csv"], "w", newline="") as f:

@@ -54,14 +54,14 @@ class FrameAutoencoder(nn.Module):
     def save(self, out: str) -> None:
         from safetensors.torch import save_file
 
+        from ..fileio import write_json_atomic
+
         os.makedirs(out, exist_ok=True)
         self.config["scale"] = float(self.scale)
         tmp = os.path.join(out, ".model.safetensors.tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
         os.replace(tmp, os.path.join(out, "model.safetensors"))
-        with open(os.path.join(out, ".config.json.tmp"), "w") as f:
-            json.dump(self.config, f, indent=1)
-        os.replace(os.path.join(out, ".config.json.tmp"), os.path.join(out, "config.json"))
+        write_json_atomic(os.path.join(out, "config.json"), self.config, indent=1)
 
 
 def autoencoder_spec(path: str) -> dict:

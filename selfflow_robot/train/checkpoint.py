@@ -28,18 +28,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..fileio import write_json_atomic
+
 STEP_DIR = "step_{:08d}"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 
 # ---------------------------------------------------------------- small file helpers
 def write_json(path: Path, obj) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2, sort_keys=True, default=_json_default)
 
 
 def _json_default(o):
