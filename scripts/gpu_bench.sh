@@ -7,8 +7,9 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
 #     && REFERENCE=.gpu/reference_dit.py OUT=$OUT bash scripts/gpu_bench.sh all
-# Stages: train, sample, policy (rough guesses on one H200: 4, 1.5 and 1 min; untimed since the last
-# changes) and study (capped at STUDY_MINUTES, default 6). Pass several: gpu_bench.sh sample policy.
+# Stages: reference, train, sample, policy (rough guesses on one H200: 1.5, 6, 1.5 and 1 min; untimed
+# since the last changes) and study (capped at STUDY_MINUTES, default 6). Pass several:
+# gpu_bench.sh reference train. Run reference and train on the same warm machine (one card).
 # DRY=1 runs every stage on a tiny model on the CPU in about a minute (tests/test_gpu_script.py),
 # so a broken argument never costs device time.
 set -uo pipefail
@@ -32,11 +33,13 @@ want() { [[ $stages == *" all "* || $stages == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 $PY -m selfflow_robot.bench params model=$MODEL || exit 1
+if want reference && [[ -n ${REFERENCE:-} ]]; then
+  OUT=$OUT $PY "$REFERENCE" --quick   # writes $OUT/gpu_anchor.json
+fi
 if want train; then
-  if [[ -n ${REFERENCE:-} ]]; then
-    OUT=$OUT $PY "$REFERENCE" --quick   # writes $OUT/gpu_anchor.json
-  fi
-  $PY -m selfflow_robot.bench train model=$MODEL train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}"
+  # dts isolates the per-token (two-slot) modulation cost; self_flow_fp8 runs the teacher's matmuls in FP8.
+  $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching,dts,self_flow,self_flow_fp8]' \
+    train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}"
 fi
 if want sample; then
   # XL policy: 256x320 frames in 16x16 pixel patches (320 tokens per frame), 6-action chunk, 10 Euler steps.

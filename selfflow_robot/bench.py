@@ -88,7 +88,9 @@ def bench_train(cfg: DictConfig) -> list[dict]:
             torch.manual_seed(0)
             # Latent-like tokens as in SiT-XL/2 on SD-VAE latents: 2x2 patches of 4 channels = 16 dims.
             model = build_model(cli.to_container(cfg.model), patch_size=2, in_channels=4, text="none")
-            objective = build_objective({"kind": kind, "mask_ratio": float(b.mask_ratio)}, model.cfg)
+            # "self_flow_fp8": Self-Flow with the teacher's matmuls in FP8 (objective.teacher_fp8).
+            objective = build_objective({"kind": kind.removesuffix("_fp8"), "mask_ratio": float(b.mask_ratio),
+                                         "teacher_fp8": kind.endswith("_fp8")}, model.cfg)
             batch = {"video_tokens": torch.randn(batch_size, frames, grid, grid, model.patch_dim, device=device)}
             tcfg = {"steps": 10**9, "batch_size": batch_size, "compile": bool(b.compile), "device": device.type,
                     "warmup_steps": 0, "checkpoint_every": 0, "log_every": 10**9, "num_workers": 0}
@@ -112,8 +114,10 @@ def bench_train(cfg: DictConfig) -> list[dict]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if "self_flow" in step_s and "flow_matching" in step_s:
-            ratio = {"bench": "train", "case": case.name, "selfflow_over_fm": step_s["self_flow"] / step_s["flow_matching"]}
+        if "flow_matching" in step_s and len(step_s) > 1:  # e.g. selfflow_over_fm, dts_over_fm
+            ratio = {"bench": "train", "case": case.name}
+            ratio.update({f"{k.replace('self_flow', 'selfflow')}_over_fm": v / step_s["flow_matching"]
+                          for k, v in step_s.items() if k != "flow_matching"})
             emit(ratio, b.out)
             results.append(ratio)
     return results

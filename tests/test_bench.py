@@ -15,14 +15,14 @@ def bench(*args, tmp_path):
 
 def test_bench_train_reports_throughput_mfu_and_selfflow_overhead(tmp_path):
     rows = bench("train", "model=tiny", "train.compile=false", "train.warmup=1", "train.reps=2",
-                 "train.cases=[{name: t, frames: 2, grid: 4, batch: 4}]", f"train.out={tmp_path / 'bench.jsonl'}",
+                 "train.objectives=[flow_matching,dts,self_flow,self_flow_fp8]", "train.cases=[{name: t, frames: 2, grid: 4, batch: 4}]", f"train.out={tmp_path / 'bench.jsonl'}",
                  tmp_path=tmp_path)
     steps = [r for r in rows if "samples_per_s" in r]
-    assert {r["objective"] for r in steps} == {"flow_matching", "self_flow"}
+    assert {r["objective"] for r in steps} == {"flow_matching", "dts", "self_flow", "self_flow_fp8"}
     for r in steps:
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] == r["samples_per_s"] * 32 and 0 < r["mfu"]
-    ratio = next(r for r in rows if "selfflow_over_fm" in r)["selfflow_over_fm"]
-    assert ratio > 0
+    ratio = next(r for r in rows if "selfflow_over_fm" in r)
+    assert all(ratio[f"{k}_over_fm"] > 0 for k in ("dts", "selfflow", "selfflow_fp8"))
 
 
 def test_bench_sample_reports_chunk_latency(tmp_path):

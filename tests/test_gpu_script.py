@@ -20,8 +20,8 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train = [json.loads(x) for x in (out / "bench_train.jsonl").read_text().splitlines()]
-    assert {r.get("objective") for r in train} >= {"flow_matching", "self_flow"}
-    assert any("selfflow_over_fm" in r for r in train)
+    assert {r.get("objective") for r in train} >= {"flow_matching", "dts", "self_flow", "self_flow_fp8"}
+    assert any("selfflow_fp8_over_fm" in r for r in train)
     sample = [json.loads(x) for x in (out / "bench_sample.jsonl").read_text().splitlines()]
     assert [r["compiled"] for r in sample] == [False, False, True]
     policy = json.loads((out / "bench_policy.jsonl").read_text())

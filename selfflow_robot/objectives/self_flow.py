@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.dit import TokenTimes
+from ..models.fp8 import fp8_matmuls, use_fp8_teacher
 from .flow import interpolate, masked_mse, sample_time
 
 KINDS = ("flow_matching", "dts", "self_flow", "repa")
@@ -41,6 +42,8 @@ class ObjectiveConfig:
     # shared: video and action tokens of a sample share t (and s), as in the paper; independent:
     # actions draw their own (t_a, s_a), so one model learns every mix of noisy/clean video/actions.
     video_action_times: str = "shared"
+    # The no-grad teacher's matmuls in FP8 (GPUs with compute capability >= 8.9); see models/fp8.py.
+    teacher_fp8: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "ObjectiveConfig":
@@ -159,6 +162,17 @@ class SelfFlowObjective(nn.Module):
             raise ValueError(f"Self-Flow needs student layer l < teacher layer k <= depth, got l={self.l}, k={self.k}")
         self.head = projection_head(model_cfg.width) if cfg.kind == "self_flow" else None
         self.model_cfg = model_cfg
+
+    def prepare_teacher(self, ema_model: nn.Module, parallel: str = "none") -> None:
+        """Called by the trainer on the fresh EMA copy, before compile and sharding."""
+        if self.head is None or not self.cfg.teacher_fp8:
+            return
+        if parallel == "fsdp":
+            raise ValueError("objective.teacher_fp8 works with trainer.parallel=none|ddp, not fsdp "
+                             "(the FP8 weight copies are not sharded)")
+        if use_fp8_teacher(ema_model, self.k) == 0:
+            raise ValueError(f"objective.teacher_fp8: no teacher matmul has sizes that are multiples of 16 "
+                             f"(model.width={self.model_cfg.width})")
 
     def flops_per_sample(self, batch: dict) -> float:
         """Training FLOPs per sample: student forward + backward (3x forward), plus the
@@ -290,7 +304,7 @@ class SelfFlowObjective(nn.Module):
             ta_min = torch.minimum(values[:, 2], values[:, 3])
             levels += [ta_min, ta_min]
         teacher_values = torch.stack(levels + [torch.zeros_like(tmin)], dim=1)  # same layout, clean last
-        with torch.no_grad():
+        with torch.no_grad(), fp8_matmuls(ema_model):
             tin = {}
             for name, (noise, x0) in targets.items():
                 tau = torch.gather(teacher_values, 1, index[name].flatten(1)).view(x0.shape[:-1])

@@ -138,6 +138,8 @@ class Trainer:
                 dist.broadcast(t.data, src=0)
         self.model = model  # bare student (sharded in place under FSDP; DDP wraps a view of it)
         self.ema_model = make_ema(model)
+        if hasattr(objective, "prepare_teacher"):  # e.g. FP8 teacher matmuls
+            objective.prepare_teacher(self.ema_model, self.parallel)
         self.objective = objective
         self.train_module = _TrainModule(model, objective)
         self.forward_model, self.ema_model = parallelize(
