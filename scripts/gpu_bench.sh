@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # GPU job: the shared plain reference (reference_dit.py) and the project's own figures, on the
 # same card in the same job. On a GPU machine, from the repo root:
-#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [train|sample|policy|study|all ...]
+#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [reference|train|attention|sample|policy|study|all ...]
 # Needs torch with CUDA and this package (pip install --no-deps -e .). On the workplace's lent GPU
 # (no network), first run scripts/gpu_prepare.sh here, carry [".whl", ".gpu"], and begin with:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
 #     && REFERENCE=.gpu/reference_dit.py OUT=$OUT bash scripts/gpu_bench.sh all
-# Stages: reference, train, sample, policy (rough guesses on one H200: 1.5, 6, 1.5 and 1 min; untimed
-# since the last changes) and study (capped at STUDY_MINUTES, default 6). Pass several:
+# Stages: reference, train, attention, sample, policy (rough guesses on one H200: 1.5, 6, 2, 1.5 and
+# 1 min; untimed since the last changes) and study (capped at STUDY_MINUTES, default 6). Pass several:
 # gpu_bench.sh reference train. Run reference and train on the same warm machine (one card).
 # DRY=1 runs every stage on a tiny model on the CPU in about a minute (tests/test_gpu_script.py),
 # so a broken argument never costs device time.
@@ -18,9 +18,9 @@ OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 PY=${PYTHON:-python3}
-MODEL=xl STUDY_DEVICE=cuda TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=()
+MODEL=xl STUDY_DEVICE=cuda ATTENTION_KERNELS="flash cudnn" TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=()
 if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overrides win
-  MODEL=tiny STUDY_DEVICE=cpu REFERENCE=
+  MODEL=tiny STUDY_DEVICE=cpu REFERENCE= ATTENTION_KERNELS=flash
   TRAIN_X=(train.device=cpu train.compile=false train.warmup=1 train.reps=1 'train.cases=[{name:dry,frames:2,grid:4,batch:2}]')
   SAMPLE_X=(sample.device=cpu sample.warmup=1 sample.reps=1 'sample.image_size=[32,32]' 'sample.camera_size=[32,32]')
   POLICY_X=(policy_bench.device=cpu policy_bench.iters=3 policy_bench.warmup=1 'policy_bench.image_size=[32,32]')
@@ -39,7 +39,14 @@ fi
 if want train; then
   # dts isolates the per-token (two-slot) modulation cost; self_flow_fp8 runs the teacher's matmuls in FP8.
   $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching,dts,self_flow,self_flow_fp8]' \
-    train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}"
+    train.out="$OUT/bench_train.jsonl" train.profile="$OUT/profile" "${TRAIN_X[@]}"
+fi
+if want attention; then
+  # Flow matching with each SDPA kernel forced (head dim 72: flash pads it; cuDNN may not).
+  for kernel in $ATTENTION_KERNELS; do
+    $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching]' train.attention=$kernel \
+      train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}" || echo "attention=$kernel failed"
+  done
 fi
 if want sample; then
   # XL policy: 256x320 frames in 16x16 pixel patches (320 tokens per frame), 6-action chunk, 10 Euler steps.

@@ -66,6 +66,27 @@ def _time_steps(step, warmup: int, reps: int, device) -> float:
     return times[len(times) // 2]
 
 
+def _profile(step, device, path: str, steps: int = 3, rows: int = 30) -> None:
+    """Kernel-level time table of a few steps (torch.profiler), for finding where a step's time goes."""
+    import os
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# {steps} steps; sorted by {sort}\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90))
+    print(f"profile: {path}", flush=True)
+
+
 def bench_train(cfg: DictConfig) -> list[dict]:
     import torch
 
@@ -93,18 +114,21 @@ def bench_train(cfg: DictConfig) -> list[dict]:
                                          "teacher_fp8": kind.endswith("_fp8")}, model.cfg)
             batch = {"video_tokens": torch.randn(batch_size, frames, grid, grid, model.patch_dim, device=device)}
             tcfg = {"steps": 10**9, "batch_size": batch_size, "compile": bool(b.compile), "device": device.type,
-                    "warmup_steps": 0, "checkpoint_every": 0, "log_every": 10**9, "num_workers": 0}
+                    "warmup_steps": 0, "checkpoint_every": 0, "log_every": 10**9, "num_workers": 0,
+                    "attention": str(b.attention)}
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = Trainer(tcfg, model, objective, [batch], tmp, logger_cfg={"wandb": "disabled", "jsonl": False,
                                                                                    "progress_bar": False})
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 step_s[kind] = _time_steps(lambda: trainer._train_step(batch), int(b.warmup), int(b.reps), device)
+                if b.profile:
+                    _profile(lambda: trainer._train_step(batch), device, f"{b.profile}/train_{case.name}_{kind}.txt")
                 flops = objective.flops_per_sample(batch) * batch_size
                 n_tokens = frames * grid * grid
                 rec = {"bench": "train", "case": case.name, "objective": kind, "model": model.cfg.name,
                        "device": _device_name(device), "batch": batch_size, "tokens": n_tokens,
-                       "compiled": bool(b.compile), "step_s": step_s[kind],
+                       "compiled": bool(b.compile), "attention": str(b.attention), "step_s": step_s[kind],
                        "samples_per_s": batch_size / step_s[kind], "tokens_per_s": batch_size * n_tokens / step_s[kind],
                        "tflops": flops / step_s[kind] / 1e12, "mfu": flops / step_s[kind] / peak,
                        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}

@@ -22,6 +22,8 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
     train = [json.loads(x) for x in (out / "bench_train.jsonl").read_text().splitlines()]
     assert {r.get("objective") for r in train} >= {"flow_matching", "dts", "self_flow", "self_flow_fp8"}
     assert any("selfflow_fp8_over_fm" in r for r in train)
+    assert any(r.get("attention") == "flash" for r in train)  # the attention stage
+    assert (out / "profile" / "train_dry_self_flow.txt").is_file()
     sample = [json.loads(x) for x in (out / "bench_sample.jsonl").read_text().splitlines()]
     assert [r["compiled"] for r in sample] == [False, False, True]
     policy = json.loads((out / "bench_policy.jsonl").read_text())

@@ -228,3 +228,22 @@ def test_wandb_offline_and_failed_init(tmp_path, monkeypatch):
                       logger_cfg=dict(wandb="online", progress_bar=False))
     with pytest.warns(UserWarning, match="wandb init failed"):
         assert trainer.fit()["final_step"] == 2
+
+
+def test_attention_kernel_option(tmp_path):
+    class Spy(ToyObjective):
+        def forward(self, model, ema_model, batch):
+            self.flash_allowed = torch.backends.cuda.flash_sdp_enabled()
+            self.math_allowed = torch.backends.cuda.math_sdp_enabled()
+            return super().forward(model, ema_model, batch)
+
+    torch.manual_seed(0)
+    spy = Spy()
+    trainer = Trainer(tiny_cfg(steps=1, attention="math"), ToyModel(), spy, ToyData(), tmp_path / "a", logger_cfg=LOGGER)
+    trainer._train_step(next(iter(make_loader(ToyData(), 8, 0))))
+    assert spy.math_allowed and not spy.flash_allowed
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the step
+    with pytest.raises(ValueError, match="trainer.attention must be"):
+        Trainer(tiny_cfg(attention="fast"), ToyModel(), ToyObjective(), ToyData(), tmp_path / "b", logger_cfg=LOGGER)
+    with pytest.raises(ValueError, match="cudnn needs a CUDA"):
+        Trainer(tiny_cfg(attention="cudnn"), ToyModel(), ToyObjective(), ToyData(), tmp_path / "c", logger_cfg=LOGGER)

@@ -42,8 +42,11 @@ DEFAULTS: dict[str, Any] = dict(
     warmup_steps=0, schedule="constant", min_lr_ratio=0.0, grad_clip=1.0, ema_decay=0.9999, ema_every=1,
     precision="auto", compile=False, parallel="auto", device="auto", checkpoint_every=1000, keep_last=3,
     log_every=50, eval_every=0, num_workers=4, seed=0, on_nan="raise", max_nan_skips=10, resume=False,
-    measure_mfu=True, ddp_find_unused_parameters=True,
+    measure_mfu=True, ddp_find_unused_parameters=True, attention="auto",
 )
+# trainer.attention: which fused attention kernel SDPA may use (auto = PyTorch's own choice).
+ATTENTION_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                      "math": "MATH"}
 LOGGER_DEFAULTS: dict[str, Any] = dict(jsonl=True, wandb="auto", project="selfflow-robot", entity=None, name=None,
                                        tags=[], progress_bar=True, init_timeout=60)
 
@@ -127,6 +130,10 @@ class Trainer:
         if precision == "bf16" and self.device.type == "cpu":
             warnings.warn("bf16 autocast on CPU is ~20x slower than fp32 (docs/machine-notes.md)", stacklevel=2)
         self.precision = precision
+        if c.attention != "auto" and c.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"trainer.attention must be auto|{'|'.join(ATTENTION_BACKENDS)}, got {c.attention!r}")
+        if c.attention == "cudnn" and self.device.type != "cuda":
+            raise ValueError("trainer.attention=cudnn needs a CUDA device")
         self.batch_to_device = batch_to_device or (lambda b: move_to_device(b, self.device))
         self.parallel = resolve_parallel(c.parallel, self.dist)
 
@@ -212,9 +219,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
+        """bf16 autocast (or none) and, with trainer.attention set, that SDPA kernel only. Under
+        torch.compile the kernel is picked while tracing, so the context must cover the first step."""
+        stack = contextlib.ExitStack()
         if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        if self.cfg.attention != "auto":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[self.cfg.attention])))
+        return stack
 
     def _train_step(self, batch) -> tuple[float, float, dict, bool]:
         c = self.cfg
