@@ -42,7 +42,7 @@ if want train; then
     train.out="$OUT/bench_train.jsonl" train.profile="$OUT/profile" "${TRAIN_X[@]}"
 fi
 if want attention; then
-  # Flow matching with each SDPA kernel forced (head dim 72: flash pads it; cuDNN may not).
+  # Flow matching with each SDPA kernel forced (head dim 72: FlashAttention runs it in its 96 kernel).
   for kernel in $ATTENTION_KERNELS; do
     $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching]' train.attention=$kernel \
       train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}" || echo "attention=$kernel failed"
