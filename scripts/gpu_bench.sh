@@ -37,14 +37,16 @@ if want reference && [[ -n ${REFERENCE:-} ]]; then
   OUT=$OUT $PY "$REFERENCE" --quick   # writes $OUT/gpu_anchor.json
 fi
 if want train; then
-  # dts isolates the per-token (two-slot) modulation cost; self_flow_fp8 runs the teacher's matmuls in FP8.
-  $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching,dts,self_flow,self_flow_fp8]' \
+  # self_flow_fp8 runs the teacher's matmuls in FP8 (add dts to separate the two-slot modulation cost).
+  $PY -m selfflow_robot.bench train model=$MODEL "train.objectives=${TRAIN_OBJECTIVES:-[flow_matching,self_flow,self_flow_fp8]}" \
     train.out="$OUT/bench_train.jsonl" train.profile="$OUT/profile" "${TRAIN_X[@]}"
 fi
 if want attention; then
-  # Flow matching with each SDPA kernel forced (head dim 72: FlashAttention runs it in its 96 kernel).
+  # Flow matching at 1536 tokens (where attention is ~18% of the FLOPs) with each SDPA kernel forced;
+  # head dim 72: FlashAttention runs it in its 96 kernel.
   for kernel in $ATTENTION_KERNELS; do
     $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching]' train.attention=$kernel \
+      'train.cases=[{name:video1536,frames:6,grid:16,batch:16}]' \
       train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}" || echo "attention=$kernel failed"
   done
 fi
