@@ -93,7 +93,8 @@ def test_objective_uses_fp8_teacher_and_refuses_fsdp():
     with pytest.raises(ValueError, match="fsdp"):
         obj.prepare_teacher(copy.deepcopy(ema), "fsdp")
     plain = copy.deepcopy(ema)
-    obj.prepare_teacher(ema, "none")
+    with pytest.warns(UserWarning, match="slower"):
+        obj.prepare_teacher(ema, "none")
     assert any(isinstance(m, Fp8Linear) for m in ema.modules())
     torch.manual_seed(1)
     loss, metrics = obj(model, ema, make_batch())
@@ -113,5 +114,5 @@ def test_objective_uses_fp8_teacher_and_refuses_fsdp():
 def test_fp8_teacher_needs_fp8_sized_layers():
     model = build_model("tiny", width=40, heads=4, depth=4, patch_size=8)  # 40 is not a multiple of 16
     obj = build_objective(dict(kind="self_flow", teacher_fp8=True), model.cfg)
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ValueError, match="multiples of 16"), pytest.warns(UserWarning):
         obj.prepare_teacher(copy.deepcopy(model), "none")

@@ -13,6 +13,7 @@ subset (clean actions given, video generated).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -170,6 +171,9 @@ class SelfFlowObjective(nn.Module):
         if parallel == "fsdp":
             raise ValueError("objective.teacher_fp8 works with trainer.parallel=none|ddp, not fsdp "
                              "(the FP8 weight copies are not sharded)")
+        if not next(ema_model.parameters()).is_cuda:
+            warnings.warn("objective.teacher_fp8 on CPU is slower than fp32 (no FP8 units); it is meant for "
+                          "GPUs with compute capability >= 8.9", stacklevel=2)
         if use_fp8_teacher(ema_model, self.k) == 0:
             raise ValueError(f"objective.teacher_fp8: no teacher matmul has sizes that are multiples of 16 "
                              f"(model.width={self.model_cfg.width})")
