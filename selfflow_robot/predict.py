@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import cli
 
 
-def rollout(model, io: dict, normalizer, store, episode: int, start: int, chunks: int, steps: int, seed: int = 0):
+def rollout(model, io: dict, normalizer, store, episode: int, start: int, chunks: int, steps: int, seed: int = 0,
+            method: str = "ode"):
     """Returns (predicted, recorded) uint8 [N, H, W, 3] at the model's frame rate and image size."""
     from .sampling import predict_video, resize_frame
 
@@ -35,7 +36,8 @@ def rollout(model, io: dict, normalizer, store, episode: int, start: int, chunks
             break
         chunk = actions[np.minimum(np.arange(t0, t0 + H), length - 1)]
         norm = torch.as_tensor(normalizer.normalize(chunk) if normalizer else chunk, dtype=torch.float32)[None]
-        out = predict_video(model, torch.stack(context)[None], instruction, n_fut, actions=norm, steps=steps, generator=g)[0]
+        out = predict_video(model, torch.stack(context)[None], instruction, n_fut, actions=norm, steps=steps, generator=g,
+                            method=method)[0]
         predicted += list(out)
         recorded += [frame(t0 + stride * (k + 1)) for k in range(n_fut)]
         context = (context + list(out))[-n_ctx:]
@@ -64,7 +66,7 @@ def main(cfg: DictConfig) -> str:
     norm_file = ckpt / "normalization.json"
     normalizer = ActionNormalizer.load(norm_file) if norm_file.is_file() else None
     pred, real = rollout(model, io, normalizer, store, int(cfg.episode), int(cfg.start), int(cfg.chunks),
-                         int(cfg.steps), int(cfg.seed))
+                         int(cfg.steps), int(cfg.seed), str(cfg.sampler))
     frames = np.concatenate([pred, real], axis=2)  # prediction | recorded
     out = cfg.out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

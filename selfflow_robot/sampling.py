@@ -21,20 +21,49 @@ from .objectives.flow import shift_time
 MODES = ("joint", "action_first", "video")
 
 
+METHODS = ("ode", "sde")
+SDE_LAST_STEP = 0.04  # SiT / Self-Flow: Euler-Maruyama down to t = 0.04, then one deterministic step
+
+
+def time_grid(steps: int, method: str = "ode", shift: float = 1.0, device=None) -> torch.Tensor:
+    """steps + 1 times from 1 (noise) to 0 (data): uniform for the ODE; for the SDE uniform down to
+    SDE_LAST_STEP and a last step from there to 0 (SiT's grid). Both optionally time-shifted."""
+    if method not in METHODS:
+        raise ValueError(f"sampler method must be one of {METHODS}, got {method!r}")
+    if method == "ode":
+        if steps < 1:
+            raise ValueError(f"sampling needs steps >= 1, got {steps}")
+        return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+    if steps < 2:
+        raise ValueError(f"SDE sampling needs steps >= 2 (the last one is deterministic), got {steps}")
+    grid = shift_time(torch.linspace(1.0, SDE_LAST_STEP, steps, device=device), shift)
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
+def sde_step(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor, noise: torch.Tensor | None):
+    """One Euler-Maruyama step from t to t - h of the reverse SDE with SiT's "sigma" diffusion
+    w(t) = t, for x_t = (1 - t) x0 + t eps and v = eps - x0. The score is -E[eps | x] / t with
+    E[eps | x] = x + (1 - t) v, so the drift v + w * (-score) = v + eps_hat has no 1/t.
+    noise=None: the deterministic ("Mean") last step."""
+    eps_hat = x + (1 - t) * v
+    x = x - h * (v + eps_hat)
+    return x if noise is None else x + torch.sqrt(2 * t * h) * noise
+
+
 @torch.no_grad()
 def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, state=None,
                  video_shape=None, action_shape=None, given_actions=None, shift: float = 1.0,
                  context_t: float = 0.0, generator: torch.Generator | None = None, forward=None,
-                 encode_prefix=None) -> dict:
-    """Integrate dx/dt = v from t = 1 to 0. Shapes are full tensor shapes ([B, T, h, w, P], [B, H, A]).
+                 encode_prefix=None, method: str = "ode") -> dict:
+    """Integrate from t = 1 to 0. Shapes are full tensor shapes ([B, T, h, w, P], [B, H, A]).
+    method: "ode" (Euler on dx/dt = v; few steps, the control path) or "sde" (Euler-Maruyama as in
+    SiT and the Self-Flow release; wants many steps, e.g. 250 for images).
     `forward` / `encode_prefix` may be compiled versions of the model's (e.g. CUDA graphs for
     batch-1 control)."""
     dev = model.type_embed.device
     forward = model if forward is None else forward
     encode_prefix = model.encode_prefix if encode_prefix is None else encode_prefix
-    if steps < 1:
-        raise ValueError(f"sampling needs steps >= 1, got {steps}")
-    ts = shift_time(torch.linspace(1.0, 0.0, steps + 1, device=dev), shift)
+    ts = time_grid(steps, method, shift, dev)
     x_v = torch.randn(video_shape, device=dev, generator=generator) if video_shape else None
     x_a = torch.randn(action_shape, device=dev, generator=generator) if action_shape and given_actions is None else None
     B = next(s for s in (video_shape, action_shape) if s)[0]
@@ -58,13 +87,20 @@ def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, s
             out = forward(video=x_v, video_t=t, action=given_actions if given_actions is not None else x_a,
                           action_t=torch.zeros_like(t) if given_actions is not None else t,
                           modulation=schedule[i], **cond)
-        dt = ts[i + 1] - ts[i]
         # New tensors every step: compiled (CUDA-graph) outputs are overwritten by the next call.
-        if x_v is not None:
-            x_v = x_v + dt * out["video"].float()
-        if x_a is not None:
-            x_a = x_a + dt * out["action"].float()
+        x_v, x_a = (_step(x, out.get(name), ts[i], ts[i + 1], method, i == steps - 1, generator)
+                    for x, name in ((x_v, "video"), (x_a, "action")))
     return {"video": x_v, "action": x_a}
+
+
+def _step(x, v, t, t_next, method: str, last: bool, generator):
+    if x is None:
+        return None
+    v = v.float()
+    if method == "ode":
+        return x + (t_next - t) * v
+    noise = None if last else torch.randn(x.shape, device=x.device, generator=generator)
+    return sde_step(x, v, t, t - t_next, noise)
 
 
 def _autocast(device: torch.device, weight_dtype: torch.dtype):
@@ -151,7 +187,7 @@ class ActionSampler:
 @torch.no_grad()
 def predict_video(model, context_frames: torch.Tensor, instruction: str | None, num_frames: int, *,
                   actions: torch.Tensor | None = None, steps: int = 20, state=None, text_emb=None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, method: str = "ode") -> torch.Tensor:
     """World-model rollout: uint8 context [B, Tc, H, W, 3] (+ normalised actions [B, H, A]) ->
     uint8 predicted frames [B, num_frames, H, W, 3]."""
     dev = model.type_embed.device
@@ -160,5 +196,6 @@ def predict_video(model, context_frames: torch.Tensor, instruction: str | None, 
     text = model.encode_text([instruction or ""] * B, dev) if model.cfg.text == "bytes" else None
     out = euler_sample(model, steps=steps, context=context, text=text, text_emb=text_emb, state=state,
                        video_shape=(B, num_frames, *context.shape[2:]),
-                       given_actions=None if actions is None else actions.to(dev).float(), generator=generator)
+                       given_actions=None if actions is None else actions.to(dev).float(), generator=generator,
+                       method=method)
     return model.tokens_to_frames(out["video"])

@@ -194,8 +194,9 @@ def test_world_model_rollout_video(toy_store, tmp_path):
 
     ft = str(tmp_path / "ft")
     run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "trainer.steps=2", f"run_dir={ft}", cwd=tmp_path)
-    for out in ("roll.gif", "roll.mp4"):
-        run("predict", f"policy={ft}", f"out={tmp_path / out}", "chunks=2", "steps=2", cwd=tmp_path)
+    for out, sampler in (("roll.gif", "sde"), ("roll.mp4", "ode")):
+        run("predict", f"policy={ft}", f"out={tmp_path / out}", "chunks=2", "steps=3", f"sampler={sampler}",
+            cwd=tmp_path)
     frames = imageio.mimread(str(tmp_path / "roll.gif"))
     assert len(frames) == 4 and frames[0].shape[:2] == (32, 64)  # 2 chunks x 2 frames, prediction | recorded
     n_frames, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "roll.mp4"))
