@@ -3,7 +3,8 @@
 Takes the context frame(s) of a dataset episode and the episode's own actions, and lets the
 fine-tuned video-action model generate the future frames chunk by chunk (clean actions given,
 frames denoised; each chunk's last predicted frame becomes the next context). Writes an mp4 or gif
-with the prediction beside the recorded frames.
+with the prediction beside the recorded frames, and prints how far the prediction is from the
+recording (PSNR). `episode=[0,6,12]` scores several episodes: one video each and the mean PSNR.
 """
 from __future__ import annotations
 
@@ -44,9 +45,20 @@ def rollout(model, io: dict, normalizer, store, episode: int, start: int, chunks
     return torch.stack(predicted).numpy(), torch.stack(recorded).numpy()
 
 
-def main(cfg: DictConfig) -> str:
-    import imageio
+def psnr(predicted: np.ndarray, recorded: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of uint8 frames, in dB (higher is closer)."""
+    mse = float(np.mean((predicted.astype(np.float64) - recorded.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
+
+def _video_path(out: str, episode: int, several: bool) -> str:
+    if not several:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}_ep{episode}{ext}"
+
+
+def main(cfg: DictConfig) -> dict:
     from .data import ActionNormalizer, EpisodeStore, open_store
     from .models import load_checkpoint_model
     from .train.checkpoint import resolve_checkpoint
@@ -65,18 +77,33 @@ def main(cfg: DictConfig) -> str:
         store = open_store(OmegaConf.create(config["dataset"]))
     norm_file = ckpt / "normalization.json"
     normalizer = ActionNormalizer.load(norm_file) if norm_file.is_file() else None
-    pred, real = rollout(model, io, normalizer, store, int(cfg.episode), int(cfg.start), int(cfg.chunks),
-                         int(cfg.steps), int(cfg.seed), str(cfg.sampler))
-    frames = np.concatenate([pred, real], axis=2)  # prediction | recorded
-    out = cfg.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    episodes = list(cfg.episode) if OmegaConf.is_list(cfg.episode) else [int(cfg.episode)]
     fps = float(cfg.fps or (io.get("fps") or 10) / int(io["frame_stride"]))
+    scores = {}
+    for episode in episodes:
+        if not 0 <= int(episode) < len(store):
+            raise SystemExit(f"episode={episode}: the store has episodes 0..{len(store) - 1}")
+        pred, real = rollout(model, io, normalizer, store, int(episode), int(cfg.start), int(cfg.chunks),
+                             int(cfg.steps), int(cfg.seed), str(cfg.sampler))
+        out = _video_path(cfg.out, int(episode), len(episodes) > 1)
+        _write_video(out, np.concatenate([pred, real], axis=2), fps)  # prediction | recorded
+        scores[int(episode)] = psnr(pred, real)
+        print(f"episode {episode}: wrote {len(pred)} frames (prediction | recorded) to {os.path.abspath(out)}; "
+              f"PSNR {scores[int(episode)]:.2f} dB")
+    mean = float(np.mean(list(scores.values())))
+    if len(episodes) > 1:
+        print(f"mean PSNR over {len(episodes)} episodes: {mean:.2f} dB ({cfg.sampler}, {cfg.steps} steps per chunk)")
+    return {"psnr": scores, "mean_psnr": mean}
+
+
+def _write_video(out: str, frames: np.ndarray, fps: float) -> None:
+    import imageio
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".gif"):
         imageio.mimsave(out, list(frames), duration=1.0 / fps, loop=0)
     else:
         imageio.mimsave(out, list(frames), fps=fps, macro_block_size=1)
-    print(f"wrote {len(frames)} frames (prediction | recorded) to {os.path.abspath(out)}")
-    return os.path.abspath(out)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -193,11 +194,16 @@ def test_world_model_rollout_video(toy_store, tmp_path):
     import imageio_ffmpeg
 
     ft = str(tmp_path / "ft")
-    run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "trainer.steps=2", f"run_dir={ft}", cwd=tmp_path)
-    for out, sampler in (("roll.gif", "sde"), ("roll.mp4", "ode")):
-        run("predict", f"policy={ft}", f"out={tmp_path / out}", "chunks=2", "steps=3", f"sampler={sampler}",
-            cwd=tmp_path)
-    frames = imageio.mimread(str(tmp_path / "roll.gif"))
+    run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "trainer.steps=2", f"run_dir={ft}",
+        "model.video_prediction=x", cwd=tmp_path)
+    one = run("predict", f"policy={ft}", f"out={tmp_path / 'roll.mp4'}", "chunks=2", "steps=3", cwd=tmp_path)
+    assert re.search(r"episode 0: wrote 4 frames .* PSNR [0-9.]+ dB", one.stdout)
+    several = run("predict", f"policy={ft}", f"out={tmp_path / 'roll.gif'}", "chunks=2", "steps=3", "sampler=sde",
+                  "episode=[0,3]", cwd=tmp_path)
+    assert "mean PSNR over 2 episodes" in several.stdout
+    frames = imageio.mimread(str(tmp_path / "roll_ep3.gif"))
     assert len(frames) == 4 and frames[0].shape[:2] == (32, 64)  # 2 chunks x 2 frames, prediction | recorded
     n_frames, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "roll.mp4"))
     assert n_frames == 4
+    bad = run("predict", f"policy={ft}", "episode=99", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "episode=99: the store has episodes 0..5" in bad.stderr + bad.stdout

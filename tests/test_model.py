@@ -155,3 +155,25 @@ def test_full_attention_option():
     with pytest.raises(ValueError, match="isolate_condition"):
         m.encode_prefix(context=x["context"], text=x["text"])
     assert m(**x, video_t=torch.tensor([0.5, 0.5]), action_t=torch.tensor([0.5, 0.5]))["video"].shape == x["video"].shape
+
+
+def test_x_prediction_returns_the_implied_velocity(model):
+    """video_prediction=x: the head's output is x0_hat and forward returns (x_t - x0_hat) / max(t, 0.05)
+    per token, so objectives and samplers keep working in velocities."""
+    x = inputs(model)
+    x_model = copy.deepcopy(model)
+    x_model.cfg.video_prediction = "x"
+    values = torch.tensor([[0.02, 0.9], [0.5, 0.3]])  # 0.02 is clipped to 0.05
+    idx = torch.randint(0, 2, (2, 2, 3, 4), generator=torch.Generator().manual_seed(3))
+    kw = dict(video_t=TokenTimes(values, idx), action_t=values[:, 1], context_t=values[:, 1] * 0)
+    raw = model(**x, **kw)  # same weights, head output read as a velocity
+    out = x_model(**x, **kw)
+    tau = torch.gather(values, 1, idx.flatten(1)).view(2, 2, 3, 4, 1).clamp_min(0.05)
+    torch.testing.assert_close(out["video"], (x["video"] - raw["video"]) / tau)
+    torch.testing.assert_close(out["action"], raw["action"])  # actions stay velocity-predicted
+    # a perfect x0 prediction gives the exact flow-matching target eps - x0
+    x0, eps, t = torch.randn(4, 1, 2, 2, 6), torch.randn(4, 1, 2, 2, 6), torch.tensor([0.1, 0.4, 0.7, 1.0])
+    xt = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * eps
+    torch.testing.assert_close(x_model._velocity_from_x(xt, x0, t), eps - x0)
+    with pytest.raises(ValueError, match="video_prediction"):
+        build_model("tiny", video_prediction="eps")

@@ -19,6 +19,7 @@ from .text import ByteTextEncoder, EmbeddingTextEncoder, encode_bytes
 from .tokens import float_to_frames, frames_to_float, patchify, unpatchify
 
 MAX_SLOTS = 8  # above this many distinct timesteps per sample, modulate per token
+X_PRED_MIN_T = 0.05  # x-prediction: the velocity (x_t - x0_hat) / t divides by at least this (JiT)
 STREAM_TYPES = ("text", "context", "video", "action", "state")
 
 
@@ -250,6 +251,14 @@ class SelfFlowDiT(nn.Module):
             select = None
         return x, rope, cond, select
 
+    @staticmethod
+    def _velocity_from_x(noisy: torch.Tensor, x0_hat: torch.Tensor, t) -> torch.Tensor:
+        """x_t = (1 - t) x0 + t eps and v = eps - x0 give v = (x_t - x0) / t; t is clipped from below."""
+        B, shape = noisy.shape[0], tuple(noisy.shape[1:4])
+        tt = _as_token_times(t, B, shape, noisy.device)
+        tau = torch.gather(tt.values, 1, tt.index).view(B, *shape, 1)
+        return (noisy - x0_hat) / tau.clamp_min(X_PRED_MIN_T).to(x0_hat.dtype)
+
     @torch.no_grad()
     def encode_prefix(self, context=None, context_t=None, text=None, text_emb=None, state=None) -> PrefixCache:
         """Keys/values of the conditioning tokens at every block, computed once per observation.
@@ -324,6 +333,8 @@ class SelfFlowDiT(nn.Module):
             c, sel = _slice_cond(cond, select, slice(start, start + n))
             mod = modulation.video if modulation else None
             out["video"] = self.video_head(x[:, start:start + n], c, sel, mod).view(*video.shape[:4], -1)
+            if self.cfg.video_prediction == "x":
+                out["video"] = self._velocity_from_x(video, out["video"], video_t)
             start += n
         if action is not None:
             c, sel = _slice_cond(cond, select, slice(start, None))
