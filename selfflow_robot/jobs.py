@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -72,6 +73,12 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     if mcfg.text == "embedding":
         mcfg.text_embed_dim = int(store.meta["embedding_dim"])
     image_size = _check_image_size(clip.image_size, mcfg.patch_size)
+    patch_values = mcfg.patch_size**2 * mcfg.in_channels
+    if mcfg.video_prediction == "v" and patch_values > mcfg.width:
+        # Measured on the quickstart (768 into 128): velocity prediction never generated frames.
+        warnings.warn(f"model.video_prediction=v with {patch_values}-value patches into width {mcfg.width}: the "
+                      f"velocity carries full-rank noise through a narrower model, and frame generation may fail; "
+                      f"model.video_prediction=x predicts clean patches instead (docs/model.md)", stacklevel=2)
 
     train_eps, val_eps = split_episodes(len(store), float(cfg.get("validation", {}).get("fraction", 0.1)),
                                         seed=int(cfg.trainer.seed))

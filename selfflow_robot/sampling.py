@@ -1,4 +1,4 @@
-"""Euler ODE sampling with per-token timesteps, from t = 1 (noise) to t = 0 (data).
+"""Euler ODE and Euler-Maruyama SDE sampling with per-token timesteps, from t = 1 (noise) to t = 0 (data).
 
 Modes:
   joint         future frames and the action chunk are denoised together (shared t);
@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from .objectives.flow import shift_time
 
 MODES = ("joint", "action_first", "video")
-
-
 METHODS = ("ode", "sde")
 SDE_LAST_STEP = 0.04  # SiT / Self-Flow: Euler-Maruyama down to t = 0.04, then one deterministic step
 

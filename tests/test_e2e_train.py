@@ -60,7 +60,8 @@ def test_pretrain_lowers_loss_and_resume_is_exact(toy_store, tmp_path, teacher_f
     common = ["dataset=store", f"data_dir={toy_store}", *TINY, "objective=self_flow", "trainer.checkpoint_every=10",
               f"objective.teacher_fp8={str(teacher_fp8).lower()}"]
     straight = str(tmp_path / "straight")
-    run("pretrain", *common, "trainer.steps=20", f"run_dir={straight}", cwd=tmp_path)
+    proc = run("pretrain", *common, "trainer.steps=20", f"run_dir={straight}", cwd=tmp_path)
+    assert "model.video_prediction=v with 192-value patches into width 64" in proc.stderr  # the bottleneck warning
     first = losses(straight)
     assert np.mean([first[s] for s in range(16, 21)]) < np.mean([first[s] for s in range(1, 6)])
     # Stop at 10, resume to 20: the same loss sequence as the uninterrupted run.
