@@ -77,19 +77,19 @@ def main(cfg: DictConfig) -> dict:
         store = open_store(OmegaConf.create(config["dataset"]))
     norm_file = ckpt / "normalization.json"
     normalizer = ActionNormalizer.load(norm_file) if norm_file.is_file() else None
-    episodes = list(cfg.episode) if OmegaConf.is_list(cfg.episode) else [int(cfg.episode)]
+    episodes = [int(e) for e in cfg.episode] if OmegaConf.is_list(cfg.episode) else [int(cfg.episode)]
     fps = float(cfg.fps or (io.get("fps") or 10) / int(io["frame_stride"]))
     scores = {}
     for episode in episodes:
-        if not 0 <= int(episode) < len(store):
+        if not 0 <= episode < len(store):
             raise SystemExit(f"episode={episode}: the store has episodes 0..{len(store) - 1}")
-        pred, real = rollout(model, io, normalizer, store, int(episode), int(cfg.start), int(cfg.chunks),
+        pred, real = rollout(model, io, normalizer, store, episode, int(cfg.start), int(cfg.chunks),
                              int(cfg.steps), int(cfg.seed), str(cfg.sampler))
-        out = _video_path(cfg.out, int(episode), len(episodes) > 1)
+        out = _video_path(cfg.out, episode, len(episodes) > 1)
         _write_video(out, np.concatenate([pred, real], axis=2), fps)  # prediction | recorded
-        scores[int(episode)] = psnr(pred, real)
+        scores[episode] = psnr(pred, real)
         print(f"episode {episode}: wrote {len(pred)} frames (prediction | recorded) to {os.path.abspath(out)}; "
-              f"PSNR {scores[int(episode)]:.2f} dB")
+              f"PSNR {scores[episode]:.2f} dB")
     mean = float(np.mean(list(scores.values())))
     if len(episodes) > 1:
         print(f"mean PSNR over {len(episodes)} episodes: {mean:.2f} dB ({cfg.sampler}, {cfg.steps} steps per chunk)")

@@ -218,7 +218,7 @@ class Trainer:
         raise RuntimeError("the data iterable yielded no batches (dataset smaller than one batch?)")
 
     # ------------------------------------------------------------------ one step
-    def _autocast(self):
+    def _step_context(self):
         """bf16 autocast (or none) and, with trainer.attention set, that SDPA kernel only. Under
         torch.compile the kernel is picked while tracing, so the context must cover the first step."""
         stack = contextlib.ExitStack()
@@ -233,7 +233,7 @@ class Trainer:
     def _train_step(self, batch) -> tuple[float, float, dict, bool]:
         c = self.cfg
         set_lr(self.optimizer, lr_at(self.step, c))
-        with self._autocast():
+        with self._step_context():
             loss, metrics = self.objective(self.forward_model, self.ema_model, batch)
         loss.backward()
         all_reduce_grads(self.objective_params, self.dist.world_size)
@@ -351,7 +351,7 @@ class Trainer:
 
     def _evaluate(self, logger) -> None:
         was_training = self.model.training
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._step_context():
             results = self.eval_fn(self.ema_model, self.step) or {}
         self.model.train(was_training)
         if logger and results:
