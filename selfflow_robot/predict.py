@@ -51,17 +51,11 @@ def psnr(predicted: np.ndarray, recorded: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def _video_path(out: str, episode: int, several: bool) -> str:
-    if not several:
-        return out
-    stem, ext = os.path.splitext(out)
-    return f"{stem}_ep{episode}{ext}"
-
-
 def main(cfg: DictConfig) -> dict:
     from .data import ActionNormalizer, EpisodeStore, open_store
     from .models import load_checkpoint_model
     from .train.checkpoint import resolve_checkpoint
+    from .video import per_episode_path, write_video
 
     ckpt = resolve_checkpoint(cfg.policy)
     model, config = load_checkpoint_model(ckpt, cfg.device)
@@ -85,8 +79,8 @@ def main(cfg: DictConfig) -> dict:
             raise SystemExit(f"episode={episode}: the store has episodes 0..{len(store) - 1}")
         pred, real = rollout(model, io, normalizer, store, episode, int(cfg.start), int(cfg.chunks),
                              int(cfg.steps), int(cfg.seed), str(cfg.sampler))
-        out = _video_path(cfg.out, episode, len(episodes) > 1)
-        _write_video(out, np.concatenate([pred, real], axis=2), fps)  # prediction | recorded
+        out = write_video(per_episode_path(cfg.out, episode, len(episodes) > 1),
+                          np.concatenate([pred, real], axis=2), fps)  # prediction | recorded
         scores[episode] = psnr(pred, real)
         print(f"episode {episode}: wrote {len(pred)} frames (prediction | recorded) to {os.path.abspath(out)}; "
               f"PSNR {scores[episode]:.2f} dB")
@@ -94,16 +88,6 @@ def main(cfg: DictConfig) -> dict:
     if len(episodes) > 1:
         print(f"mean PSNR over {len(episodes)} episodes: {mean:.2f} dB ({cfg.sampler}, {cfg.steps} steps per chunk)")
     return {"psnr": scores, "mean_psnr": mean}
-
-
-def _write_video(out: str, frames: np.ndarray, fps: float) -> None:
-    import imageio
-
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if out.endswith(".gif"):
-        imageio.mimsave(out, list(frames), duration=1.0 / fps, loop=0)
-    else:
-        imageio.mimsave(out, list(frames), fps=fps, macro_block_size=1)
 
 
 if __name__ == "__main__":

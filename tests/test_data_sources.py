@@ -108,3 +108,48 @@ def test_bench_runs_on_tiny_settings(tmp_path):
                      "data.clips", "data.clips_resized", "data.clips_batched"]
     assert all((r.get("frames_per_s") or r.get("clips_per_s")) > 0 for r in recs)
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 7
+
+
+def test_show_command_writes_video_and_plot(tmp_path):
+    import imageio.v2 as imageio
+
+    write_store(tmp_path / "s")
+    out = tmp_path / "vids" / "ep.mp4"
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.data", "show", "dataset=store", f"data_dir={tmp_path / 's'}",
+                        "episode=[0,2]", f"out={out}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert [(x["episode"], x["key"], x["instruction"], x["steps"]) for x in recs] == [(0, "ep0", "task 0", 10),
+                                                                                     (2, "ep2", "task 2", 12)]
+    for rec, n in zip(recs, (10, 12)):
+        frames = imageio.mimread(rec["video"])
+        assert len(frames) == n and frames[0].shape == (256, 256, 3)  # 32x32 upscaled 8x
+        assert rec["plot"].endswith("_actions.png") and (tmp_path / "vids" / rec["plot"]).stat().st_size > 1000
+    assert {p.name for p in (tmp_path / "vids").iterdir()} == {"ep_ep0.mp4", "ep_ep0_actions.png", "ep_ep2.mp4",
+                                                               "ep_ep2_actions.png"}
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.data", "show", "dataset=store", f"data_dir={tmp_path / 's'}",
+                        "episode=3", f"out={out}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "episode=3" in r.stderr and "0..2" in r.stderr
+
+
+def test_show_episode_of_an_action_free_store_has_no_plot(tmp_path):
+    from selfflow_robot.data.show import show_episode
+
+    convert_video_folder(str(_folder(tmp_path)), str(tmp_path / "st"), image_size=(32, 32), clip_frames=8,
+                         progress=False)
+    rec = show_episode(EpisodeStore(tmp_path / "st"), 0, str(tmp_path / "v.gif"), min_height=64)
+    assert rec["plot"] is None and rec["fps"] > 0
+    import imageio.v2 as imageio
+
+    frames = imageio.mimread(rec["video"])
+    assert len(frames) == rec["steps"] and frames[0].shape[:2] == (64, 64)
+
+
+def test_upscale_repeats_pixels_by_an_integer_factor():
+    from selfflow_robot.video import upscale
+
+    frames = np.arange(2 * 3 * 2 * 3, dtype=np.uint8).reshape(2, 3, 2, 3)
+    big = upscale(frames, 7)  # 3 rows -> factor 3 (9 >= 7)
+    assert big.shape == (2, 9, 6, 3)
+    np.testing.assert_array_equal(big[:, ::3, ::3], frames)
+    assert upscale(frames, 3) is frames

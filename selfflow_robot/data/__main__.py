@@ -1,8 +1,10 @@
-"""`python -m selfflow_robot.data {stats|bench} [key=value ...]`
+"""`python -m selfflow_robot.data {stats|show|bench} [key=value ...]`
 
 stats  JSON with the episode and step counts and per-dim action (and state) statistics of any
        dataset config: dataset=metaworld | rt1 data_dir=PATH | bridge data_dir=PATH |
        video_folder data_dir=FOLDER | store data_dir=STORE. build=false: only an existing store.
+show   a video of an episode's frames and a plot of its actions (and state) against the step:
+       episode=0 (or a list [0,5]) out=episode.mp4 -> episode.mp4 + episode_actions.png.
 bench  reading / conversion frames/s and clip-sampler clips/s (selfflow_robot.data.bench).
 """
 from __future__ import annotations
@@ -11,21 +13,26 @@ import json
 
 from selfflow_robot import cli
 
-VERBS = ("stats", "bench")
+VERBS = ("stats", "show", "bench")
 
 
-def stats(cfg) -> dict:
+def _open(cfg):
+    """The dataset's store; with build=false only one that already exists."""
     from .sources import is_complete, open_store, store_path
     from .store import EpisodeStore
 
     ds = cfg.dataset
     if cfg.get("build", True):
-        store = open_store(ds)
-    else:
-        path = store_path(ds)
-        if ds.source != "store" and not is_complete(path):
-            raise SystemExit(f"no finished store for dataset {ds.name} at {path} (run with build=true)")
-        store = EpisodeStore(path)
+        return open_store(ds)
+    path = store_path(ds)
+    if ds.source != "store" and not is_complete(path):
+        raise SystemExit(f"no finished store for dataset {ds.name} at {path} (run with build=true)")
+    return EpisodeStore(path)
+
+
+def stats(cfg) -> dict:
+    store = _open(cfg)
+    ds = cfg.dataset
     lengths = store.lengths
     st = store.stats()
     meta = store.meta
@@ -39,6 +46,27 @@ def stats(cfg) -> dict:
     return out
 
 
+def show(cfg) -> list[dict]:
+    from omegaconf import OmegaConf
+
+    from selfflow_robot.video import per_episode_path
+
+    from .show import show_episode
+
+    store = _open(cfg)
+    episodes = [int(e) for e in cfg.episode] if OmegaConf.is_list(cfg.episode) else [int(cfg.episode)]
+    bad = [e for e in episodes if not 0 <= e < len(store)]
+    if bad:
+        raise SystemExit(f"episode={bad[0]}: the store {store.path} has episodes 0..{len(store) - 1}")
+    shown = []
+    for e in episodes:
+        rec = show_episode(store, e, per_episode_path(str(cfg.out), e, len(episodes) > 1), cfg.get("fps"),
+                           int(cfg.get("min_height", 256)))
+        print(json.dumps(rec))
+        shown.append(rec)
+    return shown
+
+
 def main(cfg):
     if cfg.get("verb") == "bench":
         from .bench import main as bench_main
@@ -47,7 +75,7 @@ def main(cfg):
     from .errors import DataError
 
     try:
-        return stats(cfg)
+        return show(cfg) if cfg.get("verb") == "show" else stats(cfg)
     except (FileNotFoundError, DataError) as e:  # a message naming the path is all the user needs
         raise SystemExit(f"error: {e}") from None
 

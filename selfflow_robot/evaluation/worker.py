@@ -11,7 +11,7 @@ import traceback
 from .env_factory import make_env
 from .policy_factory import make_policy
 from .rollout import run_episode
-from .video import safe_name, write_video
+from ..video import safe_name, write_video
 
 
 def _limit_threads(cfg: dict) -> None:

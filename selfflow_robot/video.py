@@ -1,0 +1,45 @@
+"""Videos for people to look at (rollouts, predictions, dataset episodes): mp4 through
+imageio-ffmpeg, or gif (no ffmpeg needed)."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+
+def safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", s).strip("_")
+
+
+def per_episode_path(out: str, episode: int, several: bool) -> str:
+    """`out` itself for one episode; `<stem>_ep<N><ext>` when a command writes several."""
+    if not several:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}_ep{episode}{ext}"
+
+
+def upscale(frames: np.ndarray, min_height: int) -> np.ndarray:
+    """Nearest-neighbour upscale by the smallest integer factor that reaches min_height
+    (64x64 store frames play as a postage stamp otherwise); pixels stay exact."""
+    k = max(1, -(-min_height // frames.shape[1]))
+    return frames if k == 1 else frames.repeat(k, axis=1).repeat(k, axis=2)
+
+
+def write_video(path: str, frames, fps: float = 10) -> str:
+    """Write frames (uint8 HxWx3) to `path` (.mp4 or .gif); falls back to .gif without ffmpeg.
+    Returns the path written."""
+    import imageio.v2 as imageio
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    frames = [np.asarray(f, dtype=np.uint8) for f in frames]
+    if path.endswith(".mp4"):
+        try:
+            # macro_block_size=1: keep odd/small sizes (e.g. 64x64) without resizing warnings.
+            imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)
+            return path
+        except Exception:  # no ffmpeg backend available
+            path = path[:-4] + ".gif"
+    imageio.mimwrite(path, frames, duration=1.0 / fps, loop=0)
+    return path
