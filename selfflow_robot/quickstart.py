@@ -114,8 +114,10 @@ def main(cfg: DictConfig) -> dict:
     result = {"mean_success": ev["mean_success"],
               "tasks": {k: v["success_rate"] for k, v in ev["tasks"].items()},
               "times": {k: round(v, 1) for k, v in times.items()}, "table": table,
-              "demos": len(store), "pretrain": {k: pre.get(k) for k in ("checkpoint", "metrics_path", "last_loss")},
-              "finetune": {k: ft.get(k) for k in ("checkpoint", "metrics_path", "last_loss", "validation")},
+              "demos": len(store),
+              "pretrain": {k: pre.get(k) for k in ("checkpoint", "metrics_path", "curves_path", "last_loss")},
+              "finetune": {k: ft.get(k) for k in ("checkpoint", "metrics_path", "curves_path", "last_loss",
+                                                  "validation")},
               "eval": {"summary": ev.get("files", {}), "videos": os.path.join(d["eval"], "videos")},
               "config": OmegaConf.to_container(cfg, resolve=True)}
     with open(os.path.join(out, "quickstart.json"), "w") as f:
@@ -124,6 +126,7 @@ def main(cfg: DictConfig) -> dict:
           f"  demos:       {d['collect']} ({len(store)} episodes)\n"
           f"  checkpoints: {pre.get('checkpoint')}\n               {ft.get('checkpoint')}\n"
           f"  metrics:     {pre.get('metrics_path')}\n               {ft.get('metrics_path')}\n"
+          f"  curves:      {pre.get('curves_path')}\n               {ft.get('curves_path')}\n"
           f"  eval:        {ev.get('files', {}).get('md')} (plot {ev.get('files', {}).get('png')})\n"
           f"  videos:      {os.path.join(d['eval'], 'videos')}\n"
           f"  summary:     {os.path.join(out, 'quickstart.json')}")

@@ -85,6 +85,7 @@ def test_finetune_from_pretrained_lowers_action_error(toy_store, tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(ft, "metrics.jsonl"))]
     val = [r for r in rows if "eval/val_action_mse" in r]
     assert val, rows[-3:]
+    assert os.path.getsize(os.path.join(ft, "curves.png")) > 10_000  # drawn at the checkpoint
     # the action error of the trained EMA policy vs an untrained one, on the same clips
     from selfflow_robot.data import ClipDataset, EpisodeStore
     from selfflow_robot.models import build_model, load_checkpoint_model

@@ -97,4 +97,4 @@ def tiny_cfg(**overrides) -> dict:
     return cfg
 
 
-LOGGER = dict(wandb="disabled", progress_bar=False)
+LOGGER = dict(wandb="disabled", progress_bar=False, curves=False)  # curves: tests/test_curves.py

@@ -1,4 +1,4 @@
-"""Run logging: tqdm progress bar, `<run_dir>/metrics.jsonl`, and wandb.
+"""Run logging: tqdm progress bar, `<run_dir>/metrics.jsonl` (plotted to `<run_dir>/curves.png`), and wandb.
 
 wandb mode `auto` is online only when an API key is available (WANDB_API_KEY or a
 `wandb login` entry in ~/.netrc), offline otherwise; WANDB_MODE in the environment wins.
@@ -53,6 +53,8 @@ class RunLogger:
         self.use_jsonl = bool(cfg.get("jsonl", True))
         if self.use_jsonl:
             _truncate_after(self.metrics_path, start_step)  # drop lines a killed run wrote past the checkpoint
+        self.curves = self.use_jsonl and bool(cfg.get("curves", True))
+        self._plotted_step: int | None = None
         self.wandb_run = None
         self.wandb_id = wandb_id
         self._init_wandb(cfg, config, wandb_id)
@@ -101,6 +103,22 @@ class RunLogger:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
             self.bar.update(step - self.bar.n)  # redraws at most every mininterval
+
+    def plot(self, step: int) -> str | None:
+        """Redraw <run_dir>/curves.png from metrics.jsonl (at checkpoints and at the end); a
+        plotting failure only warns."""
+        if not self.curves or step == self._plotted_step or not self.metrics_path.exists():
+            return None
+        from .curves import plot_curves
+
+        try:
+            path = plot_curves({self.run_dir.name: self.metrics_path}, self.run_dir / "curves.png",
+                               title=f"{self.run_dir} (step {step})")
+        except Exception as e:  # a plot is never worth a training run
+            warnings.warn(f"could not plot {self.metrics_path} ({type(e).__name__}: {e})", stacklevel=2)
+            return None
+        self._plotted_step = step
+        return path
 
     def close(self) -> None:
         if self.bar is not None:

@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = dict(
 ATTENTION_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                       "math": "MATH"}
 LOGGER_DEFAULTS: dict[str, Any] = dict(jsonl=True, wandb="auto", project="selfflow-robot", entity=None, name=None,
-                                       tags=[], progress_bar=True, init_timeout=60)
+                                       tags=[], progress_bar=True, init_timeout=60, curves=True)
 
 
 class NonFiniteError(FloatingPointError):
@@ -336,15 +336,19 @@ class Trainer:
                     self._evaluate(logger)
                 if ckpt_every and self.step % ckpt_every == 0:
                     self.save_checkpoint()
+                    if logger:
+                        logger.plot(self.step)
             if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.STEP_DIR.format(self.step):
                 self.save_checkpoint()  # the final weights are always on disk
         finally:
             self._close_iter()  # stop DataLoader workers now, not in a slow gc of an exception frame
             if logger:
+                logger.plot(self.step)  # also after a crash: the curves up to it
                 logger.close()
         elapsed = max(time.perf_counter() - t_start, 1e-9)
         return dict(final_step=self.step, last_loss=last_loss,
                     metrics_path=str(self.run_dir / "metrics.jsonl"),
+                    curves_path=str(self.run_dir / "curves.png") if (self.run_dir / "curves.png").exists() else None,
                     checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                     steps_per_s=(self.step - start_step) / elapsed, samples_per_s=samples / elapsed,
                     nan_skips=self.nan_skips)
