@@ -75,9 +75,9 @@ def test_video_folder_config(tmp_path):
 
 
 def test_every_dataset_config_composes():
-    for name in ("metaworld", "rt1", "bridge", "video_folder", "store"):
+    for name in ("metaworld", "rt1", "bridge", "video_folder", "store", "lerobot"):
         cfg = compose("data", [f"dataset={name}", "data_dir=/some/where"]).dataset
-        assert cfg.source in ("metaworld", "rlds", "video_folder", "store")
+        assert cfg.source in ("metaworld", "rlds", "video_folder", "store", "lerobot")
         assert cfg.normalization.mode == "q99"
     assert compose("data", ["dataset=rt1", "data_dir=/x"]).dataset.data_dir == "/x"
 

@@ -4,6 +4,7 @@ source: store         an existing store at `path`
 source: metaworld     scripted-expert demonstrations, collected on first use
 source: rlds          RT-1 / Bridge / any RLDS builder dir at `data_dir`, converted on first use
 source: video_folder  videos / images at `path` (action-free), converted on first use
+source: lerobot       a local LeRobotDataset folder (v2.x or v3.0) at `path`, converted on first use
 
 Converted stores live in `store_dir`, or by default under $SELFFLOW_DATA_CACHE
 (~/.cache/selfflow_robot/stores) in a folder named after the dataset and a hash of every
@@ -25,6 +26,7 @@ _CONTENT_KEYS = {
                   "keep_failures", "state_mode"),
     "rlds": ("data_dir", "image_size", "max_episodes", "rlds"),
     "video_folder": ("path", "image_size", "clip_frames", "frame_skip", "max_episodes"),
+    "lerobot": ("path", "image_size", "max_episodes", "camera", "action_key", "state_key"),
 }
 
 
@@ -55,7 +57,7 @@ def store_path(cfg) -> str:
     if cfg.get("store_dir"):
         return os.path.expanduser(str(cfg["store_dir"]))
     if source not in _CONTENT_KEYS:
-        raise ValueError(f"unknown dataset source {source!r}; expected store, metaworld, rlds or video_folder")
+        raise ValueError(f"unknown dataset source {source!r}; expected store, metaworld, rlds, video_folder or lerobot")
     content = {k: cfg.get(k) for k in _CONTENT_KEYS[source]}
     if content.get("state_mode", "proprio") in (None, "proprio"):
         content.pop("state_mode", None)  # the default: stores collected before the option keep their path
@@ -105,8 +107,19 @@ def build_store(cfg, progress: bool | None = None) -> dict:
                                        clip_frames=int(cfg.get("clip_frames", 32)), frame_skip=int(cfg.get("frame_skip", 1)),
                                        max_episodes=cfg.get("max_episodes"), on_error=cfg.get("on_error", "raise"),
                                        fps=cfg.get("fps"), progress=progress)
+    elif source == "lerobot":
+        from .lerobot import LeRobotReader, convert_lerobot
+
+        if not cfg.get("path"):
+            raise SystemExit("dataset=lerobot needs the dataset folder (the one holding meta/info.json): data_dir=PATH")
+        reader = LeRobotReader(cfg["path"], camera=cfg.get("camera"), action_key=cfg.get("action_key") or "action",
+                               state_key=cfg.get("state_key", "auto"), image_size=cfg.get("image_size"),
+                               on_error=cfg.get("on_error", "raise"))
+        meta = {"source": cfg.get("name") or "lerobot", "data_dir": os.path.abspath(os.path.expanduser(cfg["path"])),
+                "action_names": cfg.get("action_names"), "action_mask": (cfg.get("normalization") or {}).get("mask")}
+        summary = convert_lerobot(reader, out, meta, max_episodes=cfg.get("max_episodes"), progress=progress)
     else:
-        raise ValueError(f"dataset source {source!r} cannot be built; expected metaworld, rlds or video_folder")
+        raise ValueError(f"dataset source {source!r} cannot be built; expected metaworld, rlds, video_folder or lerobot")
     if summary.get("skipped"):
         print(f"[selfflow_robot.data] {out}: skipped {summary['skipped']} episodes with bad data "
               "(listed in conversion.json)", file=sys.stderr)

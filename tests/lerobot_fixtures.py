@@ -1,0 +1,145 @@
+"""Tiny LeRobotDataset folders in the v2.1 and v3.0 layouts, written with pyarrow and ffmpeg as
+LeRobot writes them (per-episode files in v2.1; shared files and from/to timestamps in v3.0).
+
+Frame k of episode e is a flat grey of brightness 40 + 8k + 3e (codec-proof: decoded frames are
+matched by their mean), action[:, 0] = 100 e + k, state[:, 0] = -k.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+FPS = 10
+LENGTHS = (7, 5, 9)
+TASKS = ("pick up the cube", "open the drawer")
+
+
+def brightness(episode: int, k: int) -> int:
+    return 40 + 8 * k + 3 * episode
+
+
+def frames(episode: int, n: int, size=(64, 80)) -> np.ndarray:
+    return np.stack([np.full((*size, 3), brightness(episode, k), np.uint8) for k in range(n)])
+
+
+def _features(size, video: bool) -> dict:
+    cam = {"dtype": "video" if video else "image", "shape": [size[0], size[1], 3], "names": ["height", "width", "channel"]}
+    if video:
+        cam["info"] = {"video.fps": FPS, "video.codec": "h264", "video.pix_fmt": "yuv420p"}
+    return {"observation.images.top": cam,
+            "observation.state": {"dtype": "float32", "shape": [2], "names": ["a", "b"]},
+            "action": {"dtype": "float32", "shape": [3], "names": {"motors": ["x", "y", "gripper"]}},
+            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+            "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+            "index": {"dtype": "int64", "shape": [1], "names": None},
+            "task_index": {"dtype": "int64", "shape": [1], "names": None}}
+
+
+def _rows(episode: int, n: int, start_index: int, images=None) -> dict:
+    rows = {"observation.state": [[-float(k), 0.5] for k in range(n)],
+            "action": [[100.0 * episode + k, 0.0, 1.0] for k in range(n)],
+            "timestamp": [k / FPS for k in range(n)], "frame_index": list(range(n)),
+            "episode_index": [episode] * n, "index": list(range(start_index, start_index + n)),
+            "task_index": [episode % len(TASKS)] * n}
+    if images is not None:
+        rows["observation.images.top"] = images
+    return rows
+
+
+def _write_parquet(path: str, rows: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.table(rows), path)
+
+
+def _write_mp4(path: str, video: np.ndarray, codec: str = "libx264") -> None:
+    import imageio.v2 as imageio
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with imageio.get_writer(path, fps=FPS, codec=codec, macro_block_size=1, ffmpeg_log_level="error") as w:
+        for f in video:
+            w.append_data(f)
+
+
+def _info(version: str, size, video: bool, **paths) -> dict:
+    return {"codebase_version": version, "robot_type": "toy", "fps": FPS, "chunks_size": 1000,
+            "total_episodes": len(LENGTHS), "total_frames": sum(LENGTHS), "features": _features(size, video), **paths}
+
+
+def write_v21(root: str, video: bool = True, size=(64, 80)) -> str:
+    """v2.1: one parquet and one mp4 per episode; meta/episodes.jsonl and meta/tasks.jsonl."""
+    import io
+
+    from PIL import Image
+
+    data_path = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+    video_path = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    os.makedirs(os.path.join(root, "meta"), exist_ok=True)
+    start = 0
+    for e, n in enumerate(LENGTHS):
+        pix = frames(e, n, size)
+        images = None
+        if not video:
+            images = []
+            for f in pix:
+                buf = io.BytesIO()
+                Image.fromarray(f).save(buf, format="PNG")
+                images.append({"bytes": buf.getvalue(), "path": None})
+        _write_parquet(os.path.join(root, data_path.format(episode_chunk=0, episode_index=e)), _rows(e, n, start, images))
+        if video:
+            _write_mp4(os.path.join(root, video_path.format(episode_chunk=0, video_key="observation.images.top",
+                                                            episode_index=e)), pix)
+        start += n
+    with open(os.path.join(root, "meta", "info.json"), "w") as f:
+        json.dump(_info("v2.1", size, video, data_path=data_path, video_path=video_path if video else None), f)
+    with open(os.path.join(root, "meta", "episodes.jsonl"), "w") as f:
+        f.writelines(json.dumps({"episode_index": e, "tasks": [TASKS[e % 2]], "length": n}) + "\n"
+                     for e, n in enumerate(LENGTHS))
+    with open(os.path.join(root, "meta", "tasks.jsonl"), "w") as f:
+        f.writelines(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(TASKS))
+    return root
+
+
+def write_v30(root: str, size=(64, 80), codec: str = "libx264") -> str:
+    """v3.0: episodes 0-1 share data file 0 and video file 0 (episode 1 starts at episode 0's end),
+    episode 2 is in file 1; meta/episodes/ and meta/tasks.parquet (task strings as the index)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data_path = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+    video_path = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+    files = {0: [0, 1], 1: [2]}
+    meta_rows, start = [], 0
+    for file_index, eps in files.items():
+        rows: dict = {}
+        clock = 0.0
+        for e in eps:
+            n = LENGTHS[e]
+            for k, v in _rows(e, n, start).items():
+                rows.setdefault(k, []).extend(v)
+            meta_rows.append({"episode_index": e, "tasks": [TASKS[e % 2]], "length": n,
+                              "data/chunk_index": 0, "data/file_index": file_index,
+                              "dataset_from_index": start, "dataset_to_index": start + n,
+                              "videos/observation.images.top/chunk_index": 0,
+                              "videos/observation.images.top/file_index": file_index,
+                              "videos/observation.images.top/from_timestamp": clock,
+                              "videos/observation.images.top/to_timestamp": clock + n / FPS})
+            clock += n / FPS
+            start += n
+        _write_parquet(os.path.join(root, data_path.format(chunk_index=0, file_index=file_index)), rows)
+        _write_mp4(os.path.join(root, video_path.format(video_key="observation.images.top", chunk_index=0,
+                                                        file_index=file_index)),
+                   np.concatenate([frames(e, LENGTHS[e], size) for e in eps]), codec)
+    _write_parquet(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"),
+                   {k: [r[k] for r in meta_rows] for k in meta_rows[0]})
+    # pandas' DataFrame.to_parquet keeps the index (the task strings) as a column named after it
+    pq.write_table(pa.table({"task_index": list(range(len(TASKS))), "__index_level_0__": list(TASKS)}),
+                   os.path.join(root, "meta", "tasks.parquet"))
+    with open(os.path.join(root, "meta", "info.json"), "w") as f:
+        json.dump(_info("v3.0", size, True, data_path=data_path, video_path=video_path), f)
+    return root

@@ -1,0 +1,102 @@
+"""LeRobotDataset folders (v2.1 per-episode files, images or video; v3.0 shared files, h264 or AV1)
+read into the episode store: frames aligned to rows, actions, state, tasks, names; bad data."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyarrow")
+sys.path.insert(0, str(Path(__file__).parent))
+from lerobot_fixtures import LENGTHS, TASKS, brightness, write_v21, write_v30  # noqa: E402
+
+from selfflow_robot.cli import compose  # noqa: E402
+from selfflow_robot.data import DataError, open_store  # noqa: E402
+from selfflow_robot.data.lerobot import LeRobotReader, convert_lerobot  # noqa: E402
+
+LAYOUTS = {
+    "v2.1-video": lambda root: write_v21(root),
+    "v2.1-images": lambda root: write_v21(root, video=False),
+    "v3.0-h264": lambda root: write_v30(root),
+    "v3.0-av1": lambda root: write_v30(root, codec="libsvtav1"),  # LeRobot's default codec
+}
+
+
+def _dataset_cfg(root, store, *extra):
+    return compose("data", ["dataset=lerobot", f"data_dir={root}", f"dataset.store_dir={store}",
+                            "dataset.progress=false", *extra]).dataset
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_lerobot_dataset_becomes_a_store(tmp_path, layout):
+    root = LAYOUTS[layout](str(tmp_path / "ds"))
+    store = open_store(_dataset_cfg(root, tmp_path / "store", "dataset.image_size=[32,40]"))
+    assert len(store) == 3 and list(store.lengths) == list(LENGTHS)
+    assert store.meta["action_names"] == ["x", "y", "gripper"] and store.meta["fps"] == 10
+    assert store.meta["camera"] == "observation.images.top" and store.meta["image_shape"] == [32, 40, 3]
+    for e, n in enumerate(LENGTHS):
+        ep = store.episode(e)
+        assert ep["key"] == f"episode_{e:06d}" and ep["instruction"] == TASKS[e % 2]
+        np.testing.assert_array_equal(ep["actions"][:, 0], 100 * e + np.arange(n))
+        np.testing.assert_array_equal(ep["state"][:, 0], -np.arange(n))
+        # the frame shown at each row's timestamp: brightness steps of 8 per frame, 3 per episode
+        means = ep["images"].reshape(n, -1).mean(1)
+        assert np.abs(means - [brightness(e, k) for k in range(n)]).max() < 1.5, (e, means)
+
+
+def test_native_size_and_choices(tmp_path):
+    root = write_v30(str(tmp_path / "ds"))
+    reader = LeRobotReader(root, state_key=None)
+    assert reader.image_shape == (64, 80, 3) and reader.state_dim == 0
+    first = next(reader.episodes())
+    assert first["images"].shape == (LENGTHS[0], 64, 80, 3) and first["state"] is None
+    with pytest.raises(DataError, match=r"info.json.*camera 'observation.images.wrist' .*observation.images.top"):
+        LeRobotReader(root, camera="observation.images.wrist")
+    with pytest.raises(DataError, match="no action feature 'actions'"):
+        LeRobotReader(root, action_key="actions")
+    with pytest.raises(FileNotFoundError, match="no meta/info.json"):
+        LeRobotReader(str(tmp_path))
+
+
+def test_bad_video_names_file_and_episode_and_skip_keeps_the_rest(tmp_path):
+    root = write_v21(str(tmp_path / "ds"))
+    bad = Path(root) / "videos/chunk-000/observation.images.top/episode_000001.mp4"
+    bad.write_bytes(b"not an mp4")
+    with pytest.raises(DataError, match="episode 1"):
+        list(LeRobotReader(root).episodes())
+    reader = LeRobotReader(root, on_error="skip")
+    assert [ep["key"] for ep in reader.episodes()] == ["episode_000000", "episode_000002"]
+    assert len(reader.skips) == 1 and "episode 1" in reader.skips.items[0]
+    bad.unlink()
+    with pytest.raises(DataError, match=r"file .*episode_000001.mp4, episode 1, field 'observation.images.top': "
+                                        r"video file missing"):
+        list(LeRobotReader(root).episodes())
+
+
+def test_conversion_resumes_without_duplicates(tmp_path):
+    root = write_v30(str(tmp_path / "ds"))
+    out = str(tmp_path / "store")
+    first = convert_lerobot(LeRobotReader(root, image_size=(16, 20)), out, {"source": "lerobot"}, max_episodes=2,
+                            progress=False)
+    again = convert_lerobot(LeRobotReader(root, image_size=(16, 20)), out, {"source": "lerobot"}, progress=False)
+    assert (first["episodes"], first["added"], again["episodes"], again["added"]) == (2, 2, 3, 1)
+
+
+def test_finetune_on_a_lerobot_dataset(tmp_path):
+    root = write_v30(str(tmp_path / "ds"))
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE",
+           "SELFFLOW_DATA_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.finetune", "dataset=lerobot", f"data_dir={root}",
+                        "dataset.image_size=[32,40]", "model=tiny", "trainer.steps=2", "trainer.batch_size=4",
+                        "trainer.num_workers=0", "logger.wandb=disabled", "logger.progress_bar=false",
+                        "clip.image_size=[32,40]", "clip.action_chunk=3", "validation.fraction=0",
+                        f"run_dir={tmp_path / 'ft'}"], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "ft" / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    shutil.rmtree(tmp_path / "cache")
