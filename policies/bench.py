@@ -74,6 +74,7 @@ def bench_model(path: str, obs: dict, iters: int, warmup: int, device: str, step
     from .policy import Policy
 
     policy = Policy.load(path, device=device, sampler_steps=steps, mode=mode, compile=compile)
+    obs = policy.example_observation(image=obs["image"])  # the state / embedding this policy takes
     times = []
     for i in range(warmup + iters):
         r = policy.infer(obs)  # infer_ms spans predict_fn, which returns numpy (so CUDA is synced)
@@ -86,7 +87,7 @@ def bench_model(path: str, obs: dict, iters: int, warmup: int, device: str, step
 
 
 def random_checkpoint(size: str, out_dir: str, image_size, action_dim: int, action_chunk: int,
-                      patch_size: int = 16, context_frames: int = 1, future_frames: int = 2) -> str:
+                      patch_size: int = 16, context_frames: int = 1, future_frames: int = 2, state_dim: int = 0) -> str:
     """A checkpoint dir with random weights of the given size (for latency only)."""
     import os
 
@@ -94,9 +95,9 @@ def random_checkpoint(size: str, out_dir: str, image_size, action_dim: int, acti
 
     from selfflow_robot.models import build_model
 
-    model = build_model(size, action_dim=action_dim, patch_size=patch_size)
+    model = build_model(size, action_dim=action_dim, patch_size=patch_size, state_dim=state_dim)
     io = {"image_size": list(image_size), "context_frames": context_frames, "future_frames": future_frames,
-          "frame_stride": 1, "action_chunk": action_chunk, "action_dim": action_dim, "state_dim": None,
+          "frame_stride": 1, "action_chunk": action_chunk, "action_dim": action_dim, "state_dim": state_dim or None,
           "fps": 3, "text": model.cfg.text}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:

@@ -32,7 +32,9 @@ class ObservationError(ValueError):
     """The observation does not follow {"image": uint8[H,W,3], "instruction": str, "state": float[S]}."""
 
 
-def validate_obs(obs: Any, state_dim: int | None = None) -> dict:
+def validate_obs(obs: Any, state_dim: int | None = None, embedding_dim: int | None = None) -> dict:
+    """Check an observation before it reaches the model. state_dim / embedding_dim > 0: the policy
+    needs obs['state'] / obs['instruction_embedding'] of that size (0 or None: not needed)."""
     if not isinstance(obs, dict):
         raise ObservationError(f"obs must be a dict, got {type(obs).__name__}")
     if "image" not in obs:
@@ -52,7 +54,12 @@ def validate_obs(obs: Any, state_dim: int | None = None) -> dict:
     if emb is not None and (not isinstance(emb, np.ndarray) or emb.dtype.kind != "f" or emb.ndim != 1
                             or emb.shape[0] > 65536 or not np.all(np.isfinite(emb))):
         raise ObservationError("obs['instruction_embedding'] must be a finite 1-D float array")
+    if embedding_dim and (emb is None or emb.shape[0] != embedding_dim):
+        raise ObservationError(f"this policy conditions on obs['instruction_embedding'] (float[{embedding_dim}]), "
+                               f"got {'none' if emb is None else emb.shape[0]}")
     state = obs.get("state")
+    if state is None and state_dim:
+        raise ObservationError(f"this policy needs obs['state'] (float[{state_dim}])")
     if state is not None and state_dim == 0:  # a policy without state input ignores it (robots send it anyway)
         obs = {k: v for k, v in obs.items() if k != "state"}
         state = None
@@ -107,6 +114,8 @@ def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
     for k in ("action_chunk", "image_size", "context_frames", "future_frames", "frame_stride", "state_dim",
               "fps", "text", "action_names"):
         meta[k] = io.get(k)
+    if meta["text"] == "embedding":  # the instruction arrives as a precomputed vector (RT-1's 512-d)
+        meta["instruction_embedding_dim"] = int(cfg["model"].get("text_embed_dim") or 512)
     return meta
 
 
@@ -143,8 +152,20 @@ class Policy:
         self.last_action: np.ndarray | None = None
         self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
 
+    def example_observation(self, image: np.ndarray | None = None) -> dict:
+        """A valid observation for this policy (zeros at the trained image size unless `image` is
+        given; state and instruction embedding when the policy takes them): warm-up and benchmarks."""
+        size = self.metadata.get("image_size") or [256, 320]
+        obs = {"image": np.zeros((int(size[0]), int(size[1]), 3), np.uint8) if image is None else image,
+               "instruction": ""}
+        if self.metadata.get("state_dim"):
+            obs["state"] = np.zeros(int(self.metadata["state_dim"]), np.float32)
+        if self.metadata.get("instruction_embedding_dim"):
+            obs["instruction_embedding"] = np.zeros(int(self.metadata["instruction_embedding_dim"]), np.float32)
+        return obs
+
     def infer(self, obs: dict) -> dict:
-        obs = validate_obs(obs, self.metadata.get("state_dim"))
+        obs = validate_obs(obs, self.metadata.get("state_dim"), self.metadata.get("instruction_embedding_dim"))
         if obs.get("instruction") is None:
             obs = {**obs, "instruction": self.instruction or ""}
         if obs.get("state") is not None and self.normalizer is not None and self.normalizer.state is not None:

@@ -7,6 +7,10 @@ Protocol (every frame is one msgpack map; arrays as raw bytes, see msgpack_numpy
           "server_timing": {"infer_ms", "postprocess_ms", "total_ms", "prev_total_ms"}}
   {"type": "reset", "instruction": str | None} -> {"ok": True}
   anything wrong -> {"error": {"type": ..., "message": ...}}; the connection stays open.
+openpi-client compatibility: a map without "type" is an observation itself (openpi's protocol),
+with openpi's key names mapped by `openpi_keys` (our field -> their key: "image" <- "observation/image",
+"state" <- "observation/state", "instruction" <- "prompt"); its reply is the infer reply, and an
+error comes back as a text frame, which openpi-client raises as RuntimeError.
 Messages above `max_message_bytes` get a "too_large" error; above twice that, websockets
 itself closes that one connection (1009) so a client cannot make the server buffer without
 bound. Inference runs in one worker thread (one model call at a time) so the event loop
@@ -23,8 +27,10 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from . import msgpack_numpy
 from .policy import ObservationError
@@ -33,18 +39,32 @@ PROTOCOL = "selfflow-robot/1"
 log = logging.getLogger("selfflow_robot.serve")
 
 
+OPENPI_KEYS = {"image": "observation/image", "state": "observation/state", "instruction": "prompt"}  # ours: theirs
+_KEEP = object()  # a reply that leaves the connection's instruction as it is
+
+
 def _error(kind: str, message: str) -> dict:
     return {"error": {"type": kind, "message": message[:2000]}}
 
 
+@dataclass
+class _Reply:
+    body: dict
+    instruction: object = _KEEP  # reset: the connection's new instruction
+    openpi: bool = False  # an openpi-client request: errors go back as text frames
+
+
 class PolicyServer:
     def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 max_message_bytes: int = 16 * 2**20, return_extras: bool = False, metadata: dict | None = None):
+                 max_message_bytes: int = 16 * 2**20, return_extras: bool = False, metadata: dict | None = None,
+                 openpi_keys: dict | None = None):
         self.policy = policy
         self.host, self.port = host, int(port)
         self.api_key = api_key or None
         self.max_message_bytes = int(max_message_bytes)
         self.return_extras = return_extras
+        # their key -> our field, for renaming an openpi-client observation
+        self.from_openpi = {theirs: ours for ours, theirs in (OPENPI_KEYS if openpi_keys is None else openpi_keys).items()}
         self.metadata = {**(metadata if metadata is not None else policy.metadata),
                          "protocol": PROTOCOL, "max_message_bytes": self.max_message_bytes}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-infer")
@@ -73,62 +93,75 @@ class PolicyServer:
         packer = msgpack_numpy.Packer()
         instruction: str | None = None  # per connection, so clients do not overwrite each other's task
         prev_total_ms = None
-        await ws.send(packer.pack(self.metadata))
-        async for message in ws:
-            t0 = time.perf_counter()
-            reply = await self._reply(message, loop, instruction)
-            if isinstance(reply, tuple):  # reset: (reply, new instruction)
-                reply, instruction = reply
-            if "server_timing" in reply:
-                reply["server_timing"]["total_ms"] = (time.perf_counter() - t0) * 1e3
-                if prev_total_ms is not None:
-                    reply["server_timing"]["prev_total_ms"] = prev_total_ms
-            try:
-                data = packer.pack(reply)
-            except Exception as e:  # a predictor returned something unserialisable
-                data = packer.pack(_error("internal", f"cannot encode reply: {e}"))
-            await ws.send(data)
-            prev_total_ms = (time.perf_counter() - t0) * 1e3
+        try:
+            await ws.send(packer.pack(self.metadata))
+            async for message in ws:
+                t0 = time.perf_counter()
+                r = await self._reply(message, loop, instruction)
+                reply = r.body
+                if r.instruction is not _KEEP:
+                    instruction = r.instruction
+                if r.openpi and "error" in reply:
+                    await ws.send(f"{reply['error']['type']}: {reply['error']['message']}")
+                    continue
+                if "server_timing" in reply:
+                    reply["server_timing"]["total_ms"] = (time.perf_counter() - t0) * 1e3
+                    if prev_total_ms is not None:
+                        reply["server_timing"]["prev_total_ms"] = prev_total_ms
+                try:
+                    data = packer.pack(reply)
+                except Exception as e:  # a predictor returned something unserialisable
+                    data = packer.pack(_error("internal", f"cannot encode reply: {e}"))
+                await ws.send(data)
+                prev_total_ms = (time.perf_counter() - t0) * 1e3
+        except ConnectionClosed as e:  # a robot process that exits without close(): routine, not a traceback
+            log.info("client %s disconnected (%s)", ws.remote_address, e)
 
-    async def _reply(self, message, loop, instruction):
+    async def _reply(self, message, loop, instruction) -> _Reply:
         if isinstance(message, str):
-            return _error("bad_request", "expected a binary msgpack frame, got text")
+            return _Reply(_error("bad_request", "expected a binary msgpack frame, got text"))
         if len(message) > self.max_message_bytes:
-            return _error("too_large", f"message of {len(message)} bytes exceeds max_message_bytes="
-                          f"{self.max_message_bytes}")
+            return _Reply(_error("too_large", f"message of {len(message)} bytes exceeds max_message_bytes="
+                                 f"{self.max_message_bytes}"))
         try:
             req = msgpack_numpy.unpackb(message)
         except Exception as e:  # msgpack raises assorted errors on garbage; never let them kill the loop
-            return _error("bad_request", f"cannot decode msgpack message: {type(e).__name__}: {e}")
+            return _Reply(_error("bad_request", f"cannot decode msgpack message: {type(e).__name__}: {e}"))
+        if isinstance(req, dict) and "type" not in req:  # openpi-client: the observation itself
+            obs = {self.from_openpi.get(k, k): v for k, v in req.items()}
+            return _Reply(await self._infer(obs, loop, instruction), openpi=True)
         if not isinstance(req, dict) or not isinstance(req.get("type"), str):
-            return _error("bad_request", "a request must be a map with a string 'type'")
+            return _Reply(_error("bad_request", "a request must be a map with a string 'type'"))
         kind = req["type"]
         if kind == "infer":
             obs = req.get("obs")
             if not isinstance(obs, dict):
-                return _error("bad_request", "'infer' needs an 'obs' map")
-            if obs.get("instruction") is None and instruction is not None:
-                obs = {**obs, "instruction": instruction}
-            try:
-                result = await loop.run_in_executor(self._executor, self.policy.infer, obs)
-            except ObservationError as e:
-                return _error("invalid_observation", str(e))
-            except Exception as e:
-                log.error("inference failed:\n%s", traceback.format_exc())
-                return _error("inference_error", f"{type(e).__name__}: {e}")
-            if not self.return_extras:
-                result = {k: result[k] for k in ("actions", "server_timing", "safety") if k in result}
-            return dict(result, server_timing=dict(result.get("server_timing", {})))
+                return _Reply(_error("bad_request", "'infer' needs an 'obs' map"))
+            return _Reply(await self._infer(obs, loop, instruction))
         if kind == "reset":
             instr = req.get("instruction")
             if instr is not None and not isinstance(instr, str):
-                return _error("bad_request", "'reset' instruction must be a string or nil")
+                return _Reply(_error("bad_request", "'reset' instruction must be a string or nil"))
             try:
                 await loop.run_in_executor(self._executor, self.policy.reset, instr)
             except Exception as e:
-                return _error("reset_error", f"{type(e).__name__}: {e}")
-            return {"ok": True}, instr
-        return _error("unknown_type", f"unknown request type {kind!r}; expected 'infer' or 'reset'")
+                return _Reply(_error("reset_error", f"{type(e).__name__}: {e}"))
+            return _Reply({"ok": True}, instruction=instr)
+        return _Reply(_error("unknown_type", f"unknown request type {kind!r}; expected 'infer' or 'reset'"))
+
+    async def _infer(self, obs: dict, loop, instruction) -> dict:
+        if obs.get("instruction") is None and instruction is not None:
+            obs = {**obs, "instruction": instruction}
+        try:
+            result = await loop.run_in_executor(self._executor, self.policy.infer, obs)
+        except ObservationError as e:
+            return _error("invalid_observation", str(e))
+        except Exception as e:
+            log.error("inference failed:\n%s", traceback.format_exc())
+            return _error("inference_error", f"{type(e).__name__}: {e}")
+        if not self.return_extras:
+            result = {k: result[k] for k in ("actions", "server_timing", "safety") if k in result}
+        return dict(result, server_timing=dict(result.get("server_timing", {})))
 
     # ---- lifecycle ----
     async def serve_async(self, stop: asyncio.Future | None = None) -> None:

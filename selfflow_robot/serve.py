@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from omegaconf import DictConfig
 
 from selfflow_robot.cli import run, to_container
@@ -22,8 +21,7 @@ def build_policy(cfg: dict):
 
 
 def warmup(policy, n: int) -> None:
-    size = policy.metadata.get("image_size") or [256, 320]
-    obs = {"image": np.zeros((int(size[0]), int(size[1]), 3), np.uint8), "instruction": ""}
+    obs = policy.example_observation()  # with state / instruction embedding when the policy takes them
     for _ in range(int(n)):
         policy.infer(obs)
     policy.reset()
@@ -42,7 +40,7 @@ def main(cfg: DictConfig | dict):
     warmup(policy, max(int(c.get("warmup", 1)), 3 if c.get("compile") else 0))
     server = PolicyServer(policy, host=c.get("host", "127.0.0.1"), port=int(c.get("port", 8000)),
                           api_key=c.get("api_key"), max_message_bytes=int(float(c.get("max_message_mb", 16)) * 2**20),
-                          return_extras=bool(c.get("return_extras", False)))
+                          return_extras=bool(c.get("return_extras", False)), openpi_keys=c.get("openpi_keys"))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

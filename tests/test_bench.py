@@ -36,3 +36,15 @@ def test_bench_needs_a_verb(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "selfflow_robot.bench", "model=tiny"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "params|train" in (proc.stderr + proc.stdout)
+
+
+def test_bench_policy_on_a_checkpoint_that_takes_state(tmp_path):
+    from selfflow_robot.policies.bench import main, random_checkpoint
+
+    ckpt = random_checkpoint("tiny", str(tmp_path / "ckpt"), (32, 32), action_dim=4, action_chunk=3, patch_size=8,
+                             state_dim=39)  # e.g. the quickstart's Meta-World policy
+    r = main({"checkpoint": ckpt, "image_size": [32, 32], "iters": 5, "warmup": 1, "model_iters": 2,
+              "modes": ["action_first"], "device": "cpu", "sampler_steps": 2, "out": str(tmp_path / "p.jsonl")})
+    assert r["loopback"]["overhead"]["median_ms"] > 0 and r["codec"]["median_ms"] > 0
+    (m,) = r["model"]
+    assert m["chunk_shape"] == [3, 4] and m["infer"]["median_ms"] > 0

@@ -12,6 +12,7 @@ from selfflow_robot.policies.policy import ObservationError
 NORM = {"mode": "q99", "action": {"q01": [-1.0, 0.0, 0.0], "q99": [1.0, 2.0, 1.0], "mask": [True, True, False]},
         "state": {"q01": [0.0, 0.0], "q99": [4.0, 4.0]}}
 IMG = np.zeros((8, 10, 3), np.uint8)
+STATE = np.array([2.0, 2.0], np.float32)  # make()'s policy takes a 2-d state
 
 
 class Fake:
@@ -36,7 +37,7 @@ def make(fake=None, chunk=None, safety=None, norm=NORM):
 
 def test_infer_unnormalises_and_reports():
     p = make()
-    r = p.infer({"image": IMG, "instruction": "pick"})
+    r = p.infer({"image": IMG, "instruction": "pick", "state": STATE})
     a = r["actions"]
     assert a.dtype == np.float32 and a.shape == (4, 3)
     np.testing.assert_allclose(a[:, 0], np.linspace(-1, 1, 4) * 0.5, atol=1e-6)  # q01=-1, q99=1: identity
@@ -53,13 +54,13 @@ def test_instruction_and_state_normalisation_reach_predictor():
     p.infer({"image": IMG, "state": np.array([2.0, 4.0], np.float32)})
     assert fake.seen[-1]["instruction"] == "open drawer"
     np.testing.assert_allclose(fake.seen[-1]["state"], [0.0, 1.0])
-    p.infer({"image": IMG, "instruction": "close drawer"})
+    p.infer({"image": IMG, "instruction": "close drawer", "state": STATE})
     assert fake.seen[-1]["instruction"] == "close drawer"
 
 
 def test_normalised_clip_before_unnormalising():
     p = make(lambda o: np.array([[3.0, -7.0, 9.0]], np.float32))
-    r = p.infer({"image": IMG})
+    r = p.infer({"image": IMG, "state": STATE})
     np.testing.assert_allclose(r["actions"], [[1.0, 0.0, 9.0]])
     assert r["safety"]["clipped"]
 
@@ -67,7 +68,7 @@ def test_normalised_clip_before_unnormalising():
 def test_inf_is_held_not_clipped():
     p = make(lambda o: np.array([[np.inf, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32),
              safety=SafetyConfig(hold="zeros"))
-    r = p.infer({"image": IMG})
+    r = p.infer({"image": IMG, "state": STATE})
     np.testing.assert_array_equal(r["actions"], np.zeros((2, 3)))
     assert r["safety"]["hold"]
 
@@ -75,21 +76,21 @@ def test_inf_is_held_not_clipped():
 def test_act_pops_chunk_and_limits_steps():
     fake = Fake(h=2)
     p = make(fake, safety=SafetyConfig(max_delta=[0.3, 10.0, 10.0]))
-    acts = [p.act({"image": IMG}) for _ in range(4)]
+    acts = [p.act({"image": IMG, "state": STATE}) for _ in range(4)]
     assert fake.calls == 2
     # chunk column 0 = [-0.5, 0.5]; step 1 is limited to -0.5 + 0.3; step 2 (new chunk) from -0.2 -> -0.5
     np.testing.assert_allclose([a[0] for a in acts], [-0.5, -0.2, -0.5, -0.2], atol=1e-6)
     assert p.last_safety == {"hold": False, "clipped": False, "delta_limited": False}  # chunk was pre-limited
     np.testing.assert_allclose([a[1] for a in acts], [1.0, 1.0, 1.1, 1.1], atol=1e-6)  # 0.5 (0.1 c + 1) 2
     p.reset()
-    p.act({"image": IMG})
+    p.act({"image": IMG, "state": STATE})
     assert fake.calls == 3
 
 
 def test_act_with_ensembling_queries_every_step():
     fake = Fake(h=3)
     p = make(fake, chunk=ChunkConfig(ensemble=True, ensemble_k=0.0))
-    a = [p.act({"image": IMG})[1] for _ in range(3)]
+    a = [p.act({"image": IMG, "state": STATE})[1] for _ in range(3)]
     # column 1 of chunk c is 1 + 0.1 c (un-normalised); equal weights over covering chunks
     np.testing.assert_allclose(a, [1.0, (1.0 + 1.1) / 2, (1.0 + 1.1 + 1.2) / 3], atol=1e-6)
     assert fake.calls == 3
@@ -104,6 +105,7 @@ def test_act_with_ensembling_queries_every_step():
     ({"image": IMG, "instruction": 3}, "instruction"),
     ({"image": IMG, "state": np.zeros(5, np.float32)}, "expects 2"),
     ({"image": IMG, "state": np.array([np.nan, 0.0])}, "NaN"),
+    ({"image": IMG}, r"needs obs\['state'\] \(float\[2\]\)"),
     ([IMG], "dict"),
 ])
 def test_observation_validation(obs, msg):
@@ -113,7 +115,7 @@ def test_observation_validation(obs, msg):
 
 def test_predictor_shape_mismatch():
     with pytest.raises(RuntimeError, match=r"expected \[H, 3\]"):
-        make(lambda o: np.zeros((4, 2), np.float32)).infer({"image": IMG})
+        make(lambda o: np.zeros((4, 2), np.float32)).infer({"image": IMG, "state": STATE})
     with pytest.raises(ValueError, match="action dims"):
         Policy(Fake(), {"action_dim": 2}, NORM, None, None)
 
@@ -267,3 +269,15 @@ def test_policy_without_state_input_ignores_state():
     obs = {"image": np.zeros((8, 8, 3), np.uint8), "instruction": "x", "state": np.zeros(4, np.float32)}
     assert "state" not in validate_obs(obs, 0)
     assert validate_obs(obs, 4)["state"].shape == (4,)
+
+
+def test_example_observation_is_what_the_policy_takes():
+    p = Policy(Fake(), {"action_dim": 3, "state_dim": 2, "image_size": [8, 10], "instruction_embedding_dim": 4},
+               NORM, None, None)
+    obs = p.example_observation()
+    assert obs["image"].shape == (8, 10, 3) and obs["state"].shape == (2,)
+    assert obs["instruction_embedding"].shape == (4,)
+    assert p.infer(obs)["actions"].shape == (4, 3)
+    with pytest.raises(ObservationError, match=r"conditions on obs\['instruction_embedding'\] \(float\[4\]\), got none"):
+        p.infer({"image": IMG, "state": STATE})
+    assert set(make().example_observation(image=IMG)) == {"image", "instruction", "state"}

@@ -91,7 +91,6 @@ def _fuzz_cases():
         ("text_frame", "hello"),
         ("empty", b""),
         ("not_a_map", msgpack.packb([1, 2, 3])),
-        ("no_type", msgpack.packb({"obs": {}})),
         ("type_not_str", msgpack.packb({"type": 5})),
         ("unknown_type", msgpack.packb({"type": "shutdown"})),
         ("no_obs", msgpack.packb({"type": "infer"})),
@@ -243,5 +242,55 @@ def test_api_key():
             urllib.request.urlopen(f"http://127.0.0.1:{s.port}/", timeout=5)
         assert e.value.code == 401
         e.value.close()
+    finally:
+        s.stop()
+
+
+def test_client_vanishing_is_logged_in_one_line(server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    ws, _ = _raw(server.port)
+    _assert_good(ws)
+    ws.socket.close()  # the robot process dies: no closing handshake
+    deadline = time.time() + 5
+    while time.time() < deadline and not any("disconnected" in r.getMessage() for r in caplog.records):
+        time.sleep(0.05)
+    assert any(r.levelno == logging.INFO and "disconnected" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    other, _ = _raw(server.port)
+    _assert_good(other)  # still serving
+    other.close()
+
+
+def test_openpi_client_protocol(server):
+    """What openpi-client's WebsocketClientPolicy does: metadata on connect, then the observation
+    map itself (openpi key names); a bytes reply is the result, a text reply an error."""
+    ws, meta = _raw(server.port)
+    try:
+        assert meta["action_dim"] == 2
+        ws.send(mn.packb({"observation/image": IMG, "observation/state": np.zeros(3, np.float32), "prompt": "pick"}))
+        r = mn.unpackb(ws.recv(timeout=5))
+        np.testing.assert_allclose(r["actions"], 0.25)
+        assert r["server_timing"]["infer_ms"] >= 0
+        ws.send(mn.packb({"observation/image": IMG, "prompt": "crash"}))  # "prompt" is the instruction
+        reply = ws.recv(timeout=5)
+        assert isinstance(reply, str) and reply.startswith("inference_error: RuntimeError: model blew up")
+        ws.send(msgpack.packb({"prompt": "no image"}))
+        reply = ws.recv(timeout=5)
+        assert isinstance(reply, str) and reply.startswith("invalid_observation: obs lacks 'image'")
+        _assert_good(ws)  # the same connection keeps serving, in either protocol
+    finally:
+        ws.close()
+
+
+def test_openpi_keys_are_configurable():
+    s = PolicyServer(_policy(), port=0, openpi_keys={"image": "observation/exterior_image_1_left", "instruction": "task"})
+    s.start_in_thread()
+    try:
+        ws, _ = _raw(s.port)
+        ws.send(mn.packb({"observation/exterior_image_1_left": IMG, "task": "crash"}))
+        assert ws.recv(timeout=5).startswith("inference_error")  # image and instruction both found
+        ws.close()
     finally:
         s.stop()

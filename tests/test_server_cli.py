@@ -25,6 +25,7 @@ def test_serve_missing_checkpoint_names_it(tmp_path):
     r = subprocess.run([sys.executable, "-m", "selfflow_robot.serve", f"policy={tmp_path}"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "config.json" in r.stderr and str(tmp_path) in r.stderr
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr  # one line, not a stack
 
 
 @pytest.mark.timeout(150)
@@ -37,7 +38,9 @@ def test_serve_end_to_end(tmp_path, monkeypatch):
     from selfflow_robot.policies.bench import random_checkpoint
     from selfflow_robot.policies.client import WebsocketClientPolicy
 
-    ckpt = random_checkpoint("tiny", str(tmp_path / "ckpt"), (32, 32), action_dim=4, action_chunk=3, patch_size=8)
+    # with a state input: warm-up and clients must send it
+    ckpt = random_checkpoint("tiny", str(tmp_path / "ckpt"), (32, 32), action_dim=4, action_chunk=3, patch_size=8,
+                             state_dim=5)
     env = {**os.environ, "SELFFLOW_API_KEY": "k3y", "PYTHONUNBUFFERED": "1"}
     monkeypatch.chdir(tmp_path)  # anything Hydra might write lands here
     proc = subprocess.Popen([sys.executable, "-m", "selfflow_robot.serve", f"policy={ckpt}", "port=0",
@@ -63,7 +66,9 @@ def test_serve_end_to_end(tmp_path, monkeypatch):
             assert c.metadata["action_dim"] == 4 and c.metadata["action_chunk"] == 3
             assert c.metadata["safety"]["max_delta"] == 0.5
             c.reset("pick")
-            r = c.infer({"image": np.zeros((48, 64, 3), np.uint8)})
+            with pytest.raises(RuntimeError, match=r"invalid_observation.*needs obs\['state'\]"):
+                c.infer({"image": np.zeros((48, 64, 3), np.uint8)})
+            r = c.infer({"image": np.zeros((48, 64, 3), np.uint8), "state": np.zeros(5, np.float32)})
             assert r["actions"].shape == (3, 4) and np.all(np.isfinite(r["actions"]))
             assert np.all(np.abs(np.diff(r["actions"], axis=0)) <= 0.5 + 1e-6)
     finally:
