@@ -9,12 +9,16 @@ An optional leading verb (`bench params model=xl`) is passed to main as cfg.verb
 from __future__ import annotations
 
 import importlib.resources
+import os
 import sys
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONFIG_DIR = str(importlib.resources.files("selfflow_robot.configs"))
+# What bad input raises (a missing path, a value or file that does not fit; DataError and
+# ObservationError are ValueErrors): one line naming the problem, not a traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)
 
 
 def _pop_verb(argv: list[str], verbs: tuple[str, ...]) -> str | None:
@@ -43,7 +47,12 @@ def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
     def _entry(cfg: DictConfig) -> None:
-        main(_with_verb(cfg, verb))
+        try:
+            main(_with_verb(cfg, verb))
+        except USER_ERRORS as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            raise SystemExit(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)") from None
 
     _entry()
 

@@ -25,8 +25,10 @@ def rollout(model, io: dict, normalizer, store, episode: int, start: int, chunks
     size, stride, H = tuple(io["image_size"]), int(io["frame_stride"]), int(io["action_chunk"])
     n_ctx, n_fut = int(io["context_frames"]), int(io["future_frames"])
     length = store.episode_length(episode)
+    if not 0 <= start < length - 1:
+        raise ValueError(f"start={start}: episode {episode} has {length} steps, so start must be in 0..{length - 2}")
     actions = store.actions(episode)
-    instruction = store.episode(episode)["instruction"]
+    instruction = store.instruction(episode)
     frame = lambda i: resize_frame(store.frames(episode, np.array([min(i, length - 1)]))[0], size)  # noqa: E731
     context = [frame(max(start - stride * k, 0)) for k in range(n_ctx - 1, -1, -1)]
     predicted, recorded = [], []
@@ -39,8 +41,9 @@ def rollout(model, io: dict, normalizer, store, episode: int, start: int, chunks
         norm = torch.as_tensor(normalizer.normalize(chunk) if normalizer else chunk, dtype=torch.float32)[None]
         out = predict_video(model, torch.stack(context)[None], instruction, n_fut, actions=norm, steps=steps, generator=g,
                             method=method)[0]
-        predicted += list(out)
-        recorded += [frame(t0 + stride * (k + 1)) for k in range(n_fut)]
+        future = [t for t in (t0 + stride * (k + 1) for k in range(n_fut)) if t < length]
+        predicted += list(out[:len(future)])  # frames past the episode's end have no recording to compare with
+        recorded += [frame(t) for t in future]
         context = (context + list(out))[-n_ctx:]
     return torch.stack(predicted).numpy(), torch.stack(recorded).numpy()
 
@@ -73,17 +76,22 @@ def main(cfg: DictConfig) -> dict:
     normalizer = ActionNormalizer.load(norm_file) if norm_file.is_file() else None
     episodes = [int(e) for e in cfg.episode] if OmegaConf.is_list(cfg.episode) else [int(cfg.episode)]
     fps = float(cfg.fps or (io.get("fps") or 10) / int(io["frame_stride"]))
+    bad = [e for e in episodes if not 0 <= e < len(store)]
+    if bad:  # before any rollout is written
+        raise SystemExit(f"episode={bad[0]}: the store has episodes 0..{len(store) - 1}")
     scores = {}
     for episode in episodes:
-        if not 0 <= episode < len(store):
-            raise SystemExit(f"episode={episode}: the store has episodes 0..{len(store) - 1}")
-        pred, real = rollout(model, io, normalizer, store, episode, int(cfg.start), int(cfg.chunks),
-                             int(cfg.steps), int(cfg.seed), str(cfg.sampler))
+        try:
+            pred, real = rollout(model, io, normalizer, store, episode, int(cfg.start), int(cfg.chunks),
+                                 int(cfg.steps), int(cfg.seed), str(cfg.sampler))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         out = write_video(per_episode_path(cfg.out, episode, len(episodes) > 1),
                           np.concatenate([pred, real], axis=2), fps)  # prediction | recorded
         scores[episode] = psnr(pred, real)
+        short = len(pred) < int(cfg.chunks) * int(io["future_frames"])
         print(f"episode {episode}: wrote {len(pred)} frames (prediction | recorded) to {os.path.abspath(out)}; "
-              f"PSNR {scores[episode]:.2f} dB")
+              f"PSNR {scores[episode]:.2f} dB" + (" (the episode ended before the last chunk)" if short else ""))
     mean = float(np.mean(list(scores.values())))
     if len(episodes) > 1:
         print(f"mean PSNR over {len(episodes)} episodes: {mean:.2f} dB ({cfg.sampler}, {cfg.steps} steps per chunk)")

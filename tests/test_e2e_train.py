@@ -207,5 +207,11 @@ def test_world_model_rollout_video(toy_store, tmp_path):
     assert len(frames) == 4 and frames[0].shape[:2] == (32, 64)  # 2 chunks x 2 frames, prediction | recorded
     n_frames, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "roll.mp4"))
     assert n_frames == 4
-    bad = run("predict", f"policy={ft}", "episode=99", cwd=tmp_path, check=False)
+    bad = run("predict", f"policy={ft}", "episode=[0,99]", f"out={tmp_path / 'bad.mp4'}", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "episode=99: the store has episodes 0..5" in bad.stderr + bad.stdout
+    assert not list(tmp_path.glob("bad*"))  # checked before episode 0 was rolled out
+    late = run("predict", f"policy={ft}", "start=500", cwd=tmp_path, check=False)
+    assert late.returncode != 0 and "start=500: episode 0 has 12 steps, so start must be in 0..10" in late.stderr
+    # 12 steps, chunks of 2 frames 2 steps apart (steps 2,4 | 6,8 | 10,12): step 12 has no recording
+    long = run("predict", f"policy={ft}", f"out={tmp_path / 'long.gif'}", "chunks=50", "steps=2", cwd=tmp_path)
+    assert "wrote 5 frames" in long.stdout and "the episode ended before the last chunk" in long.stdout

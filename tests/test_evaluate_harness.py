@@ -152,3 +152,12 @@ def test_fails_fast_without_simpler_or_with_a_wrong_policy(tmp_path):
     if importlib.util.find_spec("mani_skill2_real2sim") is None:
         with pytest.raises(ImportError, match="pip install"):
             evaluate(["env=simpler", "policy=random", "progress=false", f"out_dir={tmp_path}"])
+
+
+def test_chart_titles_shorten_checkpoint_paths():
+    from selfflow_robot.evaluation.plots import short_policy_name
+
+    assert short_policy_name("/tmp/x/outputs/quickstart/run/finetune/checkpoints/step_00002000") == \
+        "…/finetune/checkpoints/step_00002000"
+    assert [short_policy_name(p) for p in ("expert", "ws://gpu:8000", "runs/ft")] == ["expert", "ws://gpu:8000",
+                                                                                      "runs/ft"]

@@ -247,3 +247,11 @@ def test_attention_kernel_option(tmp_path):
         Trainer(tiny_cfg(attention="fast"), ToyModel(), ToyObjective(), ToyData(), tmp_path / "b", logger_cfg=LOGGER)
     with pytest.raises(ValueError, match="cudnn needs a CUDA"):
         Trainer(tiny_cfg(attention="cudnn"), ToyModel(), ToyObjective(), ToyData(), tmp_path / "c", logger_cfg=LOGGER)
+
+
+def test_unknown_trainer_or_logger_key_is_refused_with_a_hint(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown trainer key 'stepz' \(did you mean 'steps'\?\)"):
+        Trainer(tiny_cfg(stepz=3), ToyModel(), ToyObjective(), make_loader(ToyData(), 8), tmp_path, logger_cfg=LOGGER)
+    with pytest.raises(ValueError, match=r"unknown logger key 'wandbb' \(did you mean 'wandb'\?\)"):
+        Trainer(tiny_cfg(), ToyModel(), ToyObjective(), make_loader(ToyData(), 8), tmp_path,
+                logger_cfg={**LOGGER, "wandbb": "offline"})

@@ -1,6 +1,17 @@
 """Bar chart of per-task success with 95% intervals (matplotlib, headless Agg backend)."""
 from __future__ import annotations
 
+from pathlib import PurePath
+
+
+def short_policy_name(policy: str, parts: int = 3) -> str:
+    """A checkpoint path's last few components (a title has no room for /tmp/.../outputs/...)."""
+    policy = str(policy)
+    if "://" in policy or "/" not in policy:
+        return policy
+    tail = PurePath(policy).parts[-parts:]
+    return ("…/" if len(PurePath(policy).parts) > parts else "") + "/".join(tail)
+
 
 def bar_chart(summary: dict, path: str) -> str:
     import matplotlib
@@ -19,7 +30,7 @@ def bar_chart(summary: dict, path: str) -> str:
     ax.set_xticklabels(tasks, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 105)
     ax.set_ylabel("success %")
-    ax.set_title(f"{summary['env']} / {summary['policy']} ({summary['success_mode']})", fontsize=9)
+    ax.set_title(f"{summary['env']} / {short_policy_name(summary['policy'])} ({summary['success_mode']})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

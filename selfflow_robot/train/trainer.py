@@ -61,9 +61,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _as_cfg(cfg, defaults: dict) -> DictConfig:
+def _as_cfg(cfg, defaults: dict, section: str = "trainer") -> DictConfig:
     cfg = OmegaConf.create({} if cfg is None else (OmegaConf.to_container(cfg, resolve=True)
                                                    if isinstance(cfg, DictConfig) else dict(cfg)))
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:  # e.g. +trainer.stepz=3 would otherwise train with the default steps
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], list(defaults), n=1)
+        raise ValueError(f"unknown {section} key '{unknown[0]}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                         + f"; {section} keys: {', '.join(sorted(defaults))}")
     return OmegaConf.merge(OmegaConf.create(defaults), cfg)
 
 
@@ -112,7 +119,7 @@ class Trainer:
         if logger_cfg is None and cfg is not None and "logger" in cfg:
             logger_cfg = cfg["logger"]
         self.cfg = _as_cfg(cfg, DEFAULTS)
-        self.logger_cfg = _as_cfg(logger_cfg, LOGGER_DEFAULTS)
+        self.logger_cfg = _as_cfg(logger_cfg, LOGGER_DEFAULTS, "logger")
         c = self.cfg
         if c.on_nan not in ("raise", "skip"):
             raise ValueError(f"trainer.on_nan must be raise|skip, got {c.on_nan!r}")
