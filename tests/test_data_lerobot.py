@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pyarrow")
-sys.path.insert(0, str(Path(__file__).parent))
-from lerobot_fixtures import LENGTHS, TASKS, brightness, write_v21, write_v30  # noqa: E402
+from selfflow_robot.cli import compose
+from selfflow_robot.data import DataError, open_store
+from selfflow_robot.data.lerobot import LeRobotReader, convert_lerobot
+from selfflow_robot.data.synthetic_lerobot import LENGTHS, TASKS, brightness, write_v21, write_v30
 
-from selfflow_robot.cli import compose  # noqa: E402
-from selfflow_robot.data import DataError, open_store  # noqa: E402
-from selfflow_robot.data.lerobot import LeRobotReader, convert_lerobot  # noqa: E402
+pytest.importorskip("pyarrow")
 
 LAYOUTS = {
     "v2.1-video": lambda root: write_v21(root),

@@ -102,12 +102,12 @@ def test_bench_runs_on_tiny_settings(tmp_path):
     from selfflow_robot.data.bench import main
 
     recs = main({"data": {"rlds_episodes": 2, "rlds_steps": 5, "clips": 40, "batch_size": 8, "convert_workers": 2,
-                          "out": str(tmp_path / "b.jsonl")}})
+                          "lerobot_episodes": 2, "lerobot_steps": 4, "out": str(tmp_path / "b.jsonl")}})
     names = [r["bench"] for r in recs]
     assert names == ["data.rlds_read", "data.rlds_read_small", "data.convert", "data.convert_parallel",
-                     "data.clips", "data.clips_resized", "data.clips_batched"]
+                     "data.clips", "data.clips_resized", "data.clips_batched", "data.lerobot_convert"]
     assert all((r.get("frames_per_s") or r.get("clips_per_s")) > 0 for r in recs)
-    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 7
+    assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 8
 
 
 def test_show_command_writes_video_and_plot(tmp_path):

@@ -8,6 +8,8 @@ convert_parallel  the same with `convert_workers` spawn processes (default: ever
 clips          ClipDataset items (N+M frames, H-step normalised chunk) at random indices
 clips_resized  the same, resized on the fly (PIL bilinear) to resize_image_size
 clips_batched  the same as clips, through default_collate in batches (what a DataLoader worker does)
+lerobot_convert  a LeRobotDataset v3.0 folder (AV1 video at 256x320, several episodes per file) ->
+               episode store at store_image_size (parquet read, video decode, resize, write)
 
 The RT-1-format data is synthetic (selfflow_robot.data.synthetic_rt1, textured frames), written
 by a TensorFlow child process; reading never imports TensorFlow.
@@ -26,7 +28,7 @@ from ..bench import cpu_name, emit
 def _settings(cfg) -> dict:
     defaults = dict(work_dir=None, rlds_episodes=24, rlds_steps=40, store_image_size=[128, 160], context_frames=1,
                     future_frames=4, frame_stride=1, action_chunk=6, clips=3000, batch_size=32, resize_image_size=[64, 64],
-                    convert_workers=None, out=None)
+                    convert_workers=None, lerobot_episodes=8, lerobot_steps=60, lerobot_codec="libsvtav1", out=None)
     got = cfg.get("data") if cfg is not None else None
     if got is not None:
         from omegaconf import OmegaConf
@@ -129,7 +131,24 @@ def run(s: dict) -> list[dict]:
         dt = time.perf_counter() - t0
         recs.append({"bench": "data.clips_batched", "clips_per_s": round(n / dt, 1), "batch_size": bs, **shape,
                      "processes": 1, "cpu": cpu})
+        if s.get("lerobot_episodes"):
+            recs.append(_lerobot_convert(s, tmp, size, cpu))
     return recs
+
+
+def _lerobot_convert(s: dict, tmp: str, size, cpu: str) -> dict:
+    from .lerobot import LeRobotReader, convert_lerobot
+    from .synthetic_lerobot import write_v30
+
+    lengths = [int(s["lerobot_steps"])] * int(s["lerobot_episodes"])
+    root = write_v30(os.path.join(tmp, "lerobot"), size=(256, 320), codec=s["lerobot_codec"], lengths=lengths,
+                     episodes_per_file=4, texture=True)
+    reader = LeRobotReader(root, image_size=size)
+    t0 = time.perf_counter()
+    convert_lerobot(reader, os.path.join(tmp, "store_lerobot"), {"source": "bench"}, progress=False)
+    dt = time.perf_counter() - t0
+    return {"bench": "data.lerobot_convert", "frames_per_s": round(sum(lengths) / dt, 1), "frames": sum(lengths),
+            "video": f"{s['lerobot_codec']} 256x320", "image": list(reader.image_shape), "processes": 1, "cpu": cpu}
 
 
 def main(cfg=None) -> list[dict]:

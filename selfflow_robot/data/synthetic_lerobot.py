@@ -1,8 +1,10 @@
-"""Tiny LeRobotDataset folders in the v2.1 and v3.0 layouts, written with pyarrow and ffmpeg as
-LeRobot writes them (per-episode files in v2.1; shared files and from/to timestamps in v3.0).
+"""Synthetic LeRobotDataset folders in the v2.1 and v3.0 layouts, written with pyarrow and ffmpeg
+as LeRobot writes them (per-episode files in v2.1; shared files and from/to timestamps in v3.0),
+for the tests and `python -m selfflow_robot.data bench`.
 
-Frame k of episode e is a flat grey of brightness 40 + 8k + 3e (codec-proof: decoded frames are
-matched by their mean), action[:, 0] = 100 e + k, state[:, 0] = -k.
+Frame k of episode e has mean brightness 40 + 8k + 3e (codec-proof: decoded frames are matched
+by their mean; `texture=True` adds a moving zero-mean pattern so that video decoding costs what
+camera footage costs), action[:, 0] = 100 e + k, state[:, 0] = -k.
 """
 from __future__ import annotations
 
@@ -20,14 +22,19 @@ def brightness(episode: int, k: int) -> int:
     return 40 + 8 * k + 3 * episode
 
 
-def frames(episode: int, n: int, size=(64, 80)) -> np.ndarray:
-    return np.stack([np.full((*size, 3), brightness(episode, k), np.uint8) for k in range(n)])
+def frames(episode: int, n: int, size=(64, 80), texture: bool = False) -> np.ndarray:
+    out = np.stack([np.full((*size, 3), brightness(episode, k), np.float32) for k in range(n)])
+    if texture:
+        yy, xx = np.mgrid[0:size[0], 0:size[1]].astype(np.float32)
+        for k in range(n):
+            out[k] += 30 * np.sin(xx / 7 + k / 3)[..., None] * np.cos(yy / 11 - k / 5)[..., None]
+    return out.clip(0, 255).astype(np.uint8)
 
 
-def _features(size, video: bool) -> dict:
+def _features(size, video: bool, codec: str = "libx264") -> dict:
     cam = {"dtype": "video" if video else "image", "shape": [size[0], size[1], 3], "names": ["height", "width", "channel"]}
     if video:
-        cam["info"] = {"video.fps": FPS, "video.codec": "h264", "video.pix_fmt": "yuv420p"}
+        cam["info"] = {"video.fps": FPS, "video.codec": "av1" if "av1" in codec else "h264", "video.pix_fmt": "yuv420p"}
     return {"observation.images.top": cam,
             "observation.state": {"dtype": "float32", "shape": [2], "names": ["a", "b"]},
             "action": {"dtype": "float32", "shape": [3], "names": {"motors": ["x", "y", "gripper"]}},
@@ -66,12 +73,13 @@ def _write_mp4(path: str, video: np.ndarray, codec: str = "libx264") -> None:
             w.append_data(f)
 
 
-def _info(version: str, size, video: bool, **paths) -> dict:
+def _info(version: str, size, video: bool, lengths, codec: str = "libx264", **paths) -> dict:
     return {"codebase_version": version, "robot_type": "toy", "fps": FPS, "chunks_size": 1000,
-            "total_episodes": len(LENGTHS), "total_frames": sum(LENGTHS), "features": _features(size, video), **paths}
+            "total_episodes": len(lengths), "total_frames": int(sum(lengths)), "features": _features(size, video, codec),
+            **paths}
 
 
-def write_v21(root: str, video: bool = True, size=(64, 80)) -> str:
+def write_v21(root: str, video: bool = True, size=(64, 80), lengths=LENGTHS) -> str:
     """v2.1: one parquet and one mp4 per episode; meta/episodes.jsonl and meta/tasks.jsonl."""
     import io
 
@@ -81,7 +89,7 @@ def write_v21(root: str, video: bool = True, size=(64, 80)) -> str:
     video_path = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
     os.makedirs(os.path.join(root, "meta"), exist_ok=True)
     start = 0
-    for e, n in enumerate(LENGTHS):
+    for e, n in enumerate(lengths):
         pix = frames(e, n, size)
         images = None
         if not video:
@@ -96,30 +104,33 @@ def write_v21(root: str, video: bool = True, size=(64, 80)) -> str:
                                                             episode_index=e)), pix)
         start += n
     with open(os.path.join(root, "meta", "info.json"), "w") as f:
-        json.dump(_info("v2.1", size, video, data_path=data_path, video_path=video_path if video else None), f)
+        json.dump(_info("v2.1", size, video, lengths, data_path=data_path, video_path=video_path if video else None), f)
     with open(os.path.join(root, "meta", "episodes.jsonl"), "w") as f:
         f.writelines(json.dumps({"episode_index": e, "tasks": [TASKS[e % 2]], "length": n}) + "\n"
-                     for e, n in enumerate(LENGTHS))
+                     for e, n in enumerate(lengths))
     with open(os.path.join(root, "meta", "tasks.jsonl"), "w") as f:
         f.writelines(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(TASKS))
     return root
 
 
-def write_v30(root: str, size=(64, 80), codec: str = "libx264") -> str:
-    """v3.0: episodes 0-1 share data file 0 and video file 0 (episode 1 starts at episode 0's end),
-    episode 2 is in file 1; meta/episodes/ and meta/tasks.parquet (task strings as the index)."""
+def write_v30(root: str, size=(64, 80), codec: str = "libx264", lengths=LENGTHS, episodes_per_file: int = 2,
+              texture: bool = False) -> str:
+    """v3.0: `episodes_per_file` consecutive episodes share a data file and a video file (each
+    starts at the previous one's end: its from_timestamp); meta/episodes/ and meta/tasks.parquet
+    (task strings as the index). The defaults: episodes 0-1 in file 0, episode 2 in file 1."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     data_path = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
     video_path = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-    files = {0: [0, 1], 1: [2]}
+    ids = list(range(len(lengths)))
+    files = {f: ids[i:i + episodes_per_file] for f, i in enumerate(range(0, len(ids), episodes_per_file))}
     meta_rows, start = [], 0
     for file_index, eps in files.items():
         rows: dict = {}
         clock = 0.0
         for e in eps:
-            n = LENGTHS[e]
+            n = lengths[e]
             for k, v in _rows(e, n, start).items():
                 rows.setdefault(k, []).extend(v)
             meta_rows.append({"episode_index": e, "tasks": [TASKS[e % 2]], "length": n,
@@ -134,12 +145,12 @@ def write_v30(root: str, size=(64, 80), codec: str = "libx264") -> str:
         _write_parquet(os.path.join(root, data_path.format(chunk_index=0, file_index=file_index)), rows)
         _write_mp4(os.path.join(root, video_path.format(video_key="observation.images.top", chunk_index=0,
                                                         file_index=file_index)),
-                   np.concatenate([frames(e, LENGTHS[e], size) for e in eps]), codec)
+                   np.concatenate([frames(e, lengths[e], size, texture) for e in eps]), codec)
     _write_parquet(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"),
                    {k: [r[k] for r in meta_rows] for k in meta_rows[0]})
     # pandas' DataFrame.to_parquet keeps the index (the task strings) as a column named after it
     pq.write_table(pa.table({"task_index": list(range(len(TASKS))), "__index_level_0__": list(TASKS)}),
                    os.path.join(root, "meta", "tasks.parquet"))
     with open(os.path.join(root, "meta", "info.json"), "w") as f:
-        json.dump(_info("v3.0", size, True, data_path=data_path, video_path=video_path), f)
+        json.dump(_info("v3.0", size, True, lengths, codec, data_path=data_path, video_path=video_path), f)
     return root
