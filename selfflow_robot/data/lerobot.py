@@ -168,7 +168,11 @@ class LeRobotReader:
         if files:
             import pyarrow.parquet as pq
 
-            rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+            def wanted(col: str) -> bool:  # not the per-episode stats/* columns (arrays per feature)
+                return col in ("episode_index", "tasks", "length") or col.startswith(("data/", f"videos/{self.camera}/"))
+
+            rows = [r for f in files
+                    for r in pq.read_table(f, columns=[c for c in pq.read_schema(f).names if wanted(c)]).to_pylist()]
         elif os.path.isfile(os.path.join(self.root, "meta", "episodes.jsonl")):
             rows = _read_jsonl(os.path.join(self.root, "meta", "episodes.jsonl"))
         else:
@@ -179,7 +183,8 @@ class LeRobotReader:
         tpl = self.info.get("data_path") or ""
         chunk = int(ep.get("data/chunk_index", int(ep["episode_index"]) // int(self.info.get("chunks_size", 1000))))
         return os.path.join(self.root, tpl.format(chunk_index=chunk, file_index=int(ep.get("data/file_index", 0)),
-                                                  episode_chunk=chunk, episode_index=int(ep["episode_index"])))
+                                                  episode_chunk=chunk, episode_index=int(ep["episode_index"]),
+                                                  total_episodes=int(self.info.get("total_episodes", 0))))
 
     def _video(self, ep: dict) -> tuple[str, float]:
         """(mp4 path, time of the episode's first frame in it) for the camera."""

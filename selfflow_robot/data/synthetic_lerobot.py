@@ -139,7 +139,8 @@ def write_v30(root: str, size=(64, 80), codec: str = "libx264", lengths=LENGTHS,
                               "videos/observation.images.top/chunk_index": 0,
                               "videos/observation.images.top/file_index": file_index,
                               "videos/observation.images.top/from_timestamp": clock,
-                              "videos/observation.images.top/to_timestamp": clock + n / FPS})
+                              "videos/observation.images.top/to_timestamp": clock + n / FPS,
+                              "stats/action/mean": [100.0 * e + (n - 1) / 2, 0.0, 1.0]})  # (not read)
             clock += n / FPS
             start += n
         _write_parquet(os.path.join(root, data_path.format(chunk_index=0, file_index=file_index)), rows)
