@@ -32,6 +32,6 @@ def test_quickstart_runs_every_stage_and_prints_the_table(tmp_path):
     for name in ("summary.md", "summary.json", "success.png"):
         assert (out / "eval" / name).is_file()
     assert list((out / "eval" / "videos").rglob("*.mp4"))
-    # the policy was fine-tuned from the pretrained backbone and conditions on the full state
+    # the policy was fine-tuned from the pretrained backbone and conditions on hand xyz + gripper
     cfg = json.loads(open(os.path.join(result["finetune"]["checkpoint"], "config.json")).read())
-    assert cfg["init"] == str(out / "pretrain") and cfg["io"]["state_dim"] == 39
+    assert cfg["init"] == str(out / "pretrain") and cfg["io"]["state_dim"] == 4
