@@ -32,21 +32,43 @@ class ObservationError(ValueError):
     """The observation does not follow {"image": uint8[H,W,3], "instruction": str, "state": float[S]}."""
 
 
-def validate_obs(obs: Any, state_dim: int | None = None, embedding_dim: int | None = None) -> dict:
+def _check_image(img: Any, name: str) -> None:
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+        raise ObservationError(f"{name} must be a uint8 array, got {getattr(img, 'dtype', type(img).__name__)}")
+    if img.ndim != 3 or img.shape[2] != 3 or not (0 < img.shape[0] <= MAX_IMAGE_SIDE
+                                                   and 0 < img.shape[1] <= MAX_IMAGE_SIDE):
+        raise ObservationError(f"{name} must be [H, W, 3] with 0 < H, W <= {MAX_IMAGE_SIDE}, got {list(img.shape)}")
+
+
+def _extra_views(obs: dict, views: list[str]) -> dict:
+    """obs['images'] for the camera views after the first, keyed by their full names; a short name
+    ('wrist' for 'observation.images.wrist') is accepted too."""
+    given = obs.get("images")
+    if not isinstance(given, dict):
+        raise ObservationError(f"this policy sees {len(views)} cameras: send obs['image'] ({views[0]}) and "
+                               f"obs['images'] = {{{', '.join(repr(v) for v in views[1:])}: uint8 [H, W, 3]}}")
+    out = {}
+    for name in views[1:]:
+        key = next((k for k in given if k == name or name.endswith("." + str(k))), None)
+        if key is None:
+            raise ObservationError(f"obs['images'] lacks camera '{name}' (got {sorted(map(str, given))})")
+        _check_image(given[key], f"obs['images']['{key}']")
+        out[name] = given[key]
+    return out
+
+
+def validate_obs(obs: Any, state_dim: int | None = None, embedding_dim: int | None = None,
+                 views: list[str] | None = None) -> dict:
     """Check an observation before it reaches the model. state_dim / embedding_dim > 0: the policy
-    needs obs['state'] / obs['instruction_embedding'] of that size (0 or None: not needed)."""
+    needs obs['state'] / obs['instruction_embedding'] of that size (0 or None: not needed). views:
+    the camera names of a multi-camera policy (obs['image'] is the first, obs['images'] the rest)."""
     if not isinstance(obs, dict):
         raise ObservationError(f"obs must be a dict, got {type(obs).__name__}")
     if "image" not in obs:
         raise ObservationError("obs lacks 'image'")
-    img = obs["image"]
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
-        raise ObservationError(f"obs['image'] must be a uint8 array, got "
-                               f"{getattr(img, 'dtype', type(img).__name__)}")
-    if img.ndim != 3 or img.shape[2] != 3 or not (0 < img.shape[0] <= MAX_IMAGE_SIDE
-                                                   and 0 < img.shape[1] <= MAX_IMAGE_SIDE):
-        raise ObservationError(f"obs['image'] must be [H, W, 3] with 0 < H, W <= {MAX_IMAGE_SIDE}, "
-                               f"got {list(img.shape)}")
+    _check_image(obs["image"], "obs['image']")
+    if views and len(views) > 1:
+        obs = {**obs, "images": _extra_views(obs, list(views))}
     instr = obs.get("instruction")
     if instr is not None and (not isinstance(instr, str) or len(instr) > MAX_INSTRUCTION_CHARS):
         raise ObservationError(f"obs['instruction'] must be a str of <= {MAX_INSTRUCTION_CHARS} chars")
@@ -112,7 +134,7 @@ def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
                          "(a pretraining checkpoint?); fine-tune it on robot episodes first")
     meta = {"model": cfg["model"].get("name"), "action_dim": int(action_dim)}
     for k in ("action_chunk", "image_size", "context_frames", "future_frames", "frame_stride", "state_dim",
-              "fps", "text", "action_names"):
+              "fps", "text", "action_names", "views"):
         meta[k] = io.get(k)
     if meta["text"] == "embedding":  # the instruction arrives as a precomputed vector (RT-1's 512-d)
         meta["instruction_embedding_dim"] = int(cfg["model"].get("text_embed_dim") or 512)
@@ -156,8 +178,11 @@ class Policy:
         """A valid observation for this policy (zeros at the trained image size unless `image` is
         given; state and instruction embedding when the policy takes them): warm-up and benchmarks."""
         size = self.metadata.get("image_size") or [256, 320]
-        obs = {"image": np.zeros((int(size[0]), int(size[1]), 3), np.uint8) if image is None else image,
-               "instruction": ""}
+        views = self.metadata.get("views") or []
+        h, w = int(size[0]), int(size[1]) // max(len(views), 1)  # a multi-camera frame tiles its views
+        obs = {"image": np.zeros((h, w, 3), np.uint8) if image is None else image, "instruction": ""}
+        if len(views) > 1:
+            obs["images"] = {name: np.zeros((h, w, 3), np.uint8) for name in views[1:]}
         if self.metadata.get("state_dim"):
             obs["state"] = np.zeros(int(self.metadata["state_dim"]), np.float32)
         if self.metadata.get("instruction_embedding_dim"):
@@ -165,7 +190,8 @@ class Policy:
         return obs
 
     def infer(self, obs: dict) -> dict:
-        obs = validate_obs(obs, self.metadata.get("state_dim"), self.metadata.get("instruction_embedding_dim"))
+        obs = validate_obs(obs, self.metadata.get("state_dim"), self.metadata.get("instruction_embedding_dim"),
+                           self.metadata.get("views"))
         if obs.get("instruction") is None:
             obs = {**obs, "instruction": self.instruction or ""}
         if obs.get("state") is not None and self.normalizer is not None and self.normalizer.state is not None:
@@ -254,6 +280,8 @@ class _SamplerPredictor:
         kw = {"state": obs.get("state")}
         if obs.get("instruction_embedding") is not None:
             kw["instruction_embedding"] = obs["instruction_embedding"]
+        if obs.get("images"):
+            kw["views"] = obs["images"]
         return self.sampler(obs["image"], obs.get("instruction") or "", **kw)
 
     def reset(self) -> None:

@@ -9,7 +9,7 @@ Protocol (every frame is one msgpack map; arrays as raw bytes, see msgpack_numpy
   anything wrong -> {"error": {"type": ..., "message": ...}}; the connection stays open.
 openpi-client compatibility: a map without "type" is an observation itself (openpi's protocol),
 with openpi's key names mapped by `openpi_keys` (our field -> their key: "image" <- "observation/image",
-"state" <- "observation/state", "instruction" <- "prompt"); its reply is the infer reply, and an
+"state" <- "observation/state", "instruction" <- "prompt"; extra cameras as "images.<view>"); its reply is the infer reply, and an
 error comes back as a text frame, which openpi-client raises as RuntimeError.
 Messages above `max_message_bytes` get a "too_large" error; above twice that, websockets
 itself closes that one connection (1009) so a client cannot make the server buffer without
@@ -47,6 +47,14 @@ def _error(kind: str, message: str) -> dict:
     return {"error": {"type": kind, "message": message[:2000]}}
 
 
+def _flat(keys: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """{"images": {"wrist": "observation/wrist_image"}} -> [("images.wrist", "observation/wrist_image")]."""
+    out = []
+    for k, v in keys.items():
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", str(v))]
+    return out
+
+
 @dataclass
 class _Reply:
     body: dict
@@ -63,8 +71,8 @@ class PolicyServer:
         self.api_key = api_key or None
         self.max_message_bytes = int(max_message_bytes)
         self.return_extras = return_extras
-        # their key -> our field, for renaming an openpi-client observation
-        self.from_openpi = {theirs: ours for ours, theirs in (OPENPI_KEYS if openpi_keys is None else openpi_keys).items()}
+        # their key -> our field ("images.wrist" for an extra camera), for renaming openpi-client observations
+        self.from_openpi = {theirs: ours for ours, theirs in _flat(OPENPI_KEYS if openpi_keys is None else openpi_keys)}
         self.metadata = {**(metadata if metadata is not None else policy.metadata),
                          "protocol": PROTOCOL, "max_message_bytes": self.max_message_bytes}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-infer")
@@ -128,7 +136,13 @@ class PolicyServer:
         except Exception as e:  # msgpack raises assorted errors on garbage; never let them kill the loop
             return _Reply(_error("bad_request", f"cannot decode msgpack message: {type(e).__name__}: {e}"))
         if isinstance(req, dict) and "type" not in req:  # openpi-client: the observation itself
-            obs = {self.from_openpi.get(k, k): v for k, v in req.items()}
+            obs: dict = {}
+            for k, v in req.items():
+                ours = self.from_openpi.get(k, k)
+                if ours.startswith("images."):  # an extra camera view of a multi-camera policy
+                    obs.setdefault("images", {})[ours[len("images."):]] = v
+                else:
+                    obs[ours] = v
             return _Reply(await self._infer(obs, loop, instruction), openpi=True)
         if not isinstance(req, dict) or not isinstance(req.get("type"), str):
             return _Reply(_error("bad_request", "a request must be a map with a string 'type'"))

@@ -73,6 +73,11 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     if mcfg.text == "embedding":
         mcfg.text_embed_dim = int(store.meta["embedding_dim"])
     image_size = _check_image_size(clip.image_size, mcfg.patch_size)
+    views = list(store.meta.get("views") or [])
+    if len(views) > 1 and image_size[1] % (len(views) * mcfg.patch_size):  # no patch may straddle two views
+        raise ValueError(f"the store tiles {len(views)} camera views side by side ({views}): clip.image_size="
+                         f"{list(image_size)} needs a width of {len(views)} x (a multiple of model.patch_size="
+                         f"{mcfg.patch_size})")
     patch_values = mcfg.patch_size**2 * mcfg.in_channels
     if mcfg.video_prediction == "v" and patch_values > mcfg.width:
         # Measured on the quickstart (768 into 128): velocity prediction never generated frames.
@@ -123,7 +128,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
                         "future_frames": int(clip.future_frames), "frame_stride": int(clip.frame_stride),
                         "action_chunk": int(clip.action_chunk), "action_dim": action_dim, "state_dim": state_dim,
                         "fps": store.meta.get("fps"), "text": mcfg.text,
-                        "action_names": store.meta.get("action_names")}
+                        "action_names": store.meta.get("action_names"), "views": views if len(views) > 1 else None}
         extra["normalization.json"] = normalizer.to_dict()
     every = int(cfg.get("validation", {}).get("every", 0))
     trainer = Trainer(cfg.trainer, model, objective, loader, run_dir, config=config, extra_files=extra,

@@ -158,8 +158,20 @@ class ActionSampler:
             self._text_cache = (instruction, self.model.encode_text([instruction], self.device))
         return self._text_cache[1], None
 
-    def __call__(self, image: np.ndarray, instruction: str, state=None, instruction_embedding=None) -> dict:
-        frame = resize_frame(image, self.size).to(self.device)
+    def _frame(self, image: np.ndarray, views: dict | None) -> torch.Tensor:
+        """The model's frame: the image resized, or with several cameras (io.views) every view resized
+        to its share of the width and tiled left to right, as the LeRobot reader stored them."""
+        names = self.io.get("views") or []
+        if len(names) < 2:
+            return resize_frame(image, self.size)
+        h, w = self.size[0], self.size[1] // len(names)
+        if not views or any(n not in views for n in names[1:]):
+            raise ValueError(f"this policy sees cameras {names}: pass the views after the first as views={{name: image}}")
+        return torch.cat([resize_frame(image, (h, w)), *(resize_frame(views[n], (h, w)) for n in names[1:])], dim=1)
+
+    def __call__(self, image: np.ndarray, instruction: str, state=None, instruction_embedding=None,
+                 views: dict | None = None) -> dict:
+        frame = self._frame(image, views).to(self.device)
         if not self.history:  # pad the history with the first frame, as the clip sampler does
             self.history.extend([frame] * self.history.maxlen)
         else:

@@ -86,16 +86,33 @@ def test_conversion_resumes_without_duplicates(tmp_path):
     assert (first["episodes"], first["added"], again["episodes"], again["added"]) == (2, 2, 3, 1)
 
 
-def test_finetune_on_a_lerobot_dataset(tmp_path):
-    root = write_v30(str(tmp_path / "ds"))
+def test_finetune_on_a_two_camera_lerobot_dataset_and_serve_the_policy(tmp_path):
+    from selfflow_robot.policies import Policy
+    from selfflow_robot.policies.policy import ObservationError
+
+    root = write_v30(str(tmp_path / "ds"), wrist=True)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE",
            "SELFFLOW_DATA_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-m", "selfflow_robot.finetune", "dataset=lerobot", f"data_dir={root}",
-                        "dataset.image_size=[32,40]", "model=tiny", "trainer.steps=2", "trainer.batch_size=4",
-                        "trainer.num_workers=0", "logger.wandb=disabled", "logger.progress_bar=false",
-                        "clip.image_size=[32,40]", "clip.action_chunk=3", "validation.fraction=0",
-                        f"run_dir={tmp_path / 'ft'}"], capture_output=True, text=True, timeout=600, env=env,
+    cmd = [sys.executable, "-m", "selfflow_robot.finetune", "dataset=lerobot", f"data_dir={root}",
+           "dataset.image_size=[32,32]", "dataset.camera=[observation.images.top,observation.images.wrist]",
+           "model=tiny", "model.video_prediction=x", "trainer.steps=2", "trainer.batch_size=4", "trainer.num_workers=0",
+           "logger.wandb=disabled",
+           "logger.progress_bar=false", "clip.action_chunk=3", "validation.fraction=0", f"run_dir={tmp_path / 'ft'}"]
+    bad = subprocess.run([*cmd, "clip.image_size=[32,40]"], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=tmp_path)
+    assert bad.returncode != 0 and "tiles 2 camera views side by side" in bad.stderr, bad.stderr[-2000:]
+    r = subprocess.run([*cmd, "clip.image_size=[32,64]"], capture_output=True, text=True, timeout=600, env=env,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "ft" / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    policy = Policy.load(tmp_path / "ft", sampler_steps=2)
+    assert policy.metadata["views"] == ["observation.images.top", "observation.images.wrist"]
+    obs = policy.example_observation()
+    assert obs["image"].shape == (32, 32, 3) and obs["images"]["observation.images.wrist"].shape == (32, 32, 3)
+    scene, wrist = np.zeros((64, 80, 3), np.uint8), np.zeros((48, 64, 3), np.uint8)  # any size: resized per view
+    out = policy.infer({"image": scene, "images": {"wrist": wrist}, "state": np.zeros(2, np.float32)})
+    assert out["actions"].shape == (3, 3) and np.isfinite(out["actions"]).all()
+    with pytest.raises(ObservationError, match=r"sees 2 cameras.*'observation.images.wrist'"):
+        policy.infer({"image": scene, "state": np.zeros(2, np.float32)})
+    with pytest.raises(ObservationError, match="lacks camera 'observation.images.wrist'"):
+        policy.infer({"image": scene, "images": {"top": wrist}, "state": np.zeros(2, np.float32)})
     shutil.rmtree(tmp_path / "cache")

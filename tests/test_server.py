@@ -285,12 +285,17 @@ def test_openpi_client_protocol(server):
 
 
 def test_openpi_keys_are_configurable():
-    s = PolicyServer(_policy(), port=0, openpi_keys={"image": "observation/exterior_image_1_left", "instruction": "task"})
+    seen = []
+    policy = Policy(lambda o: seen.append(o) or np.zeros((2, 2), np.float32), {"action_dim": 2, "views": ["top", "wrist"]})
+    s = PolicyServer(policy, port=0, openpi_keys={"image": "observation/exterior_image_1_left", "instruction": "task",
+                                                  "images": {"wrist": "observation/wrist_image_left"}})
     s.start_in_thread()
     try:
         ws, _ = _raw(s.port)
-        ws.send(mn.packb({"observation/exterior_image_1_left": IMG, "task": "crash"}))
-        assert ws.recv(timeout=5).startswith("inference_error")  # image and instruction both found
+        ws.send(mn.packb({"observation/exterior_image_1_left": IMG, "observation/wrist_image_left": IMG[:8],
+                          "task": "pick"}))
+        assert mn.unpackb(ws.recv(timeout=5))["actions"].shape == (2, 2)
+        assert seen[-1]["instruction"] == "pick" and seen[-1]["images"]["wrist"].shape == (8, 320, 3)
         ws.close()
     finally:
         s.stop()

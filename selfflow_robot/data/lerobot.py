@@ -13,8 +13,10 @@ Hub install, and no network; point `data_dir` at a dataset already on disk (e.g.
   videos/            v3: many episodes per mp4, an episode starts at its from_timestamp;
                      v2: one mp4 per episode and camera
 
-One camera becomes the store's frames (the frame shown at each row's timestamp), `action` its
-actions, `observation.state` its state, and the episode's task its instruction.
+The chosen camera becomes the store's frames (the frame shown at each row's timestamp); several
+cameras (e.g. a scene and a wrist camera) are tiled side by side into one frame, so the model sees
+every view in one image and policies send the extra views as obs["images"]. `action` gives the
+actions, `observation.state` the state, and the episode's task the instruction.
 """
 from __future__ import annotations
 
@@ -43,6 +45,15 @@ def _names(feature: dict, dim: int) -> list[str] | None:
     if isinstance(names, list) and len(names) == dim and all(isinstance(n, str) for n in names):
         return names
     return None
+
+
+def _hwc(shape) -> tuple | None:
+    """A feature's (H, W, 3) from its shape, (h, w, c) in v2 and usually (c, h, w) in v3."""
+    shape = list(shape or [])
+    if len(shape) != 3:
+        return None
+    h, w = shape[:2] if shape[-1] in (1, 3, 4) else shape[1:]
+    return int(h), int(w), 3
 
 
 def _matrix(column, n: int, path: str, name: str) -> np.ndarray:
@@ -89,7 +100,7 @@ class _VideoCursor:
 class LeRobotReader:
     """Episodes of a LeRobotDataset folder as dicts (key, images, actions, state, instruction)."""
 
-    def __init__(self, root: str, camera: str | None = None, action_key: str = "action",
+    def __init__(self, root: str, camera: str | list | None = None, action_key: str = "action",
                  state_key: str | None = "auto", image_size=None, on_error: str = "raise"):
         try:
             import pyarrow  # noqa: F401
@@ -112,9 +123,13 @@ class LeRobotReader:
             if not cams:
                 raise DataError("no image or video feature to train on", file=info_path, field="features")
             camera = cams[0]
-        if camera not in cams:
-            raise DataError(f"camera '{camera}' is not an image/video feature; the dataset has {cams}",
+        self.cameras = [camera] if isinstance(camera, str) else [str(c) for c in camera]
+        bad = [c for c in self.cameras if c not in cams]
+        if bad:
+            raise DataError(f"camera '{bad[0]}' is not an image/video feature; the dataset has {cams}",
                             file=info_path, field="features")
+        if not self.cameras or len(set(self.cameras)) != len(self.cameras):
+            raise DataError(f"cameras must be distinct, got {self.cameras}", file=info_path, field="camera")
         if action_key not in feats:
             raise DataError(f"no action feature '{action_key}' (features: {sorted(feats)})", file=info_path,
                             field="features")
@@ -123,13 +138,15 @@ class LeRobotReader:
         elif state_key is not None and state_key not in feats:
             raise DataError(f"no state feature '{state_key}' (features: {sorted(feats)})", file=info_path,
                             field="features")
-        self.camera, self.action_key, self.state_key = camera, action_key, state_key
-        self.is_video = feats[camera]["dtype"] == "video"
-        self.video_fps = float((feats[camera].get("info") or {}).get("video.fps") or self.fps or 0)
-        shape = list(feats[camera].get("shape") or [])
-        hwc = shape if len(shape) == 3 and shape[-1] in (1, 3, 4) else shape[1:] + shape[:1]  # (c, h, w) in v3
-        self.native_shape = (int(hwc[0]), int(hwc[1]), 3) if len(hwc) == 3 else None
+        self.camera, self.action_key, self.state_key = self.cameras[0], action_key, state_key
+        self.is_video = {c: feats[c]["dtype"] == "video" for c in self.cameras}
+        self.video_fps = {c: float((feats[c].get("info") or {}).get("video.fps") or self.fps or 0) for c in self.cameras}
+        natives = {_hwc(feats[c].get("shape")) for c in self.cameras}
+        self.native_shape = natives.pop() if len(natives) == 1 else None
         self.image_size = tuple(int(s) for s in image_size) if image_size else None
+        if self.native_shape is None and self.image_size is None and len(self.cameras) > 1:
+            raise DataError(f"cameras {self.cameras} differ in size; set image_size to tile them", file=info_path,
+                            field="image_size")
         self.action_dim = int(np.prod(feats[action_key].get("shape") or [1]))
         self.state_dim = int(np.prod(feats[state_key].get("shape") or [1])) if state_key else 0
         self.action_names = _names(feats[action_key], self.action_dim)
@@ -140,12 +157,19 @@ class LeRobotReader:
 
     # ------------------------------------------------------------------ metadata
     @property
-    def image_shape(self) -> tuple:
+    def view_shape(self) -> tuple:
+        """(H, W, 3) of one camera in the store."""
         if self.image_size:
             return (*self.image_size, 3)
         if self.native_shape is None:
             raise DataError("the camera feature has no shape; set image_size", field=self.camera)
         return self.native_shape
+
+    @property
+    def image_shape(self) -> tuple:
+        """(H, W x cameras, 3): the views side by side."""
+        h, w, c = self.view_shape
+        return (h, w * len(self.cameras), c)
 
     def _load_tasks(self) -> dict[int, str]:
         v3 = os.path.join(self.root, "meta", "tasks.parquet")
@@ -169,7 +193,8 @@ class LeRobotReader:
             import pyarrow.parquet as pq
 
             def wanted(col: str) -> bool:  # not the per-episode stats/* columns (arrays per feature)
-                return col in ("episode_index", "tasks", "length") or col.startswith(("data/", f"videos/{self.camera}/"))
+                return col in ("episode_index", "tasks", "length") or col.startswith(
+                    ("data/", *(f"videos/{c}/" for c in self.cameras)))
 
             rows = [r for f in files
                     for r in pq.read_table(f, columns=[c for c in pq.read_schema(f).names if wanted(c)]).to_pylist()]
@@ -186,9 +211,9 @@ class LeRobotReader:
                                                   episode_chunk=chunk, episode_index=int(ep["episode_index"]),
                                                   total_episodes=int(self.info.get("total_episodes", 0))))
 
-    def _video(self, ep: dict) -> tuple[str, float]:
-        """(mp4 path, time of the episode's first frame in it) for the camera."""
-        tpl, i, cam = self.info.get("video_path") or "", int(ep["episode_index"]), self.camera
+    def _video(self, ep: dict, cam: str) -> tuple[str, float]:
+        """(mp4 path, time of the episode's first frame in it) for a camera."""
+        tpl, i = self.info.get("video_path") or "", int(ep["episode_index"])
         if f"videos/{cam}/chunk_index" in ep:  # v3: episodes share files
             path = tpl.format(video_key=cam, chunk_index=int(ep[f"videos/{cam}/chunk_index"]),
                               file_index=int(ep[f"videos/{cam}/file_index"]))
@@ -215,7 +240,7 @@ class LeRobotReader:
 
         table = pq.read_table(path)
         need = ["episode_index", "frame_index", "timestamp", self.action_key,
-                *([self.state_key] if self.state_key else []), *([] if self.is_video else [self.camera])]
+                *([self.state_key] if self.state_key else []), *(c for c in self.cameras if not self.is_video[c])]
         missing = [c for c in need if c not in table.column_names]
         if missing:
             raise DataError(f"columns {missing} missing", file=path, episode=episode, field=missing[0])
@@ -226,8 +251,9 @@ class LeRobotReader:
                 columns[k] = _matrix(table[k], n, path, k)
         if "task_index" in table.column_names:
             columns["task_index"] = table["task_index"].to_numpy()
-        if not self.is_video:
-            columns[self.camera] = table[self.camera].combine_chunks()  # taken per episode, decoded lazily
+        for c in self.cameras:
+            if not self.is_video[c]:
+                columns[c] = table[c].combine_chunks()  # taken per episode, decoded lazily
         order = np.lexsort((columns["frame_index"], columns["episode_index"]))
         eps = columns["episode_index"][order]
         starts = np.flatnonzero(np.r_[True, eps[1:] != eps[:-1]])
@@ -240,31 +266,35 @@ class LeRobotReader:
         image = np.asarray(image)
         return fit(image, self.image_size) if self.image_size else np.ascontiguousarray(image[..., :3])
 
-    def _decode(self, ep: dict, rows: dict, cursor: _VideoCursor) -> np.ndarray:
+    def _decode(self, ep: dict, rows: dict, cursors: dict) -> np.ndarray:
+        """Every camera's frames for the episode's rows, tiled side by side."""
+        return np.concatenate([self._decode_camera(ep, rows, c, cursors[c]) for c in self.cameras], axis=2)
+
+    def _decode_camera(self, ep: dict, rows: dict, cam: str, cursor: _VideoCursor) -> np.ndarray:
         episode = int(ep["episode_index"])
-        if not self.is_video:  # images in the parquet rows: {"bytes": png/jpeg, "path": ...}
+        if not self.is_video[cam]:  # images in the parquet rows: {"bytes": png/jpeg, "path": ...}
             from PIL import Image
 
             out = []
-            for cell in rows[self.camera]:
+            for cell in rows[cam]:
                 data = cell.get("bytes") if isinstance(cell, dict) else cell
                 if not data:
                     raise DataError("image without bytes (images stored as separate files are not supported)",
-                                    episode=episode, field=self.camera)
+                                    episode=episode, field=cam)
                 with Image.open(io.BytesIO(data)) as im:
                     out.append(self._frame(np.asarray(im.convert("RGB"))))
             return np.stack(out)
-        path, start = self._video(ep)
+        path, start = self._video(ep, cam)
         if not os.path.isfile(path):
-            raise DataError("video file missing", file=path, episode=episode, field=self.camera)
-        if not self.video_fps:
+            raise DataError("video file missing", file=path, episode=episode, field=cam)
+        if not self.video_fps[cam]:
             raise DataError("no fps in meta/info.json to find frames by timestamp", field="fps")
         # The frame on screen at each row's timestamp (LeRobot's own lookup, to the nearest frame).
-        index = [int(round((start + float(t)) * self.video_fps)) for t in rows["timestamp"]]
+        index = [int(round((start + float(t)) * self.video_fps[cam])) for t in rows["timestamp"]]
         return np.stack([self._frame(cursor.get(path, i)) for i in index])
 
     def episodes(self, skip_keys=frozenset(), max_episodes: int | None = None):
-        cursor, done = _VideoCursor(), 0
+        cursors, done = {c: _VideoCursor() for c in self.cameras}, 0
         try:
             for ep in self.episode_meta:
                 if max_episodes is not None and done >= max_episodes:
@@ -275,7 +305,7 @@ class LeRobotReader:
                     done += 1
                     continue
                 try:
-                    out = self._episode(ep, key, cursor)
+                    out = self._episode(ep, key, cursors)
                 except DataError as e:
                     self.skips.handle(e)
                     continue
@@ -287,9 +317,10 @@ class LeRobotReader:
                 done += 1
                 yield out
         finally:
-            cursor.close()
+            for cursor in cursors.values():
+                cursor.close()
 
-    def _episode(self, ep: dict, key: str, cursor: _VideoCursor) -> dict:
+    def _episode(self, ep: dict, key: str, cursors: dict) -> dict:
         episode = int(ep["episode_index"])
         path = self._data_file(ep)
         rows = self._rows(path, episode)
@@ -301,7 +332,7 @@ class LeRobotReader:
         tasks = list(ep.get("tasks") or [])
         if not tasks and "task_index" in rows:
             tasks = [self.tasks.get(int(rows["task_index"][0]), "")]
-        return dict(key=key, images=self._decode(ep, rows, cursor), actions=actions, state=state,
+        return dict(key=key, images=self._decode(ep, rows, cursors), actions=actions, state=state,
                     instruction=str(tasks[0]) if tasks else "", file=path)
 
 
@@ -313,7 +344,7 @@ def convert_lerobot(reader: LeRobotReader, out: str, meta: dict, max_episodes: i
     from .store import EpisodeWriter
 
     meta = dict(meta, image_shape=list(reader.image_shape), action_dim=reader.action_dim, state_dim=reader.state_dim,
-                embedding_dim=0, fps=reader.fps, camera=reader.camera, codebase_version=reader.version,
+                embedding_dim=0, fps=reader.fps, camera=reader.camera, views=reader.cameras, codebase_version=reader.version,
                 action_names=meta.get("action_names") or reader.action_names)
     total = len(reader.episode_meta) if max_episodes is None else min(max_episodes, len(reader.episode_meta))
     with EpisodeWriter(out, meta, resume=True, on_error=reader.skips.on_error) as w:

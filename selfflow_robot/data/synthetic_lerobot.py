@@ -4,7 +4,8 @@ for the tests and `python -m selfflow_robot.data bench`.
 
 Frame k of episode e has mean brightness 40 + 8k + 3e (codec-proof: decoded frames are matched
 by their mean; `texture=True` adds a moving zero-mean pattern so that video decoding costs what
-camera footage costs), action[:, 0] = 100 e + k, state[:, 0] = -k.
+camera footage costs), action[:, 0] = 100 e + k, state[:, 0] = -k. An optional wrist camera
+(v3.0, `wrist=True`: "observation.images.wrist", WRIST_SIZE) shows the inverse brightness.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 import numpy as np
 
 FPS = 10
+WRIST_SIZE = (48, 64)
 LENGTHS = (7, 5, 9)
 TASKS = ("pick up the cube", "open the drawer")
 
@@ -31,11 +33,19 @@ def frames(episode: int, n: int, size=(64, 80), texture: bool = False) -> np.nda
     return out.clip(0, 255).astype(np.uint8)
 
 
-def _features(size, video: bool, codec: str = "libx264") -> dict:
+def _camera(size, video: bool, codec: str) -> dict:
     cam = {"dtype": "video" if video else "image", "shape": [size[0], size[1], 3], "names": ["height", "width", "channel"]}
     if video:
         cam["info"] = {"video.fps": FPS, "video.codec": "av1" if "av1" in codec else "h264", "video.pix_fmt": "yuv420p"}
-    return {"observation.images.top": cam,
+    return cam
+
+
+def _features(size, video: bool, codec: str = "libx264", wrist: bool = False) -> dict:
+    cams = {"observation.images.top": _camera(size, video, codec)}
+    if wrist:  # v3 writes (c, h, w)
+        cams["observation.images.wrist"] = dict(_camera(WRIST_SIZE, video, codec), shape=[3, *WRIST_SIZE],
+                                                names=["channels", "height", "width"])
+    return {**cams,
             "observation.state": {"dtype": "float32", "shape": [2], "names": ["a", "b"]},
             "action": {"dtype": "float32", "shape": [3], "names": {"motors": ["x", "y", "gripper"]}},
             "timestamp": {"dtype": "float32", "shape": [1], "names": None},
@@ -73,10 +83,10 @@ def _write_mp4(path: str, video: np.ndarray, codec: str = "libx264") -> None:
             w.append_data(f)
 
 
-def _info(version: str, size, video: bool, lengths, codec: str = "libx264", **paths) -> dict:
+def _info(version: str, size, video: bool, lengths, codec: str = "libx264", wrist: bool = False, **paths) -> dict:
     return {"codebase_version": version, "robot_type": "toy", "fps": FPS, "chunks_size": 1000,
-            "total_episodes": len(lengths), "total_frames": int(sum(lengths)), "features": _features(size, video, codec),
-            **paths}
+            "total_episodes": len(lengths), "total_frames": int(sum(lengths)),
+            "features": _features(size, video, codec, wrist), **paths}
 
 
 def write_v21(root: str, video: bool = True, size=(64, 80), lengths=LENGTHS) -> str:
@@ -114,7 +124,7 @@ def write_v21(root: str, video: bool = True, size=(64, 80), lengths=LENGTHS) -> 
 
 
 def write_v30(root: str, size=(64, 80), codec: str = "libx264", lengths=LENGTHS, episodes_per_file: int = 2,
-              texture: bool = False) -> str:
+              texture: bool = False, wrist: bool = False) -> str:
     """v3.0: `episodes_per_file` consecutive episodes share a data file and a video file (each
     starts at the previous one's end: its from_timestamp); meta/episodes/ and meta/tasks.parquet
     (task strings as the index). The defaults: episodes 0-1 in file 0, episode 2 in file 1."""
@@ -125,6 +135,7 @@ def write_v30(root: str, size=(64, 80), codec: str = "libx264", lengths=LENGTHS,
     video_path = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
     ids = list(range(len(lengths)))
     files = {f: ids[i:i + episodes_per_file] for f, i in enumerate(range(0, len(ids), episodes_per_file))}
+    cams = ["observation.images.top", *(["observation.images.wrist"] if wrist else [])]
     meta_rows, start = [], 0
     for file_index, eps in files.items():
         rows: dict = {}
@@ -133,25 +144,29 @@ def write_v30(root: str, size=(64, 80), codec: str = "libx264", lengths=LENGTHS,
             n = lengths[e]
             for k, v in _rows(e, n, start).items():
                 rows.setdefault(k, []).extend(v)
-            meta_rows.append({"episode_index": e, "tasks": [TASKS[e % 2]], "length": n,
-                              "data/chunk_index": 0, "data/file_index": file_index,
-                              "dataset_from_index": start, "dataset_to_index": start + n,
-                              "videos/observation.images.top/chunk_index": 0,
-                              "videos/observation.images.top/file_index": file_index,
-                              "videos/observation.images.top/from_timestamp": clock,
-                              "videos/observation.images.top/to_timestamp": clock + n / FPS,
-                              "stats/action/mean": [100.0 * e + (n - 1) / 2, 0.0, 1.0]})  # (not read)
+            row = {"episode_index": e, "tasks": [TASKS[e % 2]], "length": n,
+                   "data/chunk_index": 0, "data/file_index": file_index,
+                   "dataset_from_index": start, "dataset_to_index": start + n,
+                   "stats/action/mean": [100.0 * e + (n - 1) / 2, 0.0, 1.0]}  # (not read)
+            for cam in cams:
+                row.update({f"videos/{cam}/chunk_index": 0, f"videos/{cam}/file_index": file_index,
+                            f"videos/{cam}/from_timestamp": clock, f"videos/{cam}/to_timestamp": clock + n / FPS})
+            meta_rows.append(row)
             clock += n / FPS
             start += n
         _write_parquet(os.path.join(root, data_path.format(chunk_index=0, file_index=file_index)), rows)
+        top = np.concatenate([frames(e, lengths[e], size, texture) for e in eps])
         _write_mp4(os.path.join(root, video_path.format(video_key="observation.images.top", chunk_index=0,
-                                                        file_index=file_index)),
-                   np.concatenate([frames(e, lengths[e], size, texture) for e in eps]), codec)
+                                                        file_index=file_index)), top, codec)
+        if wrist:
+            inverse = 255 - np.concatenate([frames(e, lengths[e], WRIST_SIZE) for e in eps])
+            _write_mp4(os.path.join(root, video_path.format(video_key="observation.images.wrist", chunk_index=0,
+                                                            file_index=file_index)), inverse, codec)
     _write_parquet(os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"),
                    {k: [r[k] for r in meta_rows] for k in meta_rows[0]})
     # pandas' DataFrame.to_parquet keeps the index (the task strings) as a column named after it
     pq.write_table(pa.table({"task_index": list(range(len(TASKS))), "__index_level_0__": list(TASKS)}),
                    os.path.join(root, "meta", "tasks.parquet"))
     with open(os.path.join(root, "meta", "info.json"), "w") as f:
-        json.dump(_info("v3.0", size, True, lengths, codec, data_path=data_path, video_path=video_path), f)
+        json.dump(_info("v3.0", size, True, lengths, codec, wrist, data_path=data_path, video_path=video_path), f)
     return root
