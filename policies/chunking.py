@@ -49,14 +49,16 @@ class ActionChunker:
         start, chunk = self._chunks[-1]
         return self.t - start >= self._period(len(chunk))
 
-    def push(self, chunk: np.ndarray) -> None:
-        """Store a chunk predicted from the observation at the current step."""
+    def push(self, chunk: np.ndarray, start: int | None = None) -> None:
+        """Store a chunk predicted from the observation at step `start` (default: the current step).
+        A chunk that arrives late (asynchronous inference) starts in the past: its first
+        t - start actions were meant for steps already executed and are skipped."""
         chunk = np.asarray(chunk, dtype=np.float32)
         if chunk.ndim != 2 or chunk.shape[0] < 1:
             raise ValueError(f"action chunk must be [H, A] with H >= 1, got {chunk.shape}")
         if self._chunks and self._chunks[-1][1].shape[1] != chunk.shape[1]:
             raise ValueError("action dimension changed between chunks")
-        self._chunks.append((self.t, chunk))
+        self._chunks.append((self.t if start is None else int(start), chunk))
 
     def pop(self) -> np.ndarray:
         """The action for the current step; advances one step."""

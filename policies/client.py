@@ -5,10 +5,17 @@ on a robot computer or inside a SimplerEnv venv without torch.
     policy = WebsocketClientPolicy("ws://127.0.0.1:8000", api_key=None)
     policy.reset("pick coke can")
     action = policy.act({"image": img_uint8_hw3, "state": state})   # float32 [A]
+
+Asynchronous inference (`refill_below=0.5`, as LeRobot's async client): once the queue holds no
+more than that fraction of a chunk, `act` sends the current observation in a background thread
+and keeps returning queued actions; the reply is used from the step the robot has reached (the
+actions meant for steps executed while it was computed are skipped). Only when the queue runs dry
+does `act` wait (`starved_steps` counts those steps).
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from websockets.exceptions import InvalidStatus, WebSocketException
@@ -17,6 +24,12 @@ from websockets.sync.client import connect
 from . import msgpack_numpy
 from .chunking import ActionChunker, ChunkConfig
 from .safety import SafetyConfig, SafetyFilter
+
+
+def _copy(value):
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return {k: _copy(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 class PolicyServerError(RuntimeError):
@@ -28,9 +41,17 @@ class PolicyServerError(RuntimeError):
 class WebsocketClientPolicy:
     def __init__(self, url: str = "ws://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
                  chunk: ChunkConfig | None = None, safety: SafetyConfig | None = None,
-                 wait_for_server: float = 0.0):
+                 wait_for_server: float = 0.0, refill_below: float | None = None):
         """timeout: seconds for connect and for each reply. wait_for_server: keep retrying a refused
-        connection this long (the server may still be loading the model)."""
+        connection this long (the server may still be loading the model). refill_below: asynchronous
+        inference, requesting the next chunk in the background when at most this fraction of the
+        current one is left (0 < refill_below < 1; None: synchronous, every chunk waits)."""
+        if refill_below is not None and not 0 < float(refill_below) < 1:
+            raise ValueError(f"refill_below must be in (0, 1) or None, got {refill_below}")
+        self.refill_below = None if refill_below is None else float(refill_below)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-client") if refill_below else None
+        self._pending: tuple[Future, int] | None = None  # (request in flight, step of its observation)
+        self.starved_steps = 0
         self.url, self.timeout = url, float(timeout)
         self._headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         self._packer = msgpack_numpy.Packer()
@@ -92,6 +113,7 @@ class WebsocketClientPolicy:
         return reply
 
     def reset(self, instruction: str | None = None) -> None:
+        self._settle()  # a chunk for the previous episode must not land in the new one
         self._call({"type": "reset", "instruction": instruction})
         self.instruction = instruction  # also sent with each observation, so a reconnect keeps the task
         self.chunker.reset()
@@ -107,15 +129,60 @@ class WebsocketClientPolicy:
         return reply
 
     def act(self, obs: dict) -> np.ndarray:
-        if self.chunker.needs_chunk():
-            self.chunker.push(self.infer(obs)["actions"])
+        if self.refill_below is None:
+            if self.chunker.needs_chunk():
+                self.chunker.push(self.infer(obs)["actions"])
+        else:
+            self._act_async(obs)
         a = self.chunker.pop()
         if self.safety is not None:
             a, _ = self.safety.step(a, self.last_action)
         self.last_action = a
         return a
 
+    def _act_async(self, obs: dict) -> None:
+        """Queue the reply that has arrived; request the next chunk early; wait only when dry."""
+        if self._pending is not None and self._pending[0].done():
+            self._take_pending()
+        if self._pending is None and self._queue_low():
+            # a private copy: robot code may refill its camera buffer before the request is packed
+            frozen = {k: _copy(v) for k, v in obs.items()}
+            self._pending = (self._worker.submit(self.infer, frozen), self.chunker.t)
+        if self.chunker.queued == 0:  # nothing left to execute: wait for the chunk in flight
+            if self.chunker.t > 0:
+                self.starved_steps += 1
+            if self._pending is not None:
+                self._take_pending()
+            if self.chunker.queued == 0:  # it came too late to use: ask for the current step
+                self.chunker.push(self.infer(obs)["actions"])
+
+    def _queue_low(self) -> bool:
+        if not self.chunker._chunks:
+            return True
+        horizon = len(self.chunker._chunks[-1][1])
+        return self.chunker.queued <= self.refill_below * horizon
+
+    def _take_pending(self) -> None:
+        future, start = self._pending
+        self._pending = None
+        actions = future.result()["actions"]  # raises what the request raised (timeout, server error)
+        if start + len(actions) <= self.chunker.t:  # arrived too late to be of any use
+            return
+        self.chunker.push(actions, start=start)
+
+    def _settle(self) -> None:
+        if self._pending is not None:
+            future, _ = self._pending
+            self._pending = None
+            try:
+                future.result()
+            except Exception:
+                pass  # a failed request of the episode being abandoned
+
     def close(self) -> None:
+        self._settle()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
         if self._ws is not None:
             self._drop()
 

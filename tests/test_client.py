@@ -13,7 +13,7 @@ import pytest
 
 import selfflow_robot.policies as policies_pkg
 from selfflow_robot.policies import ChunkConfig, SafetyConfig
-from selfflow_robot.policies.client import WebsocketClientPolicy
+from selfflow_robot.policies.client import PolicyServerError, WebsocketClientPolicy
 from selfflow_robot.policies.policy import Policy
 from selfflow_robot.policies.server import PolicyServer
 
@@ -59,16 +59,25 @@ def test_client_side_source_avoids_numpy2_only_api():
         assert not hits, f"{name} uses numpy-2-only API: {hits}"
 
 
-@pytest.fixture()
-def counting_server():
+def _counting(horizon: int, step: float, delay: float = 0.0):
+    """A server whose n-th chunk (n from 0) holds actions step * n + i, i < horizon, after `delay` s."""
     calls = [0]
 
     def predict(obs):
+        if obs.get("instruction") == "fail":
+            raise RuntimeError("model blew up")
+        time.sleep(delay)
         calls[0] += 1
-        return np.array([[10.0 * (calls[0] - 1) + i, 0.0] for i in range(3)], np.float32)
+        return np.array([[step * (calls[0] - 1) + i, 0.0] for i in range(horizon)], np.float32)
 
     s = PolicyServer(Policy(predict, {"action_dim": 2}), port=0)
     s.start_in_thread()
+    return s, calls
+
+
+@pytest.fixture()
+def counting_server():
+    s, calls = _counting(horizon=3, step=10.0)
     yield s, calls
     s.stop()
 
@@ -148,3 +157,44 @@ def test_client_round_trip_without_torch_installed(counting_server):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(3, 2) 2"
+
+
+@pytest.fixture()
+def slow_server():
+    """Chunks of 6 actions, action i of call n = 100 n + i, each after a 0.4 s 'model'."""
+    s, calls = _counting(horizon=6, step=100.0, delay=0.4)
+    yield s, calls
+    s.stop()
+
+
+def test_async_client_acts_while_the_next_chunk_is_computed(slow_server):
+    s, calls = slow_server
+    with WebsocketClientPolicy(f"ws://127.0.0.1:{s.port}", refill_below=0.5) as c:
+        c.reset("x")
+        got, slow_steps = [], []
+        for step in range(9):
+            t0 = time.perf_counter()
+            got.append(float(c.act({"image": IMG})[0]))
+            if time.perf_counter() - t0 > 0.3:
+                slow_steps.append(step)
+            time.sleep(0.1)  # the robot's control period
+    # step 3 sends its observation (3 of 6 actions left); the chunk is used from the step the robot
+    # has reached, so steps 6.. execute actions 3.. of it, whenever it arrived
+    assert got == [0, 1, 2, 3, 4, 5, 103, 104, 105], got
+    assert slow_steps[0] == 0 and 3 not in slow_steps and 4 not in slow_steps  # only the first chunk is awaited
+    assert calls[0] == 3  # step 6 sent the next observation; close() waited for it
+
+
+def test_async_client_reset_drops_the_chunk_in_flight_and_errors_surface(slow_server):
+    s, calls = slow_server
+    with WebsocketClientPolicy(f"ws://127.0.0.1:{s.port}", refill_below=0.9) as c:
+        c.reset("x")
+        assert float(c.act({"image": IMG})[0]) == 0
+        c.act({"image": IMG})  # 4 of 6 left <= 0.9 x 6: the next chunk is requested
+        c.reset("y")           # ... and waited for, then discarded
+        assert calls[0] == 2 and float(c.act({"image": IMG})[0]) == 200  # a fresh chunk, from step 0
+        c.reset("fail")
+        with pytest.raises(PolicyServerError, match="model blew up"):
+            c.act({"image": IMG})
+    with pytest.raises(ValueError, match="refill_below"):
+        WebsocketClientPolicy(f"ws://127.0.0.1:{s.port}", refill_below=1.5)
