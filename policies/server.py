@@ -136,6 +136,8 @@ class PolicyServer:
         except Exception as e:  # msgpack raises assorted errors on garbage; never let them kill the loop
             return _Reply(_error("bad_request", f"cannot decode msgpack message: {type(e).__name__}: {e}"))
         if isinstance(req, dict) and "type" not in req:  # openpi-client: the observation itself
+            if not all(isinstance(k, str) for k in req):
+                return _Reply(_error("bad_request", "observation keys must be strings"), openpi=True)
             obs: dict = {}
             for k, v in req.items():
                 ours = self.from_openpi.get(k, k)

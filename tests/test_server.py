@@ -279,6 +279,8 @@ def test_openpi_client_protocol(server):
         ws.send(msgpack.packb({"prompt": "no image"}))
         reply = ws.recv(timeout=5)
         assert isinstance(reply, str) and reply.startswith("invalid_observation: obs lacks 'image'")
+        ws.send(msgpack.packb({b"observation/image": b"raw"}, use_bin_type=True))  # bytes keys
+        assert ws.recv(timeout=5).startswith("bad_request: observation keys must be strings")
         _assert_good(ws)  # the same connection keeps serving, in either protocol
     finally:
         ws.close()
