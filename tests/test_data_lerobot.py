@@ -116,3 +116,20 @@ def test_finetune_on_a_two_camera_lerobot_dataset_and_serve_the_policy(tmp_path)
     with pytest.raises(ObservationError, match="lacks camera 'observation.images.wrist'"):
         policy.infer({"image": scene, "images": {"top": wrist}, "state": np.zeros(2, np.float32)})
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_two_cameras_are_tiled_side_by_side(tmp_path):
+    root = write_v30(str(tmp_path / "ds"), wrist=True)
+    with pytest.raises(DataError, match="differ in size; set image_size"):
+        LeRobotReader(root, camera=["observation.images.top", "observation.images.wrist"])
+    with pytest.raises(DataError, match="cameras must be distinct"):
+        LeRobotReader(root, camera=["observation.images.top", "observation.images.top"])
+    store = open_store(_dataset_cfg(root, tmp_path / "store", "dataset.image_size=[32,40]",
+                                    "dataset.camera=[observation.images.top,observation.images.wrist]"))
+    assert store.meta["image_shape"] == [32, 80, 3]
+    assert store.meta["views"] == ["observation.images.top", "observation.images.wrist"]
+    for e, n in enumerate(LENGTHS):
+        images = store.episode(e)["images"].astype(np.float64)
+        want = np.array([brightness(e, k) for k in range(n)])
+        assert np.abs(images[:, :, :40].reshape(n, -1).mean(1) - want).max() < 1.5  # scene camera, left
+        assert np.abs(images[:, :, 40:].reshape(n, -1).mean(1) - (255 - want)).max() < 1.5  # wrist camera, right

@@ -261,10 +261,15 @@ class LeRobotReader:
         return columns, {int(eps[a]): order[a:b] for a, b in zip(starts, ends)}
 
     def _frame(self, image) -> np.ndarray:
-        from .video_folder import fit
+        """Resized to image_size without cropping, as a policy resizes the robot's live camera image,
+        so training and deployment see the same picture (as the RT-1 reader does)."""
+        image = np.ascontiguousarray(np.asarray(image)[..., :3])
+        if not self.image_size or image.shape[:2] == self.image_size:
+            return image
+        from PIL import Image
 
-        image = np.asarray(image)
-        return fit(image, self.image_size) if self.image_size else np.ascontiguousarray(image[..., :3])
+        h, w = self.image_size
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
     def _decode(self, ep: dict, rows: dict, cursors: dict) -> np.ndarray:
         """Every camera's frames for the episode's rows, tiled side by side."""
