@@ -41,6 +41,7 @@ log = logging.getLogger("selfflow_robot.serve")
 
 OPENPI_KEYS = {"image": "observation/image", "state": "observation/state", "instruction": "prompt"}  # ours: theirs
 _KEEP = object()  # a reply that leaves the connection's instruction as it is
+OBS_FIELDS = ("image", "images", "state", "instruction", "instruction_embedding")
 
 
 def _error(kind: str, message: str) -> dict:
@@ -145,7 +146,13 @@ class PolicyServer:
                     obs.setdefault("images", {})[ours[len("images."):]] = v
                 else:
                     obs[ours] = v
-            return _Reply(await self._infer(obs, loop, instruction), openpi=True)
+            reply = await self._infer(obs, loop, instruction)
+            if reply.get("error", {}).get("type") == "invalid_observation":  # in the openpi user's terms
+                unmapped = sorted(k for k in req if k not in self.from_openpi and k not in OBS_FIELDS)
+                reply["error"]["message"] += (
+                    f" [openpi keys -> policy inputs: {self.from_openpi}; keys in this request that map to nothing: "
+                    f"{unmapped}; serve with openpi_keys.<input>=<key>, e.g. +openpi_keys.images.wrist=<key>]")
+            return _Reply(reply, openpi=True)
         if not isinstance(req, dict) or not isinstance(req.get("type"), str):
             return _Reply(_error("bad_request", "a request must be a map with a string 'type'"))
         kind = req["type"]

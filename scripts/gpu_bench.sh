@@ -68,7 +68,7 @@ if want study; then
   MUJOCO_GL=egl timeout "$(( ${STUDY_MINUTES:-6} * 60 ))" $PY -m selfflow_robot.study device=$STUDY_DEVICE \
     collect_workers=12 evaluate.workers=12 model.name=s model.depth=12 model.width=384 model.heads=6 \
     model.patch_size=16 'image_size=[128,128]' episodes_per_task=40 batch_size=64 steps=${STUDY_STEPS:-1500} \
-    lr=3e-4 ema_decay=0.999 checkpoint_every=500 validation.every=250 validation.batches=8 \
+    lr=3e-4 ema_decay=0.998 checkpoint_every=500 validation.every=250 validation.batches=8 \
     "seeds=${STUDY_SEEDS:-[0,1]}" evaluate.episodes_per_task=10 out_dir="$OUT/study_gpu" "${STUDY_X[@]}" 2>&1 \
     | grep -v "it/s\]$" | tail -60
 fi

@@ -276,9 +276,10 @@ def test_openpi_client_protocol(server):
         ws.send(mn.packb({"observation/image": IMG, "prompt": "crash"}))  # "prompt" is the instruction
         reply = ws.recv(timeout=5)
         assert isinstance(reply, str) and reply.startswith("inference_error: RuntimeError: model blew up")
-        ws.send(msgpack.packb({"prompt": "no image"}))
+        ws.send(msgpack.packb({"prompt": "no image", "observation/wrist_image": 1}))
         reply = ws.recv(timeout=5)
         assert isinstance(reply, str) and reply.startswith("invalid_observation: obs lacks 'image'")
+        assert "'observation/image': 'image'" in reply and "map to nothing: ['observation/wrist_image']" in reply
         ws.send(msgpack.packb({b"observation/image": b"raw"}, use_bin_type=True))  # bytes keys
         assert ws.recv(timeout=5).startswith("bad_request: observation keys must be strings")
         _assert_good(ws)  # the same connection keeps serving, in either protocol

@@ -255,3 +255,12 @@ def test_unknown_trainer_or_logger_key_is_refused_with_a_hint(tmp_path):
     with pytest.raises(ValueError, match=r"unknown logger key 'wandbb' \(did you mean 'wandb'\?\)"):
         Trainer(tiny_cfg(), ToyModel(), ToyObjective(), make_loader(ToyData(), 8), tmp_path,
                 logger_cfg={**LOGGER, "wandbb": "offline"})
+
+
+def test_short_run_with_long_run_settings_warns(tmp_path):
+    with pytest.warns(UserWarning) as record:
+        Trainer(tiny_cfg(steps=10, warmup_steps=20, ema_decay=0.9999), ToyModel(), ToyObjective(),
+                make_loader(ToyData(), 8), tmp_path, logger_cfg=LOGGER)
+    text = " ".join(str(w.message) for w in record)
+    assert "warmup_steps=20 >= trainer.steps=10" in text
+    assert "keeps 100% of the initial weights" in text and "trainer.ema_decay=0.9" in text

@@ -150,6 +150,7 @@ class LeRobotReader:
         self.action_dim = int(np.prod(feats[action_key].get("shape") or [1]))
         self.state_dim = int(np.prod(feats[state_key].get("shape") or [1])) if state_key else 0
         self.action_names = _names(feats[action_key], self.action_dim)
+        self.state_names = _names(feats[state_key], self.state_dim) if state_key else None
         self.skips = SkipLog(on_error)
         self.tasks = self._load_tasks()
         self.episode_meta = self._load_episodes()
@@ -350,7 +351,7 @@ def convert_lerobot(reader: LeRobotReader, out: str, meta: dict, max_episodes: i
 
     meta = dict(meta, image_shape=list(reader.image_shape), action_dim=reader.action_dim, state_dim=reader.state_dim,
                 embedding_dim=0, fps=reader.fps, camera=reader.camera, views=reader.cameras, codebase_version=reader.version,
-                action_names=meta.get("action_names") or reader.action_names)
+                action_names=meta.get("action_names") or reader.action_names, state_names=reader.state_names)
     total = len(reader.episode_meta) if max_episodes is None else min(max_episodes, len(reader.episode_meta))
     with EpisodeWriter(out, meta, resume=True, on_error=reader.skips.on_error) as w:
         w.skips = reader.skips

@@ -15,7 +15,7 @@ from .store import EpisodeStore
 
 
 def plot_episode(path: str, actions: np.ndarray, state: np.ndarray | None, title: str,
-                 action_names=None, action_mask=None) -> str:
+                 action_names=None, action_mask=None, state_names=None) -> str:
     """One panel per action dimension against the step, then one panel with every state dimension
     overlaid (Meta-World's state has 39). Dimensions that normalisation passes through (the
     store's action_mask, e.g. the gripper) say so in their title."""
@@ -34,7 +34,9 @@ def plot_episode(path: str, actions: np.ndarray, state: np.ndarray | None, title
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.3 * rows + 0.4), squeeze=False, sharex=True,
                              layout="constrained")
     for ax, (name, values) in zip(axes.flat, panels):
-        ax.plot(values, lw=1.2)
+        lines = ax.plot(values, lw=1.2)
+        if name.startswith("state") and state_names and len(state_names) == values.shape[1] <= 12:
+            ax.legend(lines, state_names, fontsize=6, ncols=2)
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7, labelbottom=True)
         ax.grid(alpha=0.3)
@@ -64,7 +66,8 @@ def show_episode(store: EpisodeStore, episode: int, out: str, fps: float | None 
     plot = None
     if ep["actions"].shape[1] or ep["state"] is not None:  # video-folder stores have neither
         plot = os.path.abspath(plot_episode(os.path.splitext(out)[0] + "_actions.png", ep["actions"], ep["state"],
-                                            title, meta.get("action_names"), meta.get("action_mask")))
+                                            title, meta.get("action_names"), meta.get("action_mask"),
+                                            meta.get("state_names")))
     return {"episode": episode, "key": ep["key"], "instruction": ep["instruction"], "steps": len(ep["actions"]),
             "image_shape": list(ep["images"].shape[1:]), "fps": fps, "video": os.path.abspath(video),
             "plot": plot}

@@ -74,6 +74,20 @@ def _as_cfg(cfg, defaults: dict, section: str = "trainer") -> DictConfig:
     return OmegaConf.merge(OmegaConf.create(defaults), cfg)
 
 
+def _warn_short_run(c) -> None:
+    """Settings sized for long runs silently waste a short one: say so before it starts."""
+    steps, updates = int(c.steps), int(c.steps) // max(int(c.ema_every), 1)
+    if int(c.warmup_steps) >= steps:
+        warnings.warn(f"trainer.warmup_steps={c.warmup_steps} >= trainer.steps={steps}: the learning rate never "
+                      f"reaches trainer.lr={c.lr}; set e.g. trainer.warmup_steps={max(1, steps // 20)}", stacklevel=3)
+    init_share = float(c.ema_decay) ** updates
+    if init_share > 0.1:  # the saved (EMA) weights would still be mostly the initialisation
+        suggested = round(1 - 5 / max(updates, 1), 4)
+        warnings.warn(f"trainer.ema_decay={c.ema_decay} over {updates} EMA updates keeps {init_share:.0%} of the "
+                      f"initial weights in the saved EMA model (the checkpoint and validation use it); for a run "
+                      f"this short set e.g. trainer.ema_decay={max(suggested, 0.9)}", stacklevel=3)
+
+
 def move_to_device(batch, device: torch.device):
     """Tensors anywhere in nested dicts / lists / tuples go to `device` (non_blocking)."""
     if isinstance(batch, torch.Tensor):
@@ -123,6 +137,7 @@ class Trainer:
         c = self.cfg
         if c.on_nan not in ("raise", "skip"):
             raise ValueError(f"trainer.on_nan must be raise|skip, got {c.on_nan!r}")
+        _warn_short_run(c)
         self.run_dir = Path(run_dir)
         self.config = config if config is not None else {"trainer": OmegaConf.to_container(c)}
         self.extra_files = dict(extra_files or {})
