@@ -1,0 +1,116 @@
+"""A robot-side control loop against `python -m selfflow_robot.serve`: stream camera frames and the
+robot state, execute actions at a fixed rate, and keep the arm safe when the network is not.
+
+    python -m selfflow_robot.serve policy=runs/my_policy host=0.0.0.0        # on the GPU box
+    python examples/robot_client.py --url ws://gpu-box:8000 --hz 10 --instruction "pick up the cube"
+
+Needs only numpy, msgpack and websockets (`pip install --no-deps selfflow-robot` + those three).
+Replace `FakeRobot` with your driver: `observe()` returns {"image": uint8 [H, W, 3], "state":
+float32 [S]} (plus "images": {"wrist": ...} for a two-camera policy), `command(action)` sends one
+action, `hold()` stops the arm.
+
+- Asynchronous inference (`--refill-below`): the next chunk is computed while queued actions run.
+- Client-side safety (`--max-delta`): per-step change limit on the actions actually executed.
+- Watchdog (`--deadline`): if no action was sent for that long (a slow network, a stuck server),
+  the robot is told to hold until commands resume.
+"""
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+
+from selfflow_robot.policies import ChunkConfig, SafetyConfig
+from selfflow_robot.policies.client import WebsocketClientPolicy
+
+
+class FakeRobot:
+    """Stands in for a driver: a noise camera and a state that integrates the commanded actions."""
+
+    def __init__(self, image_size, state_dim: int, extra_views=()):
+        self.image_size, self.state = tuple(image_size), np.zeros(state_dim, np.float32)
+        self.extra_views, self.rng, self.holds = list(extra_views), np.random.default_rng(0), 0
+
+    def observe(self) -> dict:
+        img = lambda: self.rng.integers(0, 256, (*self.image_size, 3), dtype=np.uint8)  # noqa: E731
+        obs = {"image": img(), "state": self.state.copy()}
+        if self.extra_views:
+            obs["images"] = {name: img() for name in self.extra_views}
+        return obs
+
+    def command(self, action: np.ndarray) -> None:
+        n = min(len(self.state), len(action))
+        self.state[:n] += 0.01 * action[:n]
+
+    def hold(self) -> None:
+        self.holds += 1
+
+
+class Watchdog(threading.Thread):
+    """Calls robot.hold() whenever no command went out for `deadline` seconds."""
+
+    def __init__(self, robot, deadline: float):
+        super().__init__(daemon=True)
+        self.robot, self.deadline = robot, deadline
+        self.last, self.stopped = time.monotonic(), threading.Event()
+
+    def fed(self) -> None:
+        self.last = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.deadline / 4):
+            if time.monotonic() - self.last > self.deadline:
+                self.robot.hold()
+                self.last = time.monotonic()  # hold once per missed deadline
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="ws://127.0.0.1:8000")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--instruction", default="pick up the cube")
+    ap.add_argument("--hz", type=float, default=10.0, help="control rate")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--refill-below", type=float, default=0.5, help="asynchronous inference threshold (0 = off)")
+    ap.add_argument("--execute-steps", type=int, default=None, help="actions run per chunk (default: all)")
+    ap.add_argument("--max-delta", type=float, default=None, help="per-step action change limit")
+    ap.add_argument("--deadline", type=float, default=1.0, help="seconds without an action before holding")
+    args = ap.parse_args(argv)
+
+    policy = WebsocketClientPolicy(args.url, api_key=args.api_key, wait_for_server=30,
+                                   chunk=ChunkConfig(execute_steps=args.execute_steps),
+                                   safety=SafetyConfig(max_delta=args.max_delta) if args.max_delta else None,
+                                   refill_below=args.refill_below or None)
+    meta = policy.metadata
+    views = meta.get("views") or []
+    h, w = meta.get("image_size") or [256, 320]
+    robot = FakeRobot((h, w // max(len(views), 1)), int(meta.get("state_dim") or 0), views[1:])
+    print(f"connected to {args.url}: {meta.get('model')} policy, {meta.get('action_dim')}-d actions, "
+          f"chunks of {meta.get('action_chunk')}, cameras {views or ['image']}")
+    watchdog = Watchdog(robot, args.deadline)
+    watchdog.start()
+    period, late, t_next = 1.0 / args.hz, 0, time.monotonic()
+    try:
+        policy.reset(args.instruction)
+        for _ in range(args.steps):
+            robot.command(policy.act(robot.observe()))
+            watchdog.fed()
+            t_next += period
+            pause = t_next - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            else:  # the loop overran its period: note it, do not try to catch up
+                late, t_next = late + 1, time.monotonic()
+    finally:
+        watchdog.stopped.set()
+        policy.close()
+    summary = {"steps": args.steps, "late_steps": late, "starved_steps": policy.starved_steps,
+               "holds": robot.holds, "last_roundtrip_ms": round(policy.last_timing.get("roundtrip_ms", 0.0), 1)}
+    print(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""examples/robot_client.py against a live server: the control loop, asynchronous inference, the watchdog."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from selfflow_robot.policies.policy import Policy
+from selfflow_robot.policies.server import PolicyServer
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "robot_client.py"
+
+
+def _serve(delay_after: int = 10**9, delay: float = 0.0) -> PolicyServer:
+    """A two-camera, state-taking fake policy; calls after the first `delay_after` take `delay` s."""
+    calls = [0]
+
+    def predict(obs):
+        assert obs["state"].shape == (3,) and set(obs["images"]) == {"wrist"}
+        calls[0] += 1
+        if calls[0] > delay_after:
+            time.sleep(delay)
+        return np.full((4, 2), 0.1, np.float32)
+
+    meta = {"action_dim": 2, "action_chunk": 4, "image_size": [16, 40], "state_dim": 3, "views": ["top", "wrist"]}
+    server = PolicyServer(Policy(predict, meta), port=0)
+    server.start_in_thread()
+    return server
+
+
+def _run(port: int, *args) -> dict:
+    r = subprocess.run([sys.executable, str(EXAMPLE), "--url", f"ws://127.0.0.1:{port}", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ast.literal_eval(r.stdout.strip().splitlines()[-1])
+
+
+def test_robot_client_runs_the_loop():
+    server = _serve()
+    try:
+        summary = _run(server.port, "--steps", "12", "--hz", "50", "--max-delta", "0.5")
+    finally:
+        server.stop()
+    assert summary["steps"] == 12 and summary["holds"] == 0
+
+
+def test_robot_client_watchdog_holds_the_robot_when_the_server_stalls():
+    server = _serve(delay_after=1, delay=1.2)  # the second chunk takes 1.2 s
+    try:
+        summary = _run(server.port, "--steps", "8", "--hz", "50", "--deadline", "0.3")
+    finally:
+        server.stop()
+    assert summary["holds"] >= 1 and summary["starved_steps"] >= 1
