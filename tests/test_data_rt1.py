@@ -293,3 +293,24 @@ def test_terminate_as_action_dimension(builder_dir):
     ep = next(iter(reader.episodes()))
     assert ep["actions"].shape == (10, 8)
     np.testing.assert_array_equal(ep["actions"][:, 7], (np.arange(10) == 9).astype(np.float32))
+
+
+def test_two_cameras_are_tiled_side_by_side(tmp_path):
+    from selfflow_robot.data.synthetic_rt1 import wrist_frame
+
+    builder = write_fractal_rlds(str(tmp_path / "rlds"), num_episodes=2, steps=4, wrist=True)
+    cams = "[steps/observation/image,steps/observation/wrist_image]"
+    with pytest.raises(ValueError, match="differ in size"):
+        open_store(rt1_cfg(builder, tmp_path / "native", "dataset.image_size=null", f"dataset.rlds.image={cams}"))
+    store = open_store(rt1_cfg(builder, tmp_path / "store", "dataset.image_size=[64,80]", f"dataset.rlds.image={cams}"))
+    assert store.meta["image_shape"] == [64, 160, 3]
+    assert store.meta["views"] == ["steps/observation/image", "steps/observation/wrist_image"]
+    from PIL import Image
+
+    def small(img):
+        return np.asarray(Image.fromarray(img).resize((80, 64), Image.BILINEAR)).astype(np.float64)
+
+    images = store.episode(1)["images"].astype(np.float64)
+    for k in range(4):  # scene camera left, wrist camera right (JPEG and resize tolerance)
+        assert np.abs(images[k, :, :80] - small(frame(1, k))).mean() < 6
+        assert np.abs(images[k, :, 80:] - small(wrist_frame(1, k))).mean() < 6

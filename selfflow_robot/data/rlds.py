@@ -48,7 +48,7 @@ def rel2abs_gripper(rel: np.ndarray, threshold: float = 0.1) -> np.ndarray:
 class RLDSMapping:
     """Which flattened RLDS feature is what. Keys are paths such as 'steps/action/world_vector'."""
 
-    image: str = "steps/observation/image"
+    image: str | list = "steps/observation/image"  # a list: several cameras, tiled side by side
     instruction: str | None = "steps/observation/natural_language_instruction"
     instruction_embedding: str | None = None
     actions: list = field(default_factory=lambda: ["steps/action"])
@@ -74,9 +74,17 @@ class RLDSMapping:
         for k in ("actions", "state", "action_names"):
             if d.get(k) is not None:
                 d[k] = [str(x) for x in d[k]]
+        if d.get("image") is not None and not isinstance(d["image"], str):
+            d["image"] = [str(x) for x in d["image"]]
+            if not d["image"] or len(set(d["image"])) != len(d["image"]):
+                raise ValueError(f"rlds.image must name distinct cameras, got {d['image']}")
         if d.get("gripper", "none") not in GRIPPER_MODES:
             raise ValueError(f"rlds.gripper must be one of {GRIPPER_MODES}, got {d['gripper']!r}")
         return cls(**d)
+
+    @property
+    def cameras(self) -> list[str]:
+        return [self.image] if isinstance(self.image, str) else list(self.image)
 
 
 def _masked_crc(data) -> int:
@@ -172,7 +180,12 @@ class RLDSReader:
             if f is None:
                 raise ValueError(f"{data_dir}: the dataset has no feature '{key}' (check the rlds key mapping)")
             self.spec[key] = (tuple(f.shape), f.np_dtype)
-        self.native_image_shape = self.spec[mapping.image][0]
+        self.cameras = mapping.cameras
+        self.native_shapes = {c: tuple(self.spec[c][0]) for c in self.cameras}
+        self.native_image_shape = self.native_shapes[self.cameras[0]]
+        if self.image_size is None and len(set(self.native_shapes.values())) > 1:
+            raise ValueError(f"{data_dir}: cameras {self.cameras} differ in size "
+                             f"({list(self.native_shapes.values())}); set image_size to tile them")
         self.action_dim = sum(int(np.prod(self.spec[k][0] or (1,))) for k in mapping.actions)
         self.action_dim += int(mapping.terminate_as_action)
         self.state_dim = sum(int(np.prod(self.spec[k][0] or (1,))) for k in mapping.state)
@@ -181,14 +194,15 @@ class RLDSReader:
 
     def _keys(self):
         m = self.mapping
-        keys = [m.image, *m.actions, *m.state]
+        keys = [*m.cameras, *m.actions, *m.state]
         keys += [k for k in (m.instruction, m.instruction_embedding, m.terminate) if k]
         return keys
 
     @property
     def image_shape(self) -> tuple:
+        """(H, W x cameras, 3): the views side by side."""
         h, w = self.image_size or self.native_image_shape[:2]
-        return (h, w, 3)
+        return (h, w * len(self.cameras), 3)
 
     def records(self, files=None):
         """(file, key, raw bytes) for every record; key = '<shard file name>:<record index>'."""
@@ -231,10 +245,13 @@ class RLDSReader:
             kind = f.WhichOneof("kind")
             return kind, (getattr(f, kind).value if kind else [])
 
-        _, jpegs = values(m.image)
-        t = len(jpegs)
+        jpegs = {c: values(c)[1] for c in m.cameras}
+        t = len(jpegs[m.cameras[0]])
         if t == 0:
-            raise err(m.image, "empty episode (0 steps)")
+            raise err(m.cameras[0], "empty episode (0 steps)")
+        for c, v in jpegs.items():
+            if len(v) != t:
+                raise err(c, f"{len(v)} images for {t} steps")
 
         def array(k, dtype=np.float32):
             kind, v = values(k)
@@ -255,7 +272,8 @@ class RLDSReader:
         if m.gripper_index is not None and m.gripper != "none":
             g = actions[:, m.gripper_index]
             actions[:, m.gripper_index] = rel2abs_gripper(g, m.gripper_threshold) if m.gripper == "rel2abs" else 1 - g
-        ep = {"key": key, "file": file, "actions": actions, "images": self._decode_images(jpegs, err, m.image)}
+        images = np.concatenate([self._decode_images(jpegs[c], err, c) for c in m.cameras], axis=2)
+        ep = {"key": key, "file": file, "actions": actions, "images": images}
         if m.state:
             ep["state"] = np.concatenate([array(k) for k in m.state], axis=1)
         else:
@@ -280,8 +298,8 @@ class RLDSReader:
     def _decode_images(self, jpegs, err, name) -> np.ndarray:
         from PIL import Image
 
-        h0, w0 = self.native_image_shape[:2]
-        h, w = self.image_shape[:2]
+        h0, w0 = self.native_shapes[name][:2]
+        h, w = self.image_size or self.native_image_shape[:2]
         out = np.empty((len(jpegs), h, w, 3), np.uint8)
         for i, b in enumerate(jpegs):
             try:

@@ -79,7 +79,7 @@ def convert_rlds(reader: RLDSReader, out: str, meta: dict, max_episodes: int | N
 
     from .store import EpisodeWriter
 
-    meta = dict(meta, image_shape=list(reader.image_shape), action_dim=reader.action_dim,
+    meta = dict(meta, image_shape=list(reader.image_shape), views=list(reader.cameras), action_dim=reader.action_dim,
                 state_dim=reader.state_dim, embedding_dim=reader.embedding_dim)
     with EpisodeWriter(out, meta, resume=True, on_error=reader.skips.on_error) as w:
         w.skips = reader.skips  # one report for reading and validation problems

@@ -39,7 +39,12 @@ def frame(i: int, t: int, photo: bool = False) -> np.ndarray:
     return img
 
 
-def fractal_episode(i: int, steps: int = 10, photo: bool = False) -> dict:
+def wrist_frame(i: int, t: int) -> np.ndarray:
+    """The optional second camera (a DROID-style wrist view): half size, inverted colours."""
+    return 255 - frame(i, t)[::2, ::2]
+
+
+def fractal_episode(i: int, steps: int = 10, photo: bool = False, wrist: bool = False) -> dict:
     rng = np.random.default_rng(i)
     t = steps
     pattern = GRIPPER_PATTERNS.get(i) or list(rng.choice([0.0, 0.0, 0.0, 1.0, -1.0], t))
@@ -48,6 +53,7 @@ def fractal_episode(i: int, steps: int = 10, photo: bool = False) -> dict:
     terminate[-1] = [1, 0, 0]
     obs = {
         "image": np.stack([frame(i, k, photo) for k in range(t)]),
+        **({"wrist_image": np.stack([wrist_frame(i, k) for k in range(t)])} if wrist else {}),
         "natural_language_instruction": [f"pick object {i}".encode()] * t,
         "natural_language_embedding": np.tile(rng.normal(size=512).astype(np.float32), (t, 1)),
         "base_pose_tool_reached": rng.normal(size=(t, 7)).astype(np.float32),
@@ -76,7 +82,7 @@ def fractal_episode(i: int, steps: int = 10, photo: bool = False) -> dict:
             "_flags": flags}
 
 
-def _write(out_dir: str, num_episodes: int, steps: int, photo: bool) -> None:
+def _write(out_dir: str, num_episodes: int, steps: int, photo: bool, wrist: bool = False) -> None:
     import tensorflow_datasets as tfds
     from tensorflow_datasets import features as tf_f
 
@@ -84,6 +90,8 @@ def _write(out_dir: str, num_episodes: int, steps: int, photo: bool) -> None:
     step_features = tf_f.FeaturesDict({
         "observation": tf_f.FeaturesDict({
             "image": tf_f.Image(shape=(H, W, 3), dtype=np.uint8, encoding_format="jpeg"),
+            **({"wrist_image": tf_f.Image(shape=(H // 2, W // 2, 3), dtype=np.uint8, encoding_format="jpeg")}
+               if wrist else {}),
             "natural_language_instruction": tf_f.Text(),
             "natural_language_embedding": tf_f.Tensor(shape=(512,), dtype=f32),
             "base_pose_tool_reached": tf_f.Tensor(shape=(7,), dtype=f32),
@@ -131,7 +139,7 @@ def _write(out_dir: str, num_episodes: int, steps: int, photo: bool) -> None:
 
         def _generate_examples(self):
             for i in range(num_episodes):
-                ep = fractal_episode(i, steps, photo)
+                ep = fractal_episode(i, steps, photo, wrist)
                 ep.pop("_flags")
                 t = len(ep["reward"])
                 steps_list = [{"observation": {k: v[s] for k, v in ep["observation"].items()},
@@ -152,12 +160,14 @@ def _write(out_dir: str, num_episodes: int, steps: int, photo: bool) -> None:
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(max_examples_per_split=None))
 
 
-def write_fractal_rlds(out_dir: str, num_episodes: int = 3, steps: int = 10, photo: bool = False) -> str:
+def write_fractal_rlds(out_dir: str, num_episodes: int = 3, steps: int = 10, photo: bool = False,
+                       wrist: bool = False) -> str:
     """Write the fixture in a child process (TF must stay out of the test process); returns
-    the builder directory OUT_DIR/fractal20220817_data/0.1.0."""
+    the builder directory OUT_DIR/fractal20220817_data/0.1.0. wrist: add steps/observation/wrist_image."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     r = subprocess.run([sys.executable, "-m", "selfflow_robot.data.synthetic_rt1", out_dir, str(num_episodes),
-                        str(steps), "photo" if photo else "plain"], env=env, capture_output=True, text=True)
+                        str(steps), "photo" if photo else "plain", "wrist" if wrist else "single"], env=env,
+                       capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"writing the synthetic RLDS data failed:\n{r.stderr[-3000:]}")
     return os.path.join(out_dir, "fractal20220817_data", "0.1.0")
@@ -165,4 +175,4 @@ def write_fractal_rlds(out_dir: str, num_episodes: int = 3, steps: int = 10, pho
 
 if __name__ == "__main__":
     _write(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 10,
-           len(sys.argv) > 4 and sys.argv[4] == "photo")
+           len(sys.argv) > 4 and sys.argv[4] == "photo", len(sys.argv) > 5 and sys.argv[5] == "wrist")
