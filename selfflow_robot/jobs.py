@@ -140,5 +140,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
         done = validator.last is not None and validator.last[0] == trainer.step
         summary["validation"] = validator.last[1] if done else validator(trainer.ema_model, trainer.step)
     log.info("done: %s", summary)
-    print(f"run: {run_dir}\ncheckpoint: {summary.get('checkpoint')}\nmetrics: {summary.get('metrics_path')}")
+    val = summary.get("validation") or {}
+    print(f"run: {run_dir}\ncheckpoint: {summary.get('checkpoint')}\nmetrics: {summary.get('metrics_path')}"
+          + (f"\ncurves: {summary['curves_path']}" if summary.get("curves_path") else "")
+          + ("\nvalidation (EMA weights): " + ", ".join(f"{k} {float(v):.4g}" for k, v in val.items()) if val else ""))
     return summary
