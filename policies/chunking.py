@@ -79,6 +79,11 @@ class ActionChunker:
         return np.asarray(action, dtype=np.float32)
 
     @property
+    def horizon(self) -> int:
+        """Length H of the newest chunk (0 before the first)."""
+        return len(self._chunks[-1][1]) if self._chunks else 0
+
+    @property
     def queued(self) -> int:
         """Actions left in the newest chunk."""
         if not self._chunks:

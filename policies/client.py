@@ -157,10 +157,7 @@ class WebsocketClientPolicy:
                 self.chunker.push(self.infer(obs)["actions"])
 
     def _queue_low(self) -> bool:
-        if not self.chunker._chunks:
-            return True
-        horizon = len(self.chunker._chunks[-1][1])
-        return self.chunker.queued <= self.refill_below * horizon
+        return self.chunker.queued <= self.refill_below * self.chunker.horizon
 
     def _take_pending(self) -> None:
         future, start = self._pending
