@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow_robot.data import EpisodeWriter
+from tests.data_fixtures import write_blob_store
 
 pytestmark = pytest.mark.slow
 TINY = ["model=tiny", "trainer.batch_size=8", "trainer.num_workers=0", "trainer.warmup_steps=5", "trainer.lr=1e-3",
@@ -36,22 +36,7 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def toy_store(tmp_path_factory):
     """A store of smooth moving-blob episodes whose actions are the blob's motion."""
-    path = tmp_path_factory.mktemp("data") / "store"
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:32, 0:32]
-    meta = {"source": "test", "fps": 10, "action_names": ["dx", "dy"], "image_shape": [32, 32, 3], "action_dim": 2}
-    with EpisodeWriter(str(path), meta=meta) as w:
-        for ep in range(6):
-            pos, vel = rng.uniform(8, 24, 2), rng.uniform(-1, 1, 2)
-            frames, actions = [], []
-            for _ in range(12):
-                img = np.exp(-((yy - pos[0]) ** 2 + (xx - pos[1]) ** 2) / 20.0)
-                frames.append(np.stack([img * 255, img * 128, 255 - img * 255], -1).astype(np.uint8))
-                actions.append(vel.astype(np.float32))
-                pos = np.clip(pos + vel, 4, 28)
-            w.add(key=f"ep{ep}", images=np.stack(frames), actions=np.stack(actions),
-                  instruction="move the blob" if ep % 2 else "push the blob")
-    return str(path)
+    return write_blob_store(tmp_path_factory.mktemp("data") / "store")
 
 
 @pytest.mark.parametrize("teacher_fp8", [False, True])

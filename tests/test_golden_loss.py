@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from selfflow_robot.cli import compose
-from selfflow_robot.data import EpisodeWriter
+from tests.data_fixtures import write_blob_store
 
 GOLDEN = Path(__file__).parent / "golden"
 KEYS = ("loss", "flow", "flow_video", "flow_action", "rep", "cos")
@@ -25,20 +25,7 @@ COMMON = ["model=tiny", "model.video_prediction=x", "trainer.batch_size=8", "tra
 
 def _blob_store(path) -> str:
     """Four episodes of a moving Gaussian blob whose actions are its velocity (fixed seed)."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:32, 0:32]
-    meta = {"source": "golden", "fps": 10, "action_names": ["dx", "dy"], "image_shape": [32, 32, 3], "action_dim": 2}
-    with EpisodeWriter(str(path), meta=meta) as w:
-        for ep in range(4):
-            pos, vel = rng.uniform(8, 24, 2), rng.uniform(-1, 1, 2)
-            frames = []
-            for _ in range(12):
-                img = np.exp(-((yy - pos[0]) ** 2 + (xx - pos[1]) ** 2) / 20.0)
-                frames.append(np.stack([img * 255, img * 128, 255 - img * 255], -1).astype(np.uint8))
-                pos = np.clip(pos + vel, 4, 28)
-            w.add(key=f"ep{ep}", images=np.stack(frames), actions=np.tile(vel.astype(np.float32), (12, 1)),
-                  instruction="follow the blob")
-    return str(path)
+    return write_blob_store(path, episodes=4, instruction=lambda ep: "follow the blob", source="golden")
 
 
 def _curve(run_dir) -> dict[str, list[float]]:
