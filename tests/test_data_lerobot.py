@@ -128,6 +128,10 @@ def test_two_cameras_are_tiled_side_by_side(tmp_path):
                                     "dataset.camera=[observation.images.top,observation.images.wrist]"))
     assert store.meta["image_shape"] == [32, 80, 3]
     assert store.meta["views"] == ["observation.images.top", "observation.images.wrist"]
+    from selfflow_robot.data.show import show_episode
+
+    rec = show_episode(store, 0, str(tmp_path / "ep.gif"), min_height=32)
+    assert rec["views"] == store.meta["views"] and rec["image_shape"] == [32, 80, 3]
     for e, n in enumerate(LENGTHS):
         images = store.episode(e)["images"].astype(np.float64)
         want = np.array([brightness(e, k) for k in range(n)])

@@ -68,6 +68,8 @@ def show_episode(store: EpisodeStore, episode: int, out: str, fps: float | None 
         plot = os.path.abspath(plot_episode(os.path.splitext(out)[0] + "_actions.png", ep["actions"], ep["state"],
                                             title, meta.get("action_names"), meta.get("action_mask"),
                                             meta.get("state_names")))
-    return {"episode": episode, "key": ep["key"], "instruction": ep["instruction"], "steps": len(ep["actions"]),
-            "image_shape": list(ep["images"].shape[1:]), "fps": fps, "video": os.path.abspath(video),
-            "plot": plot}
+    rec = {"episode": episode, "key": ep["key"], "instruction": ep["instruction"], "steps": len(ep["actions"]),
+           "image_shape": list(ep["images"].shape[1:]), "fps": fps, "video": os.path.abspath(video), "plot": plot}
+    if len(meta.get("views") or []) > 1:
+        rec["views"] = list(meta["views"])  # left to right in each frame
+    return rec
