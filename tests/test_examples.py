@@ -55,3 +55,10 @@ def test_robot_client_watchdog_holds_the_robot_when_the_server_stalls():
     finally:
         server.stop()
     assert summary["holds"] >= 1 and summary["starved_steps"] >= 1
+
+
+def test_robot_client_needs_no_torch():
+    code = (f"import runpy, sys; runpy.run_path({str(EXAMPLE)!r}, run_name='not_main'); "
+            "bad = [m for m in ('torch', 'hydra', 'omegaconf') if m in sys.modules]; assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
