@@ -21,6 +21,7 @@ pytest.importorskip("pyarrow")
 LAYOUTS = {
     "v2.1-video": lambda root: write_v21(root),
     "v2.1-images": lambda root: write_v21(root, video=False),
+    "v2.1-image-files": lambda root: write_v21(root, video=False, image_files=True),
     "v3.0-h264": lambda root: write_v30(root),
     "v3.0-av1": lambda root: write_v30(root, codec="libsvtav1"),  # LeRobot's default codec
 }

@@ -278,15 +278,21 @@ class LeRobotReader:
 
     def _decode_camera(self, ep: dict, rows: dict, cam: str, cursor: _VideoCursor) -> np.ndarray:
         episode = int(ep["episode_index"])
-        if not self.is_video[cam]:  # images in the parquet rows: {"bytes": png/jpeg, "path": ...}
+        if not self.is_video[cam]:  # images in the parquet rows: {"bytes": png/jpeg, "path": file}
             from PIL import Image
 
             out = []
             for cell in rows[cam]:
                 data = cell.get("bytes") if isinstance(cell, dict) else cell
+                path = cell.get("path") if isinstance(cell, dict) else None
+                if not data and path:  # only a file name: images/<key>/episode-.../frame-....png
+                    path = path if os.path.isabs(path) else os.path.join(self.root, path)
+                    if not os.path.isfile(path):
+                        raise DataError("image file missing", file=path, episode=episode, field=cam)
+                    with open(path, "rb") as f:
+                        data = f.read()
                 if not data:
-                    raise DataError("image without bytes (images stored as separate files are not supported)",
-                                    episode=episode, field=cam)
+                    raise DataError("image cell has neither bytes nor a path", episode=episode, field=cam)
                 with Image.open(io.BytesIO(data)) as im:
                     out.append(self._frame(np.asarray(im.convert("RGB"))))
             return np.stack(out)

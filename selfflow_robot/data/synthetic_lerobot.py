@@ -89,7 +89,7 @@ def _info(version: str, size, video: bool, lengths, codec: str = "libx264", wris
             "features": _features(size, video, codec, wrist), **paths}
 
 
-def write_v21(root: str, video: bool = True, size=(64, 80), lengths=LENGTHS) -> str:
+def write_v21(root: str, video: bool = True, size=(64, 80), lengths=LENGTHS, image_files: bool = False) -> str:
     """v2.1: one parquet and one mp4 per episode; meta/episodes.jsonl and meta/tasks.jsonl."""
     import io
 
@@ -104,7 +104,13 @@ def write_v21(root: str, video: bool = True, size=(64, 80), lengths=LENGTHS) -> 
         images = None
         if not video:
             images = []
-            for f in pix:
+            for k, f in enumerate(pix):
+                if image_files:  # only the path in the parquet, as LeRobot's image writer leaves it
+                    rel = f"images/observation.images.top/episode-{e:06d}/frame-{k:06d}.png"
+                    os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+                    Image.fromarray(f).save(os.path.join(root, rel))
+                    images.append({"bytes": None, "path": rel})
+                    continue
                 buf = io.BytesIO()
                 Image.fromarray(f).save(buf, format="PNG")
                 images.append({"bytes": buf.getvalue(), "path": None})
