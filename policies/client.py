@@ -151,10 +151,8 @@ class WebsocketClientPolicy:
         if self.chunker.queued == 0:  # nothing left to execute: wait for the chunk in flight
             if self.chunker.t > 0:
                 self.starved_steps += 1
-            if self._pending is not None:
-                self._take_pending()
-            if self.chunker.queued == 0:  # it came too late to use: ask for the current step
-                self.chunker.push(self.infer(obs)["actions"])
+            # It was sent while at most refill_below x H actions were queued, so it still covers this step.
+            self._take_pending()
 
     def _queue_low(self) -> bool:
         return self.chunker.queued <= self.refill_below * self.chunker.horizon
@@ -162,10 +160,8 @@ class WebsocketClientPolicy:
     def _take_pending(self) -> None:
         future, start = self._pending
         self._pending = None
-        actions = future.result()["actions"]  # raises what the request raised (timeout, server error)
-        if start + len(actions) <= self.chunker.t:  # arrived too late to be of any use
-            return
-        self.chunker.push(actions, start=start)
+        # raises what the request raised (timeout, server error)
+        self.chunker.push(future.result()["actions"], start=start)
 
     def _settle(self) -> None:
         if self._pending is not None:

@@ -72,12 +72,7 @@ def main(cfg):
         from .bench import main as bench_main
 
         return bench_main(cfg)
-    from .errors import DataError
-
-    try:
-        return show(cfg) if cfg.get("verb") == "show" else stats(cfg)
-    except (FileNotFoundError, DataError) as e:  # a message naming the path is all the user needs
-        raise SystemExit(f"error: {e}") from None
+    return show(cfg) if cfg.get("verb") == "show" else stats(cfg)  # cli.run turns bad input into one line
 
 
 if __name__ == "__main__":
