@@ -67,3 +67,28 @@ def test_time_grids():
         time_grid(1, "sde")
     with pytest.raises(ValueError, match="ode"):
         time_grid(4, "heun")
+
+
+@pytest.mark.parametrize("mode", ["action_first", "joint"])
+def test_compiled_policy_sampler_compiles_once(monkeypatch, mode):
+    """A robot calls the compiled sampler once per observation: after the first chunk, no call may
+    recompile (each recompile cost seconds on the GPU, and after 8 the model fell back to eager)."""
+    import numpy as np
+    from torch._dynamo.testing import CompileCounter
+
+    from selfflow_robot.models import build_model
+    from selfflow_robot.sampling import ActionSampler
+
+    torch._dynamo.reset()
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, dynamic=False))
+    model = build_model("tiny", depth=2, action_dim=3, state_dim=2)
+    io = {"action_dim": 3, "action_chunk": 4, "image_size": [32, 32], "context_frames": 2, "future_frames": 1}
+    sampler = ActionSampler(model, {"io": io}, steps=3, mode=mode, compile=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        sampler(image, "pick coke can", state=rng.normal(size=2).astype(np.float32))
+        if i == 0:
+            first = counter.frame_count
+    assert first >= 2 and counter.frame_count == first  # prefix + step graphs, then replays only

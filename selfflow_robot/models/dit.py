@@ -231,14 +231,17 @@ class SelfFlowDiT(nn.Module):
         rope = self.rope(torch.cat(pos, dim=0))
         if not time_embed:  # the caller brings precomputed modulation
             return x, rope, None, None
-        offsets, values, index, first_slot = 0, [], [], {}
+        # A timestep tensor shared by streams gets its slots once. Compared with `is`, not id():
+        # under torch.compile id() guards on the tensor object, so each new tensor recompiled.
+        offsets, values, index, seen = 0, [], [], []  # seen: (source, first slot)
         for tt, source in times:
-            key = id(source) if source is not None else id(tt)
-            if key not in first_slot:  # a timestep tensor shared by streams gets its slots once
-                first_slot[key] = offsets
+            first = next((slot for s, slot in seen if source is not None and s is source), None)
+            if first is None:
+                first = offsets
+                seen.append((source, first))
                 values.append(tt.values)
                 offsets += tt.values.shape[1]
-            index.append(tt.index + first_slot[key])
+            index.append(tt.index + first)
         values, index = torch.cat(values, 1), torch.cat(index, 1)
         cond = self.t_embedder(values)  # [B, K, D]
         K = values.shape[1]
