@@ -106,6 +106,10 @@ def bench_train(cfg: DictConfig) -> list[dict]:
         frames, grid, batch_size = int(case.frames), int(case.grid), int(case.batch)
         step_s = {}
         for kind in b.objectives:
+            # Every Block shares one compiled-code cache: without a reset, earlier cases' and objectives'
+            # variants fill it (8 entries) and a later measurement silently ran eager (H100 job,
+            # 2026-11-26: the FP8 teacher at 1536 tokens).
+            torch._dynamo.reset()
             torch.manual_seed(0)
             # Latent-like tokens as in SiT-XL/2 on SD-VAE latents: 2x2 patches of 4 channels = 16 dims.
             model = build_model(cli.to_container(cfg.model), patch_size=2, in_channels=4, text="none")
@@ -167,6 +171,7 @@ def bench_sample(cfg: DictConfig) -> list[dict]:
     results = []
     for compiled in b.compile:
         for mode in b.modes:
+            torch._dynamo.reset()  # each measurement compiles afresh (see bench_train)
             sampler = ActionSampler(model, {"io": io}, device, steps=int(b.steps), mode=mode, compile=bool(compiled))
             call = lambda: sampler(image, "pick coke can")  # noqa: E731
             latency = _time_steps(call, int(b.warmup), int(b.reps), device)

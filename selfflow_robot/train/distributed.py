@@ -86,7 +86,18 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
+# All blocks share one compiled-code cache (one forward code object), filled by every variant a
+# run meets: student with grad, no-grad teacher and validation, a last partial batch, prefix
+# encoding and sampling at evaluation. Dynamo's default of 8 entries ran the later ones eagerly.
+BLOCK_RECOMPILE_LIMIT = 64
+
+
 def apply_compile(model: nn.Module) -> None:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(config, name, max(getattr(config, name), BLOCK_RECOMPILE_LIMIT))
     blocks = repeated_blocks(model)
     for block in blocks or [model]:
         block.compile()  # in place: no `_orig_mod.` in state-dict keys
