@@ -3,13 +3,12 @@
 # same card in the same job. On a GPU machine, from the repo root:
 #   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [reference|train|attention|sample|policy|study|all ...]
 # Needs torch with CUDA and this package (pip install --no-deps -e .). On the workplace's lent GPU
-# (no network), first run scripts/gpu_prepare.sh here, carry [".whl", ".gpu"], and begin with:
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-#     && REFERENCE=.gpu/reference_dit.py OUT=$OUT bash scripts/gpu_bench.sh all
-# Stages: reference, train, attention, sample, policy (rough guesses on one H200: 1.5, 6, 2, 1.5 and
-# 1 min; untimed since the last changes) and study (capped at STUDY_MINUTES, default 6). Pass several:
-# gpu_bench.sh reference train. Run reference and train on the same warm machine (one card).
+# (no network), run scripts/gpu_prepare.sh here first, then scripts/gpu_lease.sh there (it installs
+# the carried wheels and runs these stages one by one under time caps).
+# Stages: reference, train, attention, sample, policy (measured on one H100, 2026-11-26: 130, 162,
+# 73 for two kernels, 150 and 132 s, mostly compilation; the reference needs > 110 s) and study
+# (capped at STUDY_MINUTES, default 6). Pass several: gpu_bench.sh reference train. Run reference
+# and train on the same warm machine (one card).
 # DRY=1 runs every stage on a tiny model on the CPU in about a minute (tests/test_gpu_script.py),
 # so a broken argument never costs device time.
 set -uo pipefail
@@ -18,7 +17,7 @@ OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 PY=${PYTHON:-python3}
-MODEL=xl STUDY_DEVICE=cuda ATTENTION_KERNELS="flash cudnn" TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=()
+MODEL=xl STUDY_DEVICE=cuda ATTENTION_KERNELS=${ATTENTION_KERNELS:-"auto flash cudnn"} TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=()
 if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overrides win
   MODEL=tiny STUDY_DEVICE=cpu REFERENCE= ATTENTION_KERNELS=flash
   TRAIN_X=(train.device=cpu train.compile=false train.warmup=1 train.reps=1 'train.cases=[{name:dry,frames:2,grid:4,batch:2}]')
@@ -42,8 +41,8 @@ if want train; then
     train.out="$OUT/bench_train.jsonl" train.profile="$OUT/profile" "${TRAIN_X[@]}"
 fi
 if want attention; then
-  # Flow matching at 1536 tokens (where attention is ~18% of the FLOPs) with each SDPA kernel forced;
-  # head dim 72: FlashAttention runs it in its 96 kernel.
+  # Flow matching at 1536 tokens (where attention is ~18% of the FLOPs), a fresh process per SDPA
+  # kernel: auto (cuDNN on the H100) and each forced; head dim 72: FlashAttention runs its 96 kernel.
   for kernel in $ATTENTION_KERNELS; do
     $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching]' train.attention=$kernel \
       'train.cases=[{name:video1536,frames:6,grid:16,batch:16}]' \
@@ -63,6 +62,9 @@ if want policy; then
     'policy_bench.modes=[action_first]' policy_bench.iters=100 policy_bench.out="$OUT/bench_policy.jsonl" "${POLICY_X[@]}"
 fi
 if want study; then
+  if [[ ${DRY:-0} != 1 && -d .gl ]]; then  # EGL loaders for MuJoCo's headless rendering (gpu_prepare.sh)
+    for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+  fi
   # Self-Flow vs DTS vs flow matching on Meta-World (docs/study.md, GPU configuration), capped at
   # STUDY_MINUTES; runs.json under $OUT is rewritten after each run, so a capped study still reports.
   MUJOCO_GL=egl timeout "$(( ${STUDY_MINUTES:-6} * 60 ))" $PY -m selfflow_robot.study device=$STUDY_DEVICE \
