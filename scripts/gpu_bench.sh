@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU job: the shared plain reference (reference_dit.py) and the project's own figures, on the
 # same card in the same job. On a GPU machine, from the repo root:
-#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [reference|train|attention|sample|policy|study|all ...]
+#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [reference|train|attention|checkpointing|sample|policy|study|all ...]
 # Needs torch with CUDA and this package (pip install --no-deps -e .). On the workplace's lent GPU
 # (no network), run scripts/gpu_prepare.sh here first, then scripts/gpu_lease.sh there (it installs
 # the carried wheels and runs these stages one by one under time caps).
-# Stages: reference, train, attention, sample, policy (measured on one H100, 2026-11-26: 130, 162,
+# Stages: reference, train, attention, checkpointing (new, untimed), sample, policy (measured on one H100, 2026-11-26: 130, 162,
 # 73 for two kernels, 150 and 132 s, mostly compilation; the reference needs > 110 s) and study
 # (capped at STUDY_MINUTES, default 6). Pass several: gpu_bench.sh reference train. Run reference
 # and train on the same warm machine (one card).
@@ -48,6 +48,13 @@ if want attention; then
       'train.cases=[{name:video1536,frames:6,grid:16,batch:16}]' \
       train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}" || echo "attention=$kernel failed"
   done
+fi
+if want checkpointing; then
+  # Activation checkpointing at 1536 tokens: step time against the train stage's flow matching, and
+  # the peak memory of batch 16 and of a batch 4x larger (bench memory gives the estimate).
+  $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching]' train.activation_checkpointing=true \
+    'train.cases=[{name:video1536,frames:6,grid:16,batch:16},{name:video1536_b64,frames:6,grid:16,batch:64}]' \
+    train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}"
 fi
 if want sample; then
   # XL policy: 256x320 frames in 16x16 pixel patches (320 tokens per frame), 6-action chunk, 10 Euler steps.

@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> dict:
     store = open_dataset(cfg)
     frames = ClipDataset(store, context_frames=1, future_frames=0, action_chunk=0, image_size=tuple(cfg.image_size))
     loader = make_loader(frames, int(cfg.trainer.batch_size), num_workers=int(cfg.trainer.num_workers),
-                         seed=int(cfg.trainer.seed))
+                         seed=int(cfg.trainer.seed), grad_accum_steps=int(cfg.trainer.get("grad_accum_steps", 1)))
     torch.manual_seed(int(cfg.trainer.seed))
     ae = FrameAutoencoder(int(cfg.channels), int(cfg.width), int(cfg.downsample))
     run_dir = resolve_run_dir(cfg, "autoencoder")

@@ -1,9 +1,11 @@
-"""`python -m selfflow_robot.bench {params|train|data|policy} [key=value ...]`: performance figures.
+"""`python -m selfflow_robot.bench {params|train|memory|sample|data|policy} [key=value ...]`: performance figures.
 
 params  backbone parameter count of a model size: `params: N`.
 train   training-step throughput of the project's trainer step (compiled blocks, bf16 on CUDA, fused
         AdamW, EMA) for flow matching and Self-Flow on synthetic tokens: samples/s, tokens/s, achieved
         TFLOP/s, MFU against a measured matmul rate, peak memory, and Self-Flow step / FM step.
+memory  activation memory kept for backward per sample, with and without activation checkpointing
+        (CPU, fp32, forward only), and the fp32 weights + grads + AdamW + EMA size.
 data    episode-store reading and clip-sampler throughput (selfflow_robot.data.bench).
 sample  batch-1 action-chunk latency of the model alone (random weights of any size; eager and
         CUDA-graph compiled; action_first and joint modes).
@@ -22,7 +24,7 @@ from omegaconf import DictConfig
 
 from . import cli
 
-VERBS = ("params", "train", "sample", "data", "policy")
+VERBS = ("params", "train", "memory", "sample", "data", "policy")
 
 
 def emit(record: dict, out: str | None) -> None:
@@ -119,7 +121,7 @@ def bench_train(cfg: DictConfig) -> list[dict]:
             batch = {"video_tokens": torch.randn(batch_size, frames, grid, grid, model.patch_dim, device=device)}
             tcfg = {"steps": 10**9, "batch_size": batch_size, "compile": bool(b.compile), "device": device.type,
                     "warmup_steps": 0, "checkpoint_every": 0, "log_every": 10**9, "num_workers": 0,
-                    "attention": str(b.attention)}
+                    "attention": str(b.attention), "activation_checkpointing": bool(b.activation_checkpointing)}
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = Trainer(tcfg, model, objective, [batch], tmp, logger_cfg={"wandb": "disabled", "jsonl": False,
                                                                                    "progress_bar": False})
@@ -132,7 +134,8 @@ def bench_train(cfg: DictConfig) -> list[dict]:
                 n_tokens = frames * grid * grid
                 rec = {"bench": "train", "case": case.name, "objective": kind, "model": model.cfg.name,
                        "device": _device_name(device), "batch": batch_size, "tokens": n_tokens,
-                       "compiled": bool(b.compile), "attention": str(b.attention), "step_s": step_s[kind],
+                       "compiled": bool(b.compile), "attention": str(b.attention),
+                       "activation_checkpointing": bool(b.activation_checkpointing), "step_s": step_s[kind],
                        "samples_per_s": batch_size / step_s[kind], "tokens_per_s": batch_size * n_tokens / step_s[kind],
                        "tflops": flops / step_s[kind] / 1e12, "mfu": flops / step_s[kind] / peak,
                        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
@@ -187,6 +190,44 @@ def bench_sample(cfg: DictConfig) -> list[dict]:
     return results
 
 
+def bench_memory(cfg: DictConfig) -> list[dict]:
+    """Activation memory a training forward keeps for backward, per sample, with and without
+    trainer.activation_checkpointing: the bytes autograd saves, counted on the CPU in fp32 (bf16
+    autocast keeps about half). With checkpointing, backward also rebuilds one block at a time."""
+    import torch
+
+    from .models import build_model
+    from .train.distributed import apply_activation_checkpointing
+
+    results = []
+    for case in cfg.train.cases:
+        saved = {}
+        for checkpointing in (False, True):
+            torch.manual_seed(0)
+            model = build_model(cli.to_container(cfg.model), patch_size=2, in_channels=4, text="none")
+            if checkpointing:
+                apply_activation_checkpointing(model)
+            x = torch.randn(1, int(case.frames), int(case.grid), int(case.grid), model.patch_dim)
+            weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            total = [0]
+
+            def pack(t, total=total, weights=weights):  # weights saved for backward cost no extra memory
+                if t.untyped_storage().data_ptr() not in weights:
+                    total[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(video=x, video_t=torch.rand(1))
+            saved[checkpointing] = total[0] / 2**20
+        rec = {"bench": "memory", "case": case.name, "model": model.cfg.name, "tokens": int(case.frames) *
+               int(case.grid) ** 2, "dtype": "float32", "saved_mib_per_sample": saved[False],
+               "checkpointed_saved_mib_per_sample": saved[True], "reduction": saved[False] / saved[True],
+               "static_gib": model.backbone_parameters() * 20 / 2**30}  # fp32 weights, grads, AdamW, EMA
+        emit(rec, cfg.train.out)
+        results.append(rec)
+    return results
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -211,6 +252,8 @@ def main(cfg: DictConfig):
         return bench_train(cfg)
     if verb == "sample":
         return bench_sample(cfg)
+    if verb == "memory":
+        return bench_memory(cfg)
     if verb == "data":
         from .data.bench import main as data_main
 

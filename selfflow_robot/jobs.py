@@ -100,7 +100,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     train_set = clips(train_eps)
     loader = make_loader(train_set, int(cfg.trainer.batch_size), num_workers=int(cfg.trainer.num_workers),
-                         seed=int(cfg.trainer.seed))
+                         seed=int(cfg.trainer.seed), grad_accum_steps=int(cfg.trainer.get("grad_accum_steps", 1)))
 
     torch.manual_seed(int(cfg.trainer.seed))
     model = build_model(mcfg)
@@ -111,7 +111,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     validator = None
     if val_eps:
-        val_loader = make_loader(clips(val_eps), min(int(cfg.trainer.batch_size), 32), num_workers=0, seed=1,
+        micro = int(cfg.trainer.batch_size) // int(cfg.trainer.get("grad_accum_steps", 1))  # what fits in memory
+        val_loader = make_loader(clips(val_eps), min(micro, 32), num_workers=0, seed=1,
                                  shuffle=True, drop_last=False)
         v = cfg.get("validation", {})
         validator = Validator(val_loader, int(v.get("batches", 4)), mcfg, objective.cfg.context_noise_max,

@@ -32,6 +32,14 @@ def test_bench_sample_reports_chunk_latency(tmp_path):
     assert all(r["chunk_latency_ms"] > 0 for r in rows)
 
 
+def test_bench_memory_reports_activation_checkpointing_savings(tmp_path):
+    rows = bench("memory", "model=tiny", "train.cases=[{name: t, frames: 2, grid: 8, batch: 4}]",
+                 f"train.out={tmp_path / 'bench.jsonl'}", tmp_path=tmp_path)
+    (row,) = rows
+    assert row["tokens"] == 128 and row["saved_mib_per_sample"] > 4 * row["checkpointed_saved_mib_per_sample"] > 0
+    assert row["static_gib"] > 0
+
+
 def test_bench_needs_a_verb(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "selfflow_robot.bench", "model=tiny"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

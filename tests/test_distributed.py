@@ -29,8 +29,9 @@ SCRIPT = textwrap.dedent("""
             torch.manual_seed(99)  # other ranks start from other weights: the trainer must broadcast rank 0's
             model = ToyModel()
         objective = ToyObjective(random={random})
-        cfg = tiny_cfg(steps=steps, parallel={parallel!r}, checkpoint_every=2, schedule="constant")
-        data = make_loader(ToyData(16), cfg["batch_size"], 0, seed=0)
+        cfg = tiny_cfg(steps=steps, parallel={parallel!r}, checkpoint_every=2, schedule="constant",
+                       grad_accum_steps={accum})
+        data = make_loader(ToyData(16), cfg["batch_size"], 0, seed=0, grad_accum_steps={accum})
         return Trainer(cfg, model, objective, data, run_dir, logger_cfg=LOGGER, resume=resume).fit()
 
     train({run_dir!r} + "/straight", 4)
@@ -46,9 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def script_text(run_dir, parallel="auto", random=False, resume_check=False) -> str:
+def script_text(run_dir, parallel="auto", random=False, resume_check=False, accum=1) -> str:
     return SCRIPT.format(tests=str(HERE), parallel=parallel, run_dir=str(run_dir), random=random,
-                         resume_check=resume_check)
+                         resume_check=resume_check, accum=accum)
 
 
 def launch(tmp_path, nproc=2, **kw) -> Path:
@@ -85,9 +86,10 @@ def single(tmp_path_factory):
     return tmp / "straight"
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, single, parallel):
-    two = launch(tmp_path, parallel=parallel) / "straight"
+@pytest.mark.parametrize("parallel,accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
+def test_two_processes_match_one(tmp_path, single, parallel, accum):
+    """accum=2: each rank's share in two micro-batches, gradients synchronised once."""
+    two = launch(tmp_path, parallel=parallel, accum=accum) / "straight"
     for name in ("model.safetensors", "trainer_state/student.safetensors", "trainer_state/objective.safetensors"):
         assert_same(final(single, name), final(two, name))
     assert_same(final(single, "trainer_state/optimizer.safetensors"),

@@ -23,6 +23,7 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
     assert {r.get("objective") for r in train} >= {"flow_matching", "self_flow", "self_flow_fp8"}
     assert any("selfflow_fp8_over_fm" in r for r in train)
     assert any(r.get("attention") == "flash" for r in train)  # the attention stage
+    assert any(r.get("activation_checkpointing") for r in train)  # the checkpointing stage
     assert (out / "profile" / "train_dry_self_flow.txt").is_file()
     sample = [json.loads(x) for x in (out / "bench_sample.jsonl").read_text().splitlines()]
     assert [r["compiled"] for r in sample] == [False, False, True]

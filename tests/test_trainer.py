@@ -27,9 +27,9 @@ def run(run_dir, cfg=None, objective=None, data=None, resume=False, **kw):
     return trainer, trainer.fit()
 
 
-def losses(run_dir) -> dict[int, float]:
+def losses(run_dir, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def test_fit_logs_and_checkpoints(tmp_path):
@@ -157,8 +157,12 @@ def test_lr_schedule():
 def test_sampler_position_and_sharding():
     full = ResumableSampler(21, seed=3, batch_size=4)
     full.set_epoch(2)
-    order = list(full)
-    assert len(order) == 21 and sorted(order) == list(range(21))
+    order = list(full)  # whole batches only (drop_last): 5 of 4
+    assert len(order) == 20 and len(set(order)) == 20 and set(order) < set(range(21))
+    assert len(ResumableSampler(21, seed=3, batch_size=4, drop_last=False)) == 21
+    # gradient accumulation: an epoch holds whole optimizer steps (3 micro-batches of 3 here)
+    assert list(ResumableSampler(21, seed=3, batch_size=3, group=3)) == list(ResumableSampler(21, seed=3, batch_size=9))
+    assert len(ResumableSampler(21, seed=3, batch_size=3, group=3)) == 18
     part = ResumableSampler(21, seed=3, batch_size=4)
     part.set_position(2, 3)
     assert list(part) == order[12:]
@@ -264,3 +268,64 @@ def test_short_run_with_long_run_settings_warns(tmp_path):
     text = " ".join(str(w.message) for w in record)
     assert "warmup_steps=20 >= trainer.steps=10" in text
     assert "keeps 100% of the initial weights" in text and "trainer.ema_decay=0.9" in text
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    """grad_accum_steps=2 loads each batch of 8 as two micro-batches of 4: same samples, same
+    gradients (loss / 2 each), so the same weights and logged losses, across epochs (20 samples:
+    whole steps only) and through a resume."""
+    objective = {"random": False}
+    big, _ = run(tmp_path / "big", tiny_cfg(steps=7), objective)
+    cfg = tiny_cfg(steps=7, grad_accum_steps=2)
+    micro = make_loader(ToyData(), 8, 0, seed=0, grad_accum_steps=2)
+    assert next(iter(micro))["x"].shape[0] == 4
+    acc, _ = run(tmp_path / "acc", cfg, objective, data=micro)
+    for a, b in zip(big.model.parameters(), acc.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "grad_norm", "flow"):  # AdamW hides a gradient scale error; the logged norm does not
+        assert losses(tmp_path / "acc", key) == pytest.approx(losses(tmp_path / "big", key), rel=1e-5), key
+    split = tmp_path / "split"
+    run(split, tiny_cfg(steps=3, grad_accum_steps=2), objective, data=make_loader(ToyData(), 8, 0, grad_accum_steps=2))
+    resumed, _ = run(split, cfg, objective, data=make_loader(ToyData(), 8, 0, grad_accum_steps=2), resume=True)
+    for a, b in zip(big.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="grad_accum_steps=2"):  # the loader must split batches to match
+        run(tmp_path / "bad", cfg, objective, data=make_loader(ToyData(), 8, 0))
+    with pytest.raises(ValueError, match="divisible"):
+        make_loader(ToyData(), 8, 0, grad_accum_steps=3)
+
+
+def test_activation_checkpointing_same_gradients_less_saved_memory(tmp_path):
+    """The real backbone and Self-Flow objective: recomputing blocks in backward gives the same
+    gradients, saves fewer activation bytes, and leaves keys and no-grad forwards alone."""
+    from test_objectives import make_batch
+
+    from selfflow_robot.models import build_model
+    from selfflow_robot.objectives import build_objective
+
+    def grads_and_saved(checkpointing):
+        torch.manual_seed(0)
+        model = build_model("tiny", depth=4, action_dim=7, frame_stride=2, patch_size=8)
+        objective = build_objective({"kind": "self_flow"}, model.cfg)
+        trainer = Trainer(tiny_cfg(activation_checkpointing=checkpointing), model, objective, [None],
+                          tmp_path / str(checkpointing), logger_cfg=LOGGER)
+        keys = set(model.state_dict())
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = objective(trainer.forward_model, trainer.ema_model, make_batch())
+        loss.backward()
+        assert set(model.state_dict()) == keys
+        return {n: p.grad.clone() for n, p in trainer.train_module.named_parameters() if p.grad is not None}, sum(saved)
+
+    plain, plain_bytes = grads_and_saved(False)
+    recomputed, recomputed_bytes = grads_and_saved(True)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert recomputed_bytes < 0.5 * plain_bytes

@@ -15,12 +15,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ResumableSampler(Sampler[int]):
+    """`group`: per-rank batches per optimizer step (gradient accumulation). With drop_last an epoch
+    holds whole steps only, so accumulated micro-batches are exactly the samples of one big batch."""
+
     def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, batch_size: int = 1):
+                 shuffle: bool = True, drop_last: bool = True, batch_size: int = 1, group: int = 1):
         self.n, self.rank, self.world, self.seed = dataset_len, rank, world_size, seed
-        self.shuffle, self.drop_last, self.batch_size = shuffle, drop_last, batch_size
+        self.shuffle, self.drop_last, self.batch_size, self.group = shuffle, drop_last, batch_size, group
         self.epoch, self.start = 0, 0
-        self.num_samples = dataset_len // world_size if drop_last else math.ceil(dataset_len / world_size)
+        if drop_last:
+            per_rank, step = dataset_len // world_size, batch_size * group
+            self.num_samples = per_rank - per_rank % step
+        else:
+            self.num_samples = math.ceil(dataset_len / world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start = epoch, 0
@@ -46,17 +53,20 @@ class ResumableSampler(Sampler[int]):
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-                drop_last: bool = True, collate_fn=None, pin_memory: bool | None = None, **kwargs) -> DataLoader:
-    """DataLoader for the trainer. `batch_size` is the GLOBAL batch; each torchrun rank loads
-    batch_size / WORLD_SIZE samples."""
+                drop_last: bool = True, collate_fn=None, pin_memory: bool | None = None, grad_accum_steps: int = 1,
+                **kwargs) -> DataLoader:
+    """DataLoader for the trainer. `batch_size` is the GLOBAL batch of one optimizer step; each
+    torchrun rank loads it in `grad_accum_steps` micro-batches of batch_size / (WORLD_SIZE * steps)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if batch_size % world:
-        raise ValueError(f"global batch_size {batch_size} is not divisible by WORLD_SIZE {world}")
-    per_rank = batch_size // world
+    accum = int(grad_accum_steps)
+    if accum < 1 or batch_size % (world * accum):
+        raise ValueError(f"trainer.batch_size={batch_size} must be divisible by WORLD_SIZE ({world}) x "
+                         f"trainer.grad_accum_steps ({grad_accum_steps})")
+    per_rank = batch_size // (world * accum)
     if len(dataset) < batch_size and drop_last:
         raise ValueError(f"dataset has {len(dataset)} samples, fewer than one global batch ({batch_size})")
-    sampler = ResumableSampler(len(dataset), rank, world, seed, shuffle, drop_last, per_rank)
+    sampler = ResumableSampler(len(dataset), rank, world, seed, shuffle, drop_last, per_rank, accum)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     # A fixed generator: worker seeds never draw from (and so never perturb) the global RNG.

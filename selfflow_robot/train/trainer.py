@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = dict(
     warmup_steps=0, schedule="constant", min_lr_ratio=0.0, grad_clip=1.0, ema_decay=0.9999, ema_every=1,
     precision="auto", compile=False, parallel="auto", device="auto", checkpoint_every=1000, keep_last=3,
     log_every=50, eval_every=0, num_workers=4, seed=0, on_nan="raise", max_nan_skips=10, resume=False,
-    measure_mfu=True, ddp_find_unused_parameters=True, attention="auto",
+    measure_mfu=True, ddp_find_unused_parameters=True, attention="auto", grad_accum_steps=1,
+    activation_checkpointing=False,
 )
 # trainer.attention: which fused attention kernel SDPA may use (auto = PyTorch's own choice).
 ATTENTION_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -97,6 +98,10 @@ def move_to_device(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(v, device) for v in batch)
     return batch
+
+
+def _mean_metric(v):
+    return v.detach().float().mean() if isinstance(v, torch.Tensor) else float(v)
 
 
 def _batch_size(batch) -> int:
@@ -156,6 +161,11 @@ class Trainer:
             raise ValueError(f"trainer.attention must be auto|{'|'.join(ATTENTION_BACKENDS)}, got {c.attention!r}")
         if c.attention == "cudnn" and self.device.type != "cuda":
             raise ValueError("trainer.attention=cudnn needs a CUDA device")
+        self.accum = int(c.grad_accum_steps)
+        sampler = getattr(data, "sampler", None)
+        if self.accum < 1 or isinstance(sampler, ResumableSampler) and sampler.group != self.accum:
+            raise ValueError(f"trainer.grad_accum_steps={c.grad_accum_steps}: must be >= 1 and the data loader's "
+                             f"(make_loader(..., grad_accum_steps={c.grad_accum_steps}))")
         self.batch_to_device = batch_to_device or (lambda b: move_to_device(b, self.device))
         self.parallel = resolve_parallel(c.parallel, self.dist)
 
@@ -173,7 +183,8 @@ class Trainer:
         self.train_module = _TrainModule(model, objective)
         self.forward_model, self.ema_model = parallelize(
             model, self.ema_model, self.parallel, self.dist, bool(c.compile),
-            torch.bfloat16 if precision == "bf16" else None, bool(c.ddp_find_unused_parameters))
+            torch.bfloat16 if precision == "bf16" else None, bool(c.ddp_find_unused_parameters),
+            bool(c.activation_checkpointing))
         self.optimizer = build_optimizer(dict(self.train_module.named_children()), c, self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.objective_params = [p for p in _module_params(objective) if p.requires_grad]
@@ -252,12 +263,32 @@ class Trainer:
             stack.enter_context(sdpa_kernel(getattr(SDPBackend, ATTENTION_BACKENDS[self.cfg.attention])))
         return stack
 
-    def _train_step(self, batch) -> tuple[float, float, dict, bool]:
+    def _grad_sync(self, sync: bool):
+        """Gradient accumulation: DDP / FSDP2 communicate only in the last micro-batch's backward."""
+        model = self.forward_model
+        if hasattr(model, "no_sync"):  # DDP
+            return contextlib.nullcontext() if sync else model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def _train_step(self, *micro_batches) -> tuple[float, float, dict, bool]:
+        """One optimizer step over one batch, or over several micro-batches whose gradients add up
+        (trainer.grad_accum_steps): each loss is divided by their number, so the step equals one
+        over their union for objectives that average over samples."""
         c = self.cfg
         set_lr(self.optimizer, lr_at(self.step, c))
-        with self._step_context():
-            loss, metrics = self.objective(self.forward_model, self.ema_model, batch)
-        loss.backward()
+        n, losses, rows = len(micro_batches), [], []
+        for i, batch in enumerate(micro_batches):
+            with self._grad_sync(i == n - 1):
+                with self._step_context():
+                    loss, metrics = self.objective(self.forward_model, self.ema_model, batch)
+                (loss / n).backward()
+            losses.append(loss.detach())
+            rows.append(metrics)
+        if n > 1:
+            loss = torch.stack(losses).mean()
+            metrics = {k: sum(_mean_metric(r[k]) for r in rows) / n for k in rows[0]}
         all_reduce_grads(self.objective_params, self.dist.world_size)
         grad_norm = clip_grad_norm(self.params, float(c.grad_clip or 0), self.dist.world_size)
         # One small tensor, one sync: global mean loss and the (already global) grad norm.
@@ -320,11 +351,11 @@ class Trainer:
         flops_per_sample, peak = None, None
         try:
             while self.step < total:
-                batch = self.batch_to_device(self._next_batch())
-                per_step = _batch_size(batch) * self.dist.world_size
+                batches = [self.batch_to_device(self._next_batch()) for _ in range(self.accum)]
+                per_step = sum(_batch_size(b) for b in batches) * self.dist.world_size
                 if flops_per_sample is None and c.measure_mfu:
-                    flops_per_sample = training_flops_per_sample(self.model, self.objective, batch) or 0.0
-                loss_v, gn_v, metrics, finite = self._train_step(batch)
+                    flops_per_sample = training_flops_per_sample(self.model, self.objective, batches[0]) or 0.0
+                loss_v, gn_v, metrics, finite = self._train_step(*batches)
                 if not finite:
                     self._non_finite(loss_v, gn_v, metrics)  # raises unless skipping
                 self.step += 1
@@ -333,7 +364,7 @@ class Trainer:
                     last_loss = loss_v
                     loss_sum, loss_n = loss_sum + loss_v, loss_n + 1
                     for k, v in metrics.items():
-                        acc[k] = acc.get(k, 0.0) + (v.detach().float().mean() if isinstance(v, torch.Tensor) else v)
+                        acc[k] = acc.get(k, 0.0) + _mean_metric(v)
 
                 if self.step % log_every == 0 or self.step == total:
                     steps_s, samples_s = meter.rates(self.step, samples)
