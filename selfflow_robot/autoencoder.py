@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from . import cli
-from .jobs import open_dataset, resolve_run_dir
+from .jobs import open_dataset, resolve_run_dir, resume_setting
 from .models.autoencoder import FrameAutoencoder
 from .models.tokens import frames_to_float
 
@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> dict:
     ae = FrameAutoencoder(int(cfg.channels), int(cfg.width), int(cfg.downsample))
     run_dir = resolve_run_dir(cfg, "autoencoder")
     trainer = Trainer(cfg.trainer, ae, reconstruction_loss, loader, run_dir, config=cli.to_container(cfg),
-                      logger_cfg=cfg.logger, resume=cfg.get("resume"))
+                      logger_cfg=cfg.logger, resume=resume_setting(cfg))
     summary = trainer.fit()
     final = trainer.ema_model.cpu()
     final.scale.fill_(latent_scale(final, make_loader(frames, 16, seed=1)))

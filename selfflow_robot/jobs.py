@@ -14,12 +14,17 @@ from .cli import hydra_run_dir, to_container
 log = logging.getLogger("selfflow_robot")
 
 
+def resume_setting(cfg: DictConfig):
+    """`resume=...` or, as docs/training.md also names it, `trainer.resume=...` (either turns it on)."""
+    return cfg.get("resume") or cfg.get("trainer", {}).get("resume") or False
+
+
 def resolve_run_dir(cfg: DictConfig, job: str) -> Path:
     """run_dir=..., else with resume=true the newest run of this job with a checkpoint, else Hydra's dir."""
     if cfg.get("run_dir"):
         return Path(cfg.run_dir)
     root = Path("outputs") / job
-    if cfg.get("resume"):
+    if resume_setting(cfg):
         runs = sorted((p for p in root.glob("*") if (p / "checkpoints" / "latest").is_file()),
                       key=lambda p: p.stat().st_mtime)
         if runs:
@@ -134,7 +139,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     every = int(cfg.get("validation", {}).get("every", 0))
     trainer = Trainer(cfg.trainer, model, objective, loader, run_dir, config=config, extra_files=extra,
                       eval_fn=validator, eval_every=every or int(cfg.trainer.steps), logger_cfg=cfg.logger,
-                      resume=cfg.get("resume"))
+                      resume=resume_setting(cfg))
     summary = trainer.fit()
     summary["run_dir"] = str(run_dir)
     if validator is not None:  # the trainer's final pass, unless it had nothing left to train
