@@ -56,21 +56,25 @@ def markdown(c: dict, reference: str = "flow_matching") -> str:
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
     if reference in c:
+        # Ratios are against the step at which the reference itself first reached its final value:
+        # identical curves read 1.00x, whatever the step budget.
         lines += [f"### Steps to reach {reference}'s final value", "",
-                  f"| metric | {reference} final (step) | " + " | ".join(o for o in c if o != reference) + " |",
+                  f"| metric | {reference} final (first reached at step) | "
+                  + " | ".join(o for o in c if o != reference) + " |",
                   "|---|---|" + "---|" * (len(c) - 1)]
         for metric, (label, higher) in METRICS.items():
             if metric not in c[reference]:
                 continue
             st, m, _, _ = c[reference][metric]
+            own = steps_to_reach(m[-1], st, m, higher)  # never None: the final value itself qualifies
             cells = []
             for o in (o for o in c if o != reference):
                 if metric not in c[o]:
                     cells.append("n/a")
                     continue
                 hit = steps_to_reach(m[-1], c[o][metric][0], c[o][metric][1], higher)
-                cells.append("not reached" if hit is None else f"{hit} ({hit / st[-1]:.2f}x)")
-            lines.append(f"| {label} | {_fmt(metric, m[-1])} ({st[-1]}) | " + " | ".join(cells) + " |")
+                cells.append("not reached" if hit is None else f"{hit} ({hit / own:.2f}x)")
+            lines.append(f"| {label} | {_fmt(metric, m[-1])} ({own}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

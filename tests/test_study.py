@@ -52,3 +52,15 @@ def test_in_process_commands_answer_help_cfg_and_bad_keys():
         study(["stepz=3"])
     with pytest.raises(SystemExit, match="unknown option --bogus"):
         quickstart(["--bogus"])
+
+
+def test_steps_to_reach_counts_from_the_reference_reaching_its_own_final_value():
+    """Identical curves read 1.00x; an arm that gets there at half the steps reads 0.50x."""
+    from selfflow_robot.study_report import markdown
+
+    steps = [10, 20, 30, 40]
+    flat = {"success": (steps, [0.25, 0.5, 0.5, 0.5], [0, 0, 0, 0], 2)}
+    table = markdown({"flow_matching": flat, "dts": flat,
+                      "self_flow": {"success": (steps, [0.5, 0.5, 0.5, 0.75], [0, 0, 0, 0], 2)}})
+    row = next(line for line in table.splitlines() if line.startswith("| success rate |"))
+    assert row == "| success rate | 50% (20) | 20 (1.00x) | 10 (0.50x) |"
