@@ -34,6 +34,13 @@ def resolve_run_dir(cfg: DictConfig, job: str) -> Path:
     return Path(hydra_run_dir() or root / time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
+def metaworld_settings(meta: dict) -> dict:
+    """The env settings a Meta-World store was collected with (env keys of configs/env/metaworld.yaml)."""
+    return {"tasks": list(meta.get("instructions") or []) or None, "camera": meta.get("camera"),
+            "action_repeat": meta.get("action_repeat"), "image_size": list(meta["image_shape"][:2]),
+            "state_mode": meta.get("state_mode")}
+
+
 def open_dataset(cfg: DictConfig):
     """The episode store of cfg.dataset; a top-level data_dir=PATH fills the dataset's data_dir."""
     from .data import open_store
@@ -128,6 +135,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     config["job"] = job
     config["data"] = {"episodes": len(store), "train_episodes": len(train_eps), "val_episodes": len(val_eps),
                       "clips": len(train_set), "store": os.path.abspath(store.path)}
+    if store.meta.get("source") == "metaworld":  # how the demos were rendered: evaluate rolls out the same way
+        config["data"]["metaworld"] = metaworld_settings(store.meta)
     extra = {}
     if finetune:
         config["io"] = {"image_size": list(image_size), "context_frames": int(clip.context_frames),

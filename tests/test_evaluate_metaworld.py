@@ -42,3 +42,25 @@ def test_random_policy_scores_near_zero(tmp_path):
                   f"out_dir={tmp_path}", "progress=false"])
     assert s["episodes"] == 6 and s["mean_success"] <= 0.2
     assert all(t["mean_steps"] >= 50 for t in s["tasks"].values())  # random rarely ends early
+
+
+def test_evaluation_env_follows_the_store_a_policy_trained_on(tmp_path):
+    """`collect out=DIR` then `finetune dataset=store data_dir=DIR`: evaluate must roll out with the
+    store's tasks, image size, camera, action repeat and state (it fell back to MT10 at 128x128)."""
+    from selfflow_robot.collect import _episode_meta
+    from selfflow_robot.evaluation.training_env import match_training_env
+    from selfflow_robot.jobs import metaworld_settings
+
+    meta = _episode_meta((64, 64), "corner2", 4, ["reach-v3", "drawer-close-v3"], "full")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "config.json").write_text(json.dumps({"dataset": {"source": "store"}, "io": {"state_dim": 39},
+                                                  "data": {"metaworld": metaworld_settings(meta)}}))
+    nulls = dict.fromkeys(("tasks", "camera", "action_repeat", "image_size", "state_mode", "include_state"))
+    env = match_training_env({"env": {"name": "metaworld", **nulls}, "policy": str(ckpt)})["env"]
+    assert env == {"name": "metaworld", "tasks": ["reach-v3", "drawer-close-v3"], "camera": "corner2",
+                   "action_repeat": 4, "image_size": [64, 64], "state_mode": "full", "include_state": True}
+    explicit = match_training_env({"env": {"name": "metaworld", **nulls, "tasks": ["reach-v3"]},
+                                   "policy": str(ckpt)})["env"]
+    assert explicit["tasks"] == ["reach-v3"]  # explicit values win
