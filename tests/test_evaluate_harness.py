@@ -161,3 +161,27 @@ def test_chart_titles_shorten_checkpoint_paths():
         "…/finetune/checkpoints/step_00002000"
     assert [short_policy_name(p) for p in ("expert", "ws://gpu:8000", "runs/ft")] == ["expert", "ws://gpu:8000",
                                                                                       "runs/ft"]
+
+
+def test_results_are_tied_to_the_resolved_checkpoint(tmp_path, monkeypatch):
+    """`run`, `run/` and an absolute path name one checkpoint; more training names another (so one
+    out_dir never mixes two); a mistyped path fails before anything is written."""
+    from selfflow_robot.evaluation.policy_factory import policy_identity
+
+    run_dir = tmp_path / "run"
+    for step in ("step_00000008", "step_00000012"):
+        (run_dir / "checkpoints" / step).mkdir(parents=True)
+        (run_dir / "checkpoints" / step / "model.safetensors").write_bytes(b"")
+    latest = run_dir / "checkpoints" / "latest"
+    latest.write_text("step_00000008")
+    monkeypatch.chdir(tmp_path)
+    first = policy_identity("run")
+    assert first == policy_identity("run/") == policy_identity(str(run_dir)) and first.endswith("step_00000008")
+    latest.write_text("step_00000012")
+    assert policy_identity("run") != first
+    assert policy_identity("expert") == "expert" and policy_identity("ws://host:8000") == "ws://host:8000"
+    out = tmp_path / "eval"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        evaluate(SIM + ["env.task=google_robot_move_near", f"policy={tmp_path / 'nope'}", f"out_dir={out}",
+                        "workers=2"])
+    assert not out.exists()

@@ -52,9 +52,23 @@ class RandomPolicy:
         return self._rng.uniform(low, high).astype(np.float32)
 
 
+def _is_checkpoint(spec) -> bool:
+    return isinstance(spec, str) and spec not in ("expert", "random") and not spec.startswith(("ws://", "wss://"))
+
+
 def check_policy_env(spec, cfg: dict) -> None:
     if spec == "expert" and cfg["env"]["name"] != "metaworld":
         raise ValueError("policy=expert is only available for env=metaworld (Meta-World's scripted experts)")
+
+
+def policy_identity(spec) -> str:
+    """What a results directory is tied to: the resolved checkpoint directory for a local policy
+    (the same for `run`, `run/` or an absolute path; another after more training), else the spec."""
+    if not _is_checkpoint(spec):
+        return str(spec)
+    from selfflow_robot.train.checkpoint import resolve_checkpoint
+
+    return str(resolve_checkpoint(spec).resolve())
 
 
 def make_policy(spec: str, cfg: dict):

@@ -9,7 +9,7 @@ import traceback
 
 from ..fileio import write_json_atomic
 from .episodes import build_episodes, dist_info, shard
-from .policy_factory import check_policy_env
+from .policy_factory import check_policy_env, policy_identity
 from .records import RecordWriter, done_marker, load_records, rank_file
 from .summary import summarize, to_markdown, write_summary
 from .training_env import match_training_env
@@ -17,7 +17,8 @@ from .worker import EpisodeRunner, worker_main
 
 _DEFAULT_SUCCESS = {"metaworld": "early_stop", "simpler": "final_step"}
 # Settings that change results: resuming into a directory made with others would mix runs.
-_FINGERPRINT_KEYS = ("policy", "env", "max_episode_steps", "seed")
+# "checkpoint": the resolved checkpoint (or the policy spec), see policy_identity.
+_FINGERPRINT_KEYS = ("checkpoint", "env", "max_episode_steps", "seed")
 
 
 def _fingerprint(cfg: dict) -> dict:
@@ -112,6 +113,8 @@ def evaluate(cfg: dict) -> dict:
     out_dir = cfg["out_dir"] = os.path.abspath(cfg.get("out_dir") or "outputs/eval")
     rank, world = dist_info()
     _preflight(cfg)
+    # Before run.json is written: a missing checkpoint fails here, once, not in every worker.
+    cfg["checkpoint"] = cfg["policy"] if policy_obj is not None else policy_identity(cfg["policy"])
     episodes = build_episodes(cfg)
     _check_run_file(cfg, rank)
     if not cfg.get("resume", True):

@@ -38,7 +38,8 @@ def summarize(records: list[dict], cfg: dict, expected: int, throughput: dict | 
     tasks = per_task(records)
     env_cfg = cfg["env"]
     summary = {
-        "env": env_cfg["name"], "policy": str(cfg["policy"]), "success_mode": env_cfg.get("success_mode"),
+        "env": env_cfg["name"], "policy": str(cfg["policy"]), "checkpoint": cfg.get("checkpoint"),
+        "success_mode": env_cfg.get("success_mode"),
         "episodes": len(records), "episodes_expected": expected, "complete": len(records) >= expected,
         "tasks": tasks, "mean_success": float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else float("nan"),
         "throughput": throughput or {},
@@ -69,7 +70,9 @@ def _pct(x: float) -> str:
 
 
 def to_markdown(s: dict) -> str:
+    ckpt = s.get("checkpoint")
     lines = [f"# Evaluation: {s['env']} / policy={s['policy']}", "",
+             *([f"checkpoint: `{ckpt}`", ""] if ckpt and ckpt != s["policy"] else []),
              f"success mode: `{s['success_mode']}`; episodes: {s['episodes']}/{s['episodes_expected']}", "",
              "| task | episodes | success % | 95% CI | mean steps |", "|---|---|---|---|---|"]
     for task, t in sorted(s["tasks"].items()):
