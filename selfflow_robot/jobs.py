@@ -68,8 +68,10 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     from .objectives import build_objective
     from .train import Trainer
     from .train.loader import make_loader
+    from .train.trainer import check_config
     from .validation import Validator, split_episodes
 
+    check_config(cfg.trainer)
     finetune = job == "finetune"
     run_dir = resolve_run_dir(cfg, job)
     store = open_dataset(cfg)

@@ -55,9 +55,9 @@ def test_load_model_weights_roundtrip(run_dir):
 def test_load_model_weights_names_mismatches(run_dir):
     with pytest.raises(ValueError) as err:
         load_model_weights(ToyModel(d=32), run_dir)
-    msg = str(err.value)
-    assert "x_embed.weight: checkpoint (16, 8) vs model (32, 8)" in msg
-    assert "head.weight: checkpoint (8, 16) vs model (8, 32)" in msg
+    msg = str(err.value)  # the first 8 of 15 shape mismatches, then a count (not 130 lines for a wrong size)
+    assert "(15 mismatches" in msg and "blocks.0.fc.weight: checkpoint (16, 16) vs model (32, 32)" in msg
+    assert msg.endswith("... and 7 more") and len(msg.splitlines()) == 10
     with pytest.raises(ValueError, match=r"missing in checkpoint: blocks\.2\.fc\.weight"):
         load_model_weights(ToyModel(depth=3), run_dir)
     with pytest.raises(ValueError, match=r"unexpected in checkpoint: blocks\.1\.norm\.weight"):
@@ -144,3 +144,17 @@ def test_no_pickle_in_trainer_sources():
     for f in src.glob("*.py"):
         text = f.read_text()
         assert not re.search(r"torch\.(load|save)\(|\bimport pickle|pickle\.", text), f.name
+
+
+def test_truncated_weights_and_resume_into_another_model_are_named(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    weights = copy / "checkpoints" / "step_00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file .*truncated"):
+        load_model_weights(ToyModel(), copy)
+    with pytest.raises(ValueError, match=r"cannot resume from .*step_00000002: its weights do not fit .*config\.yaml"):
+        Trainer(tiny_cfg(steps=4), ToyModel(d=32), ToyObjective(), make_loader(ToyData(), 8), copy,
+                logger_cfg=LOGGER, resume=str(copy / "checkpoints" / "step_00000002"))

@@ -103,7 +103,10 @@ def test_init_from_another_model_size_names_the_parameter(toy_store, tmp_path):
     proc = run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "model.width=96", "model.heads=4",
                "trainer.steps=2", f"init={pre}", f"run_dir={tmp_path / 'ft'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0
-    assert "does not fit this model" in proc.stderr and "video_embed.weight" in proc.stderr
+    err = proc.stderr
+    assert "does not fit this model" in err and "mlp.fc1.weight: checkpoint (256, 64) vs model (384, 96)" in err
+    assert re.search(r"the checkpoint is tiny \(depth \d+, width 64\), this run is tiny \(depth \d+, width 96\)", err)
+    assert "more\n" in err and len(err.splitlines()) < 20  # capped, not one line per parameter
 
 
 def test_bad_patch_size_is_named(toy_store, tmp_path):

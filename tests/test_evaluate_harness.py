@@ -185,3 +185,18 @@ def test_results_are_tied_to_the_resolved_checkpoint(tmp_path, monkeypatch):
         evaluate(SIM + ["env.task=google_robot_move_near", f"policy={tmp_path / 'nope'}", f"out_dir={out}",
                         "workers=2"])
     assert not out.exists()
+
+
+def test_a_worker_that_cannot_load_the_policy_reports_it_in_one_line(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model": {"name": "tiny", "action_dim": 7}, "io": {}}))
+    (ckpt / "model.safetensors").write_bytes(b"")
+    # Many queued episodes: the parent must also exit although no worker drained the job queue.
+    script = (f"import sys; sys.path.insert(0, {DOUBLE!r}); from selfflow_robot.evaluate import evaluate\n"
+              f"evaluate({SIM!r} + ['env.task=google_robot_move_near', 'episodes_per_task=2000', "
+              f"'policy={ckpt}', 'out_dir={tmp_path / 'eval'}', 'workers=2'])")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "ValueError: an evaluation worker could not start: ") and "normalization.json" in proc.stderr

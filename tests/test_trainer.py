@@ -329,3 +329,10 @@ def test_activation_checkpointing_same_gradients_less_saved_memory(tmp_path):
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
     assert recomputed_bytes < 0.5 * plain_bytes
+
+
+def test_a_trainer_number_that_is_not_one_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"^trainer\.batch_size must be a number, got 'abc'$"):
+        Trainer(tiny_cfg(batch_size="abc"), ToyModel(), ToyObjective(), ToyData(), tmp_path, logger_cfg=LOGGER)
+    Trainer(tiny_cfg(grad_clip=None, lr="3e-4"), ToyModel(), ToyObjective(), ToyData(), tmp_path / "ok",
+            logger_cfg=LOGGER)  # null clip and a numeric string are fine

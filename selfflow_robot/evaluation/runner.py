@@ -79,7 +79,7 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
             elif kind == "error":
                 on_error(a, b)
             elif kind == "fatal":  # a worker that could not start; it sends no "exit"
-                fatal = b
+                fatal = (a, b)
                 alive -= 1
             elif kind == "exit":
                 alive -= 1
@@ -88,8 +88,14 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
             p.join(timeout=10)
             if p.is_alive():
                 p.terminate()
+        # Episodes no worker took may still sit in the pipe: without this the interpreter's exit
+        # waits forever for the queue's feeder thread to hand them over.
+        jobs.cancel_join_thread()
     if fatal:
-        raise RuntimeError(f"an evaluation worker could not start:\n{fatal}")
+        (kind, message), tb = fatal
+        if kind in ("ValueError", "FileNotFoundError"):  # bad input (e.g. the checkpoint): say it in one line
+            raise ValueError(f"an evaluation worker could not start: {message}")
+        raise RuntimeError(f"an evaluation worker could not start:\n{tb}")
 
 
 def _preflight(cfg: dict) -> None:

@@ -61,8 +61,8 @@ def worker_main(cfg: dict, jobs, results) -> None:
     """Process entry: run episodes from `jobs` until None; report ("record"|"error"|"fatal", ...)."""
     try:
         runner = EpisodeRunner(cfg)
-    except Exception:
-        results.put(("fatal", None, traceback.format_exc()))
+    except Exception as e:
+        results.put(("fatal", (type(e).__name__, str(e)), traceback.format_exc()))
         return
     try:
         while True:

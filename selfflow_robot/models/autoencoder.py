@@ -14,7 +14,6 @@ import os
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -80,5 +79,7 @@ def build_frozen_autoencoder(spec: dict) -> FrameAutoencoder:
     ae = FrameAutoencoder(int(spec["channels"]), int(spec["width"]), int(spec["downsample"]), float(spec.get("scale", 1.0)))
     path = spec.get("path")
     if path and os.path.isfile(os.path.join(path, "model.safetensors")):
-        ae.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        from ..train.checkpoint import read_safetensors
+
+        ae.load_state_dict(read_safetensors(os.path.join(path, "model.safetensors")))
     return ae.eval().requires_grad_(False)

@@ -26,19 +26,19 @@ NEW_LAYER_PREFIXES = ("action_embed.", "action_head.", "state_embed.")
 def load_backbone(model: SelfFlowDiT, path) -> list[str]:
     """Initialise from a pretrained checkpoint: every backbone parameter must fit; action/state
     layers missing from the checkpoint keep their fresh init. Returns the names created anew."""
-    from safetensors.torch import load_file
-
-    from ..train.checkpoint import resolve_checkpoint
+    from ..train.checkpoint import describe_model, mismatch_report, read_safetensors, resolve_checkpoint
 
     file = resolve_checkpoint(path) / "model.safetensors"
-    sd, own = load_file(str(file)), model.state_dict()
+    sd, own = read_safetensors(file), model.state_dict()
     problems = [f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                 for k, v in sd.items() if k in own and v.shape != own[k].shape]
     problems += [f"  {k}: not in this model" for k in sd if k not in own and not k.startswith(NEW_LAYER_PREFIXES)]
     created = [k for k in own if k not in sd]
     problems += [f"  {k}: missing in checkpoint" for k in created if not k.startswith(NEW_LAYER_PREFIXES)]
     if problems:
-        raise ValueError(f"init={path}: {file} does not fit this model (another model size or config?):\n"
-                         + "\n".join(problems))
+        c, saved = model.cfg, describe_model(file.parent)
+        raise ValueError(f"init={path}: {file} does not fit this model ({len(problems)} mismatches; "
+                         + (f"the checkpoint is {saved}, " if saved else "")
+                         + f"this run is {c.name} (depth {c.depth}, width {c.width})):\n" + mismatch_report(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return created

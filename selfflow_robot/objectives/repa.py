@@ -13,7 +13,6 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from .self_flow import SelfFlowObjective, cosine_loss
 
@@ -54,7 +53,9 @@ class FrozenEncoder(nn.Module):
             net = nn.Sequential(*list(torchvision.models.get_model(name, weights=None).children())[:-2])
         else:
             raise ValueError(f"objective.encoder.kind must be conv|timm|torchvision, got {kind!r}")
-        missing, unexpected = net.load_state_dict(load_file(weights), strict=False)
+        from ..train.checkpoint import read_safetensors
+
+        missing, unexpected = net.load_state_dict(read_safetensors(weights), strict=False)
         if missing:
             raise ValueError(f"REPA encoder weights {weights} lack parameters: {missing[:5]}")
         self.kind, self.net, self.resolution = kind, net.eval().requires_grad_(False), resolution

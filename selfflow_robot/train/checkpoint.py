@@ -119,6 +119,35 @@ def read_checkpoint_config(path: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------- model weights
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, with an error that names the file: a truncated or half-copied
+    checkpoint otherwise surfaces as a bare parser error."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): truncated, or copied while "
+                         f"being written? Use an earlier checkpoint of the run") from None
+
+
+def mismatch_report(problems: list[str], limit: int = 8) -> str:
+    """The first `limit` mismatches, then a count: a wrong model size mismatches every layer."""
+    more = [f"  ... and {len(problems) - limit} more"] if len(problems) > limit else []
+    return "\n".join(problems[:limit] + more)
+
+
+def describe_model(path: str | Path) -> str:
+    """"xl (depth 28, width 1152)" from a checkpoint's config.json, or "" when it has none."""
+    try:
+        m = read_checkpoint_config(path).get("model") or {}
+    except (FileNotFoundError, ValueError, OSError):
+        return ""
+    return f"{m.get('name', '?')} (depth {m.get('depth', '?')}, width {m.get('width', '?')})" if m else ""
+
+
 def load_model_weights(model: nn.Module, path: str | Path, strict: bool = True,
                        file: str = "model.safetensors") -> nn.Module:
     """Load EMA weights (checkpoint dir, run dir or a .safetensors file) into `model`.
@@ -127,7 +156,7 @@ def load_model_weights(model: nn.Module, path: str | Path, strict: bool = True,
     parameter whose shape differs (e.g. a checkpoint of another model size)."""
     path = Path(path)
     file_path = path if path.suffix == ".safetensors" else resolve_checkpoint(path) / file
-    sd = load_file(str(file_path))
+    sd = read_safetensors(file_path)
     own = model.state_dict()
     problems = [f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                 for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
@@ -137,9 +166,10 @@ def load_model_weights(model: nn.Module, path: str | Path, strict: bool = True,
         problems += [f"  missing in checkpoint: {k} (model {tuple(own[k].shape)})" for k in missing]
         problems += [f"  unexpected in checkpoint: {k} ({tuple(sd[k].shape)})" for k in unexpected]
     if problems:
+        saved = describe_model(file_path.parent)
         raise ValueError(f"cannot load {file_path} into {type(model).__name__} ({len(problems)} "
-                         f"mismatches; a checkpoint of another model size or config?):\n"
-                         + "\n".join(problems))
+                         f"mismatches; a checkpoint of another model size or config?"
+                         + (f" It was saved from model {saved}" if saved else "") + "):\n" + mismatch_report(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict)
     return model
 

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -72,7 +71,24 @@ def _as_cfg(cfg, defaults: dict, section: str = "trainer") -> DictConfig:
         hint = difflib.get_close_matches(unknown[0], list(defaults), n=1)
         raise ValueError(f"unknown {section} key '{unknown[0]}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
                          + f"; {section} keys: {', '.join(sorted(defaults))}")
-    return OmegaConf.merge(OmegaConf.create(defaults), cfg)
+    merged = OmegaConf.merge(OmegaConf.create(defaults), cfg)
+    for key, default in defaults.items():  # trainer.batch_size=abc: name the key, not int()'s complaint
+        value = merged[key]
+        kind = type(default)
+        if kind in (int, float) and value is not None and not isinstance(value, bool):
+            try:
+                kind(value)
+                continue
+            except (TypeError, ValueError):
+                pass
+            raise ValueError(f"{section}.{key} must be a number, got {value!r}")
+    return merged
+
+
+def check_config(cfg) -> DictConfig:
+    """The trainer section with its defaults, refused early (before data loading) when a key is
+    unknown or a number is not one."""
+    return _as_cfg(cfg, DEFAULTS)
 
 
 def _warn_short_run(c) -> None:
@@ -463,19 +479,27 @@ class Trainer:
         if not (state_dir / "state.json").is_file():
             raise FileNotFoundError(f"{path} has no trainer_state/ (an exported checkpoint?): cannot resume; "
                                     f"use load_model_weights to initialise from it instead")
-        train_sd = {f"model.{k}": v for k, v in load_file(str(state_dir / "student.safetensors")).items()}
+        read = ckpt.read_safetensors
+        train_sd = {f"model.{k}": v for k, v in read(state_dir / "student.safetensors").items()}
         if (state_dir / "objective.safetensors").is_file():
-            train_sd.update({f"objective.{k}": v for k, v in load_file(str(state_dir / "objective.safetensors")).items()})
+            train_sd.update({f"objective.{k}": v for k, v in read(state_dir / "objective.safetensors").items()})
         with open(state_dir / "optimizer.json") as f:
-            optim_sd = ckpt.unflatten_optimizer_state(load_file(str(state_dir / "optimizer.safetensors")), json.load(f))
-        set_model_state_dict(self.train_module, train_sd, options=StateDictOptions(full_state_dict=True, strict=True))
+            optim_sd = ckpt.unflatten_optimizer_state(read(state_dir / "optimizer.safetensors"), json.load(f))
+        try:
+            set_model_state_dict(self.train_module, train_sd, options=StateDictOptions(full_state_dict=True,
+                                                                                       strict=True))
+        except RuntimeError as e:  # e.g. resumed without the overrides the run was started with
+            first = str(e).strip().splitlines()[0][:300]
+            raise ValueError(f"cannot resume from {path}: its weights do not fit this run's model ({first}). "
+                             f"Resume with the same model/data overrides as the run; they are in "
+                             f"{path / 'config.yaml'}") from None
         # strict=False: parameters that never had a gradient (unused heads) have no optimizer state.
         set_optimizer_state_dict(self.train_module, self.optimizer, optim_sd,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         for name, p in self.train_module.named_parameters():
             if name not in optim_sd["state"]:  # drop the step-1 zero state DCP creates for them
                 self.optimizer.state.pop(p, None)
-        set_model_state_dict(self.ema_model, load_file(str(path / "model.safetensors")),
+        set_model_state_dict(self.ema_model, read(path / "model.safetensors"),
                              options=StateDictOptions(full_state_dict=True, strict=True))
         with open(state_dir / "state.json") as f:
             state = json.load(f)
