@@ -46,7 +46,10 @@ def test_pretrain_lowers_loss_and_resume_is_exact(toy_store, tmp_path, teacher_f
               f"objective.teacher_fp8={str(teacher_fp8).lower()}"]
     straight = str(tmp_path / "straight")
     proc = run("pretrain", *common, "trainer.steps=20", f"run_dir={straight}", cwd=tmp_path)
-    assert "model.video_prediction=v with 192-value patches into width 64" in proc.stderr  # the bottleneck warning
+    # video_prediction=auto: 192-value pixel patches into width 64 predict clean patches, no bottleneck warning
+    assert "video_prediction=v with" not in proc.stderr
+    assert json.load(open(os.path.join(straight, "checkpoints", "step_00000020", "config.json"))
+                     )["model"]["video_prediction"] == "x"
     first = losses(straight)
     assert np.mean([first[s] for s in range(16, 21)]) < np.mean([first[s] for s in range(1, 6)])
     # Stop at 10, resume to 20: the same loss sequence as the uninterrupted run.
@@ -113,6 +116,9 @@ def test_bad_patch_size_is_named(toy_store, tmp_path):
     proc = run("pretrain", "dataset=store", f"data_dir={toy_store}", *TINY, "model.patch_size=5", "trainer.steps=1",
                f"run_dir={tmp_path / 'r'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "patch_size" in proc.stderr
+    proc = run("pretrain", "dataset=store", f"data_dir={toy_store}", *TINY, "model.video_prediction=v",
+               "trainer.steps=1", f"run_dir={tmp_path / 'v'}", cwd=tmp_path)
+    assert "model.video_prediction=v with 192-value patches into width 64" in proc.stderr  # the bottleneck warning
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow writes the RLDS fixture")

@@ -38,6 +38,7 @@ class ModelConfig:
     # What the video head predicts: "v" (the velocity eps - x0, as SiT) or "x" (the clean patch x0,
     # turned into a velocity (x_t - x0_hat) / max(t, 0.05) inside forward, so losses and samplers
     # are unchanged). x-prediction suits pixel patches wider than the model (JiT, Li & He 2025).
+    # "auto" (the command configs' default): x when a patch holds more values than the width, else v.
     video_prediction: str = "v"
     # Layers for the Self-Flow taps (1-indexed "after block i"); None -> round(0.3 D), round(0.7 D).
     student_layer: int | None = None
@@ -57,8 +58,10 @@ class ModelConfig:
             self.autoencoder = autoencoder_spec(self.autoencoder)
         if self.autoencoder:
             self.in_channels = int(self.autoencoder["channels"])
+        if self.video_prediction == "auto":  # resolved here, so checkpoints record v or x
+            self.video_prediction = "x" if self.patch_size**2 * self.in_channels > self.width else "v"
         if self.video_prediction not in ("v", "x"):
-            raise ValueError(f"model.video_prediction must be v|x, got {self.video_prediction!r}")
+            raise ValueError(f"model.video_prediction must be auto|v|x, got {self.video_prediction!r}")
         if self.text not in ("bytes", "embedding", "none"):
             raise ValueError(f"model.text must be bytes|embedding|none, got {self.text!r}")
 
