@@ -41,4 +41,20 @@ def load_backbone(model: SelfFlowDiT, path) -> list[str]:
                          + (f"the checkpoint is {saved}, " if saved else "")
                          + f"this run is {c.name} (depth {c.depth}, width {c.width})):\n" + mismatch_report(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    _warn_if_prediction_differs(model, file.parent)
     return created
+
+
+def _warn_if_prediction_differs(model: SelfFlowDiT, ckpt) -> None:
+    """The video head's target (v or x) is not in the weights' shapes: a mismatch loads silently."""
+    import warnings
+
+    from ..train.checkpoint import read_checkpoint_config
+
+    try:
+        saved = (read_checkpoint_config(ckpt).get("model") or {}).get("video_prediction", "v")
+    except (FileNotFoundError, ValueError):  # weights without a config: nothing to compare
+        return
+    if saved != model.cfg.video_prediction:
+        warnings.warn(f"init={ckpt}: its video head was trained with video_prediction={saved}, this run uses "
+                      f"{model.cfg.video_prediction}; set model.video_prediction={saved} to keep it", stacklevel=3)
