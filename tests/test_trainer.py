@@ -267,7 +267,11 @@ def test_short_run_with_long_run_settings_warns(tmp_path):
                 make_loader(ToyData(), 8), tmp_path, logger_cfg=LOGGER)
     text = " ".join(str(w.message) for w in record)
     assert "warmup_steps=20 >= trainer.steps=10" in text
-    assert "keeps 100% of the initial weights" in text and "trainer.ema_decay=0.9" in text
+    assert "keeps 100% of the initial weights" in text
+    assert "set e.g. trainer.ema_decay=0.5" in text  # 1 - 5/10: keeps < 1% of the initialisation
+    with pytest.warns(UserWarning, match=r"set e\.g\. trainer\.ema_decay=0\.375$"):  # below the 0.9 already set
+        Trainer(tiny_cfg(steps=8, ema_decay=0.9), ToyModel(), ToyObjective(), make_loader(ToyData(), 8),
+                tmp_path / "b", logger_cfg=LOGGER)
 
 
 def test_gradient_accumulation_equals_the_big_batch(tmp_path):

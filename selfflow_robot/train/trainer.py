@@ -99,10 +99,10 @@ def _warn_short_run(c) -> None:
                       f"reaches trainer.lr={c.lr}; set e.g. trainer.warmup_steps={max(1, steps // 20)}", stacklevel=3)
     init_share = float(c.ema_decay) ** updates
     if init_share > 0.1:  # the saved (EMA) weights would still be mostly the initialisation
-        suggested = round(1 - 5 / max(updates, 1), 4)
+        suggested = max(round(1 - 5 / max(updates, 1), 4), 0.0)  # keeps e^-5 < 1% of the initialisation
         warnings.warn(f"trainer.ema_decay={c.ema_decay} over {updates} EMA updates keeps {init_share:.0%} of the "
                       f"initial weights in the saved EMA model (the checkpoint and validation use it); for a run "
-                      f"this short set e.g. trainer.ema_decay={max(suggested, 0.9)}", stacklevel=3)
+                      f"this short set e.g. trainer.ema_decay={suggested:g}", stacklevel=3)
 
 
 def move_to_device(batch, device: torch.device):
