@@ -340,3 +340,18 @@ def test_a_trainer_number_that_is_not_one_is_named(tmp_path):
         Trainer(tiny_cfg(batch_size="abc"), ToyModel(), ToyObjective(), ToyData(), tmp_path, logger_cfg=LOGGER)
     Trainer(tiny_cfg(grad_clip=None, lr="3e-4"), ToyModel(), ToyObjective(), ToyData(), tmp_path / "ok",
             logger_cfg=LOGGER)  # null clip and a numeric string are fine
+
+
+def test_throughput_leaves_out_checkpoint_writing(tmp_path, monkeypatch):
+    import time
+
+    save = Trainer.save_checkpoint
+
+    def slow_save(self):
+        time.sleep(0.5)  # a checkpoint of a large model on a slow disk
+        return save(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", slow_save)
+    run(tmp_path, tiny_cfg(steps=6, checkpoint_every=2))
+    rates = losses(tmp_path, "steps_per_s")
+    assert min(rates[3], rates[5]) > 4  # the steps right after a checkpoint: not ~1 / 0.5 s

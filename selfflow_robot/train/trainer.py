@@ -401,12 +401,17 @@ class Trainer:
                                                     "samples/s": samples_s})
                     loss_sum, loss_n, acc = 0.0, 0, {}
 
+                paused = False
                 if self.eval_fn is not None and self.eval_every and self.step % self.eval_every == 0:
                     self._evaluate(logger)
+                    paused = True
                 if ckpt_every and self.step % ckpt_every == 0:
                     self.save_checkpoint()
                     if logger:
                         logger.plot(self.step)
+                    paused = True
+                if paused:  # training throughput: validation and checkpoint writing are not steps
+                    meter.reset(self.step, samples)
             if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.STEP_DIR.format(self.step):
                 self.save_checkpoint()  # the final weights are always on disk
         finally:
