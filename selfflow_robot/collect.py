@@ -17,6 +17,8 @@ from multiprocessing import get_context
 
 import numpy as np
 
+from .fileio import write_json_atomic
+
 os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first mujoco import
 _ENVS: dict = {}  # per worker process: task -> (env, expert), the most recent _KEEP_ENVS tasks
 _KEEP_ENVS = 2  # a Meta-World env with its renderer holds ~100-200 MB
@@ -188,6 +190,8 @@ def main(cfg) -> dict:
         action_repeat=int(cfg.action_repeat), max_steps=int(cfg.max_steps), workers=int(cfg.workers),
         seed=int(cfg.seed), resume=bool(cfg.resume), keep_failures=bool(cfg.keep_failures),
         progress=bool(cfg.progress), state_mode=str(cfg.get("state_mode") or "proprio"))
+    # Finished, as a conversion would mark it: `dataset=metaworld` then opens this store as is.
+    write_json_atomic(os.path.join(out, "conversion.json"), {"complete": True, "config": c, "summary": summary})
     print(json.dumps(summary))
     return summary
 

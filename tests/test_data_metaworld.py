@@ -73,3 +73,5 @@ def test_collect_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{")))
     assert summary["stored"] == 1 and len(EpisodeStore(out)) == 1
+    done = json.loads((out / "conversion.json").read_text())  # finished: `dataset=...` opens it as is
+    assert done["complete"] and done["summary"]["stored"] == 1
