@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> dict:
     from .data import ActionNormalizer, EpisodeStore, open_store
     from .models import load_checkpoint_model
     from .train.checkpoint import resolve_checkpoint
-    from .video import per_episode_path, write_video
+    from .video import per_episode_path, upscale, write_video
 
     ckpt = resolve_checkpoint(cfg.policy)
     model, config = load_checkpoint_model(ckpt, cfg.device)
@@ -78,13 +78,14 @@ def main(cfg: DictConfig) -> dict:
     fps = float(cfg.fps or (io.get("fps") or 10) / int(io["frame_stride"]))
     bad = [e for e in episodes if not 0 <= e < len(store)]
     if bad:  # before any rollout is written
-        raise SystemExit(f"episode={bad[0]}: the store has episodes 0..{len(store) - 1}")
+        raise ValueError(f"episode={bad[0]}: the store has episodes 0..{len(store) - 1}")
     scores = {}
     for episode in episodes:
         pred, real = rollout(model, io, normalizer, store, episode, int(cfg.start), int(cfg.chunks),
                              int(cfg.steps), int(cfg.seed), str(cfg.sampler))
         out = write_video(per_episode_path(cfg.out, episode, len(episodes) > 1),
-                          np.concatenate([pred, real], axis=2), fps)  # prediction | recorded
+                          upscale(np.concatenate([pred, real], axis=2), int(cfg.get("min_height", 256))),
+                          fps)  # prediction | recorded
         scores[episode] = psnr(pred, real)
         short = len(pred) < int(cfg.chunks) * int(io["future_frames"])
         print(f"episode {episode}: wrote {len(pred)} frames (prediction | recorded) to {os.path.abspath(out)}; "

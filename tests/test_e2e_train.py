@@ -199,11 +199,12 @@ def test_world_model_rollout_video(toy_store, tmp_path):
                   "episode=[0,3]", cwd=tmp_path)
     assert "mean PSNR over 2 episodes" in several.stdout
     frames = imageio.mimread(str(tmp_path / "roll_ep3.gif"))
-    assert len(frames) == 4 and frames[0].shape[:2] == (32, 64)  # 2 chunks x 2 frames, prediction | recorded
+    # 2 chunks x 2 frames, prediction | recorded, 32x32 frames upscaled 8x to min_height 256
+    assert len(frames) == 4 and frames[0].shape[:2] == (256, 512)
     n_frames, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "roll.mp4"))
     assert n_frames == 4
     bad = run("predict", f"policy={ft}", "episode=[0,99]", f"out={tmp_path / 'bad.mp4'}", cwd=tmp_path, check=False)
-    assert bad.returncode != 0 and "episode=99: the store has episodes 0..5" in bad.stderr + bad.stdout
+    assert bad.returncode != 0 and "error: episode=99: the store has episodes 0..5" in bad.stderr
     assert not list(tmp_path.glob("bad*"))  # checked before episode 0 was rolled out
     late = run("predict", f"policy={ft}", "start=500", cwd=tmp_path, check=False)
     assert late.returncode != 0 and "start=500: episode 0 has 12 steps, so start must be in 0..10" in late.stderr
