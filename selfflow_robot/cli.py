@@ -19,6 +19,10 @@ CONFIG_DIR = str(importlib.resources.files("selfflow_robot.configs"))
 # What bad input raises (a missing path, a value or file that does not fit; DataError and
 # ObservationError are ValueErrors): one line naming the problem, not a traceback.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)
+# ${first_set:${run_dir},outputs/...}: Hydra's run dir is the run_dir given, else a fresh folder,
+# so a call with run_dir=... leaves no stray outputs/<command>/<time>/ behind.
+OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x not in (None, "")), None),
+                                replace=True)
 
 
 def _pop_verb(argv: list[str], verbs: tuple[str, ...]) -> str | None:
@@ -53,6 +57,10 @@ def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             raise SystemExit(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)") from None
+        except KeyboardInterrupt:
+            print("\ninterrupted: finished work is kept (written checkpoints, evaluation records, stored "
+                  "episodes); the same command with resume=true continues", file=sys.stderr)
+            raise SystemExit(130) from None
 
     _entry()
 
