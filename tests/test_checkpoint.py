@@ -158,3 +158,13 @@ def test_truncated_weights_and_resume_into_another_model_are_named(run_dir, tmp_
     with pytest.raises(ValueError, match=r"cannot resume from .*step_00000002: its weights do not fit .*config\.yaml"):
         Trainer(tiny_cfg(steps=4), ToyModel(d=32), ToyObjective(), make_loader(ToyData(), 8), copy,
                 logger_cfg=LOGGER, resume=str(copy / "checkpoints" / "step_00000002"))
+
+
+def test_resume_names_settings_that_differ_from_the_run(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with pytest.warns(UserWarning, match=r"differ from the run's: model\.depth=3 \(run: 2\); the run's settings"):
+        Trainer(tiny_cfg(steps=6), ToyModel(), ToyObjective(), make_loader(ToyData(), 8), copy, resume=True,
+                config={"model": {"name": "toy", "depth": 3}}, logger_cfg=LOGGER)

@@ -116,6 +116,13 @@ def move_to_device(batch, device: torch.device):
     return batch
 
 
+def _config_diff(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}={b!r} (run: {a!r})"]
+
+
 def _mean_metric(v):
     return v.detach().float().mean() if isinstance(v, torch.Tensor) else float(v)
 
@@ -437,6 +444,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    _RESUME_SECTIONS = ("model", "objective", "dataset", "clip", "data_dir", "init")
+
+    def _warn_config_changes(self, path: Path) -> None:
+        """Resuming continues with the command's settings: say which of the run's differ (a resume
+        without the run's overrides would otherwise quietly train something else)."""
+        try:
+            with open(path / "config.json") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return
+        now = json.loads(json.dumps(self.config, default=ckpt._json_default))
+        changed = [k for k in _config_diff({k: saved.get(k) for k in self._RESUME_SECTIONS if k in saved},
+                                           {k: now.get(k) for k in self._RESUME_SECTIONS if k in saved})]
+        if changed and self.dist.is_main:
+            warnings.warn(f"resuming {path} with settings that differ from the run's: {', '.join(changed[:8])}"
+                          + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
+                          + f"; the run's settings are in {path / 'config.yaml'}", stacklevel=3)
 
     def save_checkpoint(self) -> Path:
         """Collective: every rank calls it; rank 0 writes `checkpoints/step_XXXXXXXX`."""
@@ -508,6 +532,7 @@ class Trainer:
                              options=StateDictOptions(full_state_dict=True, strict=True))
         with open(state_dir / "state.json") as f:
             state = json.load(f)
+        self._warn_config_changes(path)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.nan_skips, self.wandb_id = state.get("nan_skips", 0), state.get("wandb_run_id")
         rng_file = state_dir / f"rng_rank{self.dist.rank}.json"
