@@ -187,8 +187,8 @@ class Trainer:
         self.accum = int(c.grad_accum_steps)
         sampler = getattr(data, "sampler", None)
         if self.accum < 1 or isinstance(sampler, ResumableSampler) and sampler.group != self.accum:
-            raise ValueError(f"trainer.grad_accum_steps={c.grad_accum_steps}: must be >= 1 and the data loader's "
-                             f"(make_loader(..., grad_accum_steps={c.grad_accum_steps}))")
+            raise ValueError(f"trainer.grad_accum_steps={c.grad_accum_steps} must be >= 1 and match the data "
+                             f"loader's split: build it with make_loader(..., grad_accum_steps={c.grad_accum_steps})")
         self.batch_to_device = batch_to_device or (lambda b: move_to_device(b, self.device))
         self.parallel = resolve_parallel(c.parallel, self.dist)
 
