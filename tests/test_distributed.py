@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
             model = ToyModel()
         objective = ToyObjective(random={random})
         cfg = tiny_cfg(steps=steps, parallel={parallel!r}, checkpoint_every=2, schedule="constant",
-                       grad_accum_steps={accum})
+                       grad_accum_steps={accum}, activation_checkpointing={ac})
         data = make_loader(ToyData(16), cfg["batch_size"], 0, seed=0, grad_accum_steps={accum})
         return Trainer(cfg, model, objective, data, run_dir, logger_cfg=LOGGER, resume=resume).fit()
 
@@ -47,9 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def script_text(run_dir, parallel="auto", random=False, resume_check=False, accum=1) -> str:
+def script_text(run_dir, parallel="auto", random=False, resume_check=False, accum=1, ac=False) -> str:
     return SCRIPT.format(tests=str(HERE), parallel=parallel, run_dir=str(run_dir), random=random,
-                         resume_check=resume_check, accum=accum)
+                         resume_check=resume_check, accum=accum, ac=ac)
 
 
 def launch(tmp_path, nproc=2, **kw) -> Path:
@@ -86,10 +86,12 @@ def single(tmp_path_factory):
     return tmp / "straight"
 
 
-@pytest.mark.parametrize("parallel,accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
-def test_two_processes_match_one(tmp_path, single, parallel, accum):
-    """accum=2: each rank's share in two micro-batches, gradients synchronised once."""
-    two = launch(tmp_path, parallel=parallel, accum=accum) / "straight"
+@pytest.mark.parametrize("parallel,accum,ac", [("ddp", 1, False), ("fsdp", 1, False), ("ddp", 2, False),
+                                               ("fsdp", 2, True)])
+def test_two_processes_match_one(tmp_path, single, parallel, accum, ac):
+    """accum=2: each rank's share in two micro-batches, gradients synchronised once; ac: blocks
+    recomputed in backward inside their FSDP2 units."""
+    two = launch(tmp_path, parallel=parallel, accum=accum, ac=ac) / "straight"
     for name in ("model.safetensors", "trainer_state/student.safetensors", "trainer_state/objective.safetensors"):
         assert_same(final(single, name), final(two, name))
     assert_same(final(single, "trainer_state/optimizer.safetensors"),
