@@ -71,7 +71,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     from .train.trainer import check_config
     from .validation import Validator, split_episodes
 
-    check_config(cfg.trainer)
+    accum = int(check_config(cfg.trainer).grad_accum_steps)  # refuses bad trainer keys before data loading
     finetune = job == "finetune"
     run_dir = resolve_run_dir(cfg, job)
     store = open_dataset(cfg)
@@ -114,7 +114,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     train_set = clips(train_eps)
     loader = make_loader(train_set, int(cfg.trainer.batch_size), num_workers=int(cfg.trainer.num_workers),
-                         seed=int(cfg.trainer.seed), grad_accum_steps=int(cfg.trainer.get("grad_accum_steps", 1)))
+                         seed=int(cfg.trainer.seed), grad_accum_steps=accum)
 
     torch.manual_seed(int(cfg.trainer.seed))
     model = build_model(mcfg)
@@ -125,7 +125,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     validator = None
     if val_eps:
-        micro = int(cfg.trainer.batch_size) // int(cfg.trainer.get("grad_accum_steps", 1))  # what fits in memory
+        micro = int(cfg.trainer.batch_size) // accum  # what fits in memory
         val_loader = make_loader(clips(val_eps), min(micro, 32), num_workers=0, seed=1,
                                  shuffle=True, drop_last=False)
         v = cfg.get("validation", {})

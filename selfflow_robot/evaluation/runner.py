@@ -92,8 +92,8 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
         # waits forever for the queue's feeder thread to hand them over.
         jobs.cancel_join_thread()
     if fatal:
-        (kind, message), tb = fatal
-        if kind in ("ValueError", "FileNotFoundError"):  # bad input (e.g. the checkpoint): say it in one line
+        (bad_input, message), tb = fatal
+        if bad_input:  # e.g. an unreadable checkpoint
             raise ValueError(f"an evaluation worker could not start: {message}")
         raise RuntimeError(f"an evaluation worker could not start:\n{tb}")
 

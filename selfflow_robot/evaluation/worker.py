@@ -62,7 +62,8 @@ def worker_main(cfg: dict, jobs, results) -> None:
     try:
         runner = EpisodeRunner(cfg)
     except Exception as e:
-        results.put(("fatal", (type(e).__name__, str(e)), traceback.format_exc()))
+        # Bad input (ValueError incl. DataError/ObservationError, a missing file) is said in one line.
+        results.put(("fatal", (isinstance(e, (ValueError, FileNotFoundError)), str(e)), traceback.format_exc()))
         return
     try:
         while True:
