@@ -26,7 +26,7 @@ if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overri
   STUDY_X=('tasks=[reach-v3]' episodes_per_task=2 'image_size=[32,32]' model.name=tiny model.depth=2 model.width=32
            model.heads=2 model.patch_size=8 'seeds=[0]' steps=2 batch_size=2 checkpoint_every=2 validation.every=2
            validation.batches=1 validation.fraction=0.5 evaluate.episodes_per_task=1 evaluate.workers=0
-           evaluate.max_episode_steps=2 collect_workers=0)
+           evaluate.max_episode_steps=2 collect_workers=0 parallel_arms=2)
 fi
 want() { [[ $stages == *" all "* || $stages == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -71,13 +71,24 @@ fi
 if want study; then
   if [[ ${DRY:-0} != 1 && -d .gl ]]; then  # EGL loaders for MuJoCo's headless rendering (gpu_prepare.sh)
     for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
+    egl_ok() { MUJOCO_GL=egl $PY -c "import mujoco; mujoco.GLContext(64, 64).make_current()" 2>/dev/null; }
+    vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json  # where the lent machines keep it
+    if ! egl_ok && [[ -f $vendor ]]; then export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor; fi
+    egl_ok && echo "EGL ok ${__EGL_VENDOR_LIBRARY_FILENAMES:-}" || echo "EGL context failed: the study cannot render"
   fi
   # Self-Flow vs DTS vs flow matching on Meta-World (docs/study.md, GPU configuration), capped at
-  # STUDY_MINUTES; runs.json under $OUT is rewritten after each run, so a capped study still reports.
+  # STUDY_MINUTES; three arms train at once (one process each: a small model leaves the card mostly
+  # idle); runs.json under $OUT is rewritten as each run ends, so a capped study keeps whole seeds
+  # (python -m selfflow_robot.study_report $OUT/study_gpu rebuilds the report).
   MUJOCO_GL=egl timeout "$(( ${STUDY_MINUTES:-6} * 60 ))" $PY -m selfflow_robot.study device=$STUDY_DEVICE \
-    collect_workers=12 evaluate.workers=12 model.name=s model.depth=12 model.width=384 model.heads=6 \
-    model.patch_size=16 'image_size=[128,128]' episodes_per_task=40 batch_size=64 steps=${STUDY_STEPS:-1500} \
-    lr=3e-4 ema_decay=0.998 checkpoint_every=500 validation.every=250 validation.batches=8 \
-    "seeds=${STUDY_SEEDS:-[0,1]}" evaluate.episodes_per_task=10 out_dir="$OUT/study_gpu" "${STUDY_X[@]}" 2>&1 \
-    | grep -v "it/s\]$" | tail -60
+    collect_workers=12 evaluate.workers=4 parallel_arms=3 model.name=s model.depth=12 model.width=384 \
+    model.heads=6 model.patch_size=16 'image_size=[128,128]' episodes_per_task=40 batch_size=64 \
+    steps=${STUDY_STEPS:-1500} lr=3e-4 ema_decay=0.998 checkpoint_every=500 validation.every=250 validation.batches=8 \
+    "seeds=${STUDY_SEEDS:-[0,1,2]}" evaluate.episodes_per_task=10 out_dir="$OUT/study_gpu" "${STUDY_X[@]}" 2>&1 \
+    | grep -v "it/s\]$" > "$OUT/study_full.log"
+  echo "study rc=${PIPESTATUS[0]} (124: stopped at STUDY_MINUTES)"
+  tail -60 "$OUT/study_full.log"
+  # Only a few files, two folders deep, come back from the lent machine: one archive, no checkpoints.
+  [[ -d $OUT/study_gpu ]] && tar czf "$OUT/study_gpu.tgz" --exclude=checkpoints -C "$OUT" study_gpu \
+    && [[ ${DRY:-0} != 1 ]] && rm -rf "$OUT/study_gpu"
 fi

@@ -1,9 +1,13 @@
 """The study's report: per-objective curves (mean over seeds), a markdown table and the steps Self-Flow
-needs to reach flow matching's final value of each metric."""
+needs to reach flow matching's final value of each metric.
+
+`python -m selfflow_robot.study_report OUT_DIR [--all-seeds]` rebuilds the report of a study that
+stopped early from its runs.json: by default from the seeds every arm finished."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -102,14 +106,62 @@ def plot(c: dict, path: str) -> str:
     return path
 
 
-def write_report(runs: list[dict], out: str, config: dict, wall_s: float) -> dict:
+def failed_rollouts(runs: list[dict]) -> list[str]:
+    return [f"{r['objective']} seed {r['seed']} step {row['step']}: {row['error']}"
+            for r in runs for row in r["success"] if "error" in row]
+
+
+def write_report(runs: list[dict], out: str, config: dict, wall_s: float, note: str = "") -> dict:
     c = curves(runs)
     md = markdown(c)
+    errors = failed_rollouts(runs)
+    if errors:  # the study records a failed rollout and goes on; say so next to the tables
+        md += "\nRollouts that failed (no success rate; details in runs.json):\n\n" + "\n".join(f"- {e}" for e in errors) + "\n"
     paths = {k: os.path.join(out, n) for k, n in (("md", "report.md"), ("png", "curves.png"), ("json", "study.json"))}
     with open(paths["md"], "w") as f:
         f.write(f"# Study: flow matching vs DTS vs Self-Flow\n\nwall time {wall_s / 60:.1f} min; "
-                f"config {os.path.join(out, 'study.yaml')}\n\n![curves](curves.png)\n\n{md}")
+                f"config {os.path.join(out, 'study.yaml')}{note}\n\n![curves](curves.png)\n\n{md}")
     plot(c, paths["png"])
     with open(paths["json"], "w") as f:
         json.dump({"curves": c, "runs": runs, "config": config, "wall_s": wall_s}, f, indent=1)
     return {**paths, "markdown": md, "curves": c}
+
+
+def complete_seeds(runs: list[dict], objectives: list[str]) -> list[dict]:
+    """The runs of the seeds for which every objective finished (a fair comparison)."""
+    done = {(r["seed"], r["objective"]) for r in runs}
+    keep = {r["seed"] for r in runs if all((r["seed"], o) in done for o in objectives)}
+    return [r for r in runs if r["seed"] in keep]
+
+
+def rebuild(out: str, all_seeds: bool = False) -> dict:
+    """Report of a study (finished or not) from OUT/runs.json and OUT/study.yaml."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(out, "runs.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: no arm of this study finished (or {out} is not a study dir)")
+    with open(path) as f:
+        runs = json.load(f)
+    config = OmegaConf.to_container(OmegaConf.load(os.path.join(out, "study.yaml")), resolve=True)
+    kept = runs if all_seeds else complete_seeds(runs, list(config["objectives"]))
+    if not kept:
+        raise ValueError(f"{path}: no seed has all of {config['objectives']} finished; --all-seeds uses what is there")
+    dropped = sorted({f"{r['objective']}_seed{r['seed']}" for r in runs} - {f"{r['objective']}_seed{r['seed']}" for r in kept})
+    note = f"; rebuilt from runs.json ({len(kept)} of {len(config['objectives']) * len(config['seeds'])} runs" + (
+        f", left out the unfinished seeds' {', '.join(dropped)})" if dropped else ")")
+    wall_s = max((r.get("finished_s") or 0.0) for r in runs)
+    return write_report(kept, out, config, wall_s=wall_s, note=note)
+
+
+def main(argv: list[str]) -> None:
+    args = [a for a in argv if a != "--all-seeds"]
+    if len(args) != 1 or args[0].startswith("-"):
+        sys.exit("usage: python -m selfflow_robot.study_report OUT_DIR [--all-seeds]")
+    report = rebuild(args[0], all_seeds="--all-seeds" in argv)
+    print(report["markdown"])
+    print(f"[study] report {report['md']}\n[study] plot {report['png']}\n[study] data {report['json']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
