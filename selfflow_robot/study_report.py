@@ -1,8 +1,9 @@
 """The study's report: per-objective curves (mean over seeds), a markdown table and the steps Self-Flow
 needs to reach flow matching's final value of each metric.
 
-`python -m selfflow_robot.study_report OUT_DIR [--all-seeds]` rebuilds the report of a study that
-stopped early from its runs.json: by default from the seeds every arm finished."""
+`python -m selfflow_robot.study_report DIR [DIR ...] [--out OUT] [--all-seeds]` rebuilds the report
+of a study that stopped early from its runs.json (by default from the seeds every arm finished), or
+merges studies of the same configuration run with other seeds."""
 from __future__ import annotations
 
 import json
@@ -120,7 +121,7 @@ def write_report(runs: list[dict], out: str, config: dict, wall_s: float, note: 
     paths = {k: os.path.join(out, n) for k, n in (("md", "report.md"), ("png", "curves.png"), ("json", "study.json"))}
     with open(paths["md"], "w") as f:
         f.write(f"# Study: flow matching vs DTS vs Self-Flow\n\nwall time {wall_s / 60:.1f} min; "
-                f"config {os.path.join(out, 'study.yaml')}{note}\n\n![curves](curves.png)\n\n{md}")
+                f"config study.yaml{note}\n\n![curves](curves.png)\n\n{md}")
     plot(c, paths["png"])
     with open(paths["json"], "w") as f:
         json.dump({"curves": c, "runs": runs, "config": config, "wall_s": wall_s}, f, indent=1)
@@ -134,31 +135,82 @@ def complete_seeds(runs: list[dict], objectives: list[str]) -> list[dict]:
     return [r for r in runs if r["seed"] in keep]
 
 
-def rebuild(out: str, all_seeds: bool = False) -> dict:
-    """Report of a study (finished or not) from OUT/runs.json and OUT/study.yaml."""
+# Settings that change where or how fast a study runs, not what it measures.
+_LOGISTICS = {"seeds", "out_dir", "parallel_arms", "collect_workers", "evaluate.workers", "store_dir"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _load(study_dir: str) -> tuple[list[dict], dict]:
     from omegaconf import OmegaConf
 
-    path = os.path.join(out, "runs.json")
+    path = os.path.join(study_dir, "runs.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: no arm of this study finished (or {out} is not a study dir)")
+        raise FileNotFoundError(f"{path} not found: no arm of this study finished (or {study_dir} is not a study dir)")
     with open(path) as f:
         runs = json.load(f)
-    config = OmegaConf.to_container(OmegaConf.load(os.path.join(out, "study.yaml")), resolve=True)
-    kept = runs if all_seeds else complete_seeds(runs, list(config["objectives"]))
+    return runs, OmegaConf.to_container(OmegaConf.load(os.path.join(study_dir, "study.yaml")), resolve=True)
+
+
+def rebuild(study_dirs: list[str], out: str | None = None, all_seeds: bool = False) -> dict:
+    """Report from the runs.json of one study (finished or not) or of several studies of the same
+    configuration run with different seeds (a study spread over several sessions)."""
+    from omegaconf import OmegaConf
+
+    if out is None and len(study_dirs) != 1:
+        raise ValueError("several study dirs need an output dir for the merged report")
+    out = out or study_dirs[0]
+    runs, configs, seen = [], [], {}
+    for d in study_dirs:
+        got, config = _load(d)
+        configs.append(config)
+        for r in got:
+            key = (r["objective"], r["seed"])
+            if key in seen:
+                raise ValueError(f"{r['objective']} seed {r['seed']} is in both {seen[key]} and {d}: "
+                                 "merge studies of different seeds")
+            seen[key] = d
+            runs.append(r)
+    config = configs[0]
+    base = {k: v for k, v in _flat(config).items() if k not in _LOGISTICS}
+    differ = sorted({k for c in configs[1:] for k, v in _flat(c).items()
+                     if k not in _LOGISTICS and base.get(k) != v}
+                    | {k for c in configs[1:] for k in base if k not in _flat(c)})
+    objectives = list(config["objectives"])
+    kept = runs if all_seeds else complete_seeds(runs, objectives)
     if not kept:
-        raise ValueError(f"{path}: no seed has all of {config['objectives']} finished; --all-seeds uses what is there")
-    dropped = sorted({f"{r['objective']}_seed{r['seed']}" for r in runs} - {f"{r['objective']}_seed{r['seed']}" for r in kept})
-    note = f"; rebuilt from runs.json ({len(kept)} of {len(config['objectives']) * len(config['seeds'])} runs" + (
-        f", left out the unfinished seeds' {', '.join(dropped)})" if dropped else ")")
-    wall_s = max((r.get("finished_s") or 0.0) for r in runs)
-    return write_report(kept, out, config, wall_s=wall_s, note=note)
+        raise ValueError(f"{', '.join(study_dirs)}: no seed has all of {objectives} finished; "
+                         "--all-seeds reports what is there")
+    planned = sorted({int(s) for c in configs for s in c["seeds"]})
+    finished = sorted({r["seed"] for r in kept})
+    note = f"; rebuilt from runs.json of {', '.join(study_dirs)}: seeds {finished} of {planned}"
+    if differ:
+        note += f"; the studies' settings differ in {', '.join(differ)}"
+        print(f"warning: merged studies differ in {', '.join(differ)}", file=sys.stderr)
+    os.makedirs(out, exist_ok=True)
+    if os.path.abspath(out) not in {os.path.abspath(d) for d in study_dirs}:
+        with open(os.path.join(out, "study.yaml"), "w") as f:  # the report names it
+            f.write(OmegaConf.to_yaml({**config, "merged_from": list(study_dirs)}))
+    wall_s = sum(max((r.get("finished_s") or 0.0) for r in _load(d)[0]) for d in study_dirs)
+    return write_report(sorted(kept, key=lambda r: (r["seed"], objectives.index(r["objective"]))), out,
+                        {**config, "seeds": finished, "merged_from": list(study_dirs)}, wall_s=wall_s, note=note)
 
 
 def main(argv: list[str]) -> None:
-    args = [a for a in argv if a != "--all-seeds"]
-    if len(args) != 1 or args[0].startswith("-"):
-        sys.exit("usage: python -m selfflow_robot.study_report OUT_DIR [--all-seeds]")
-    report = rebuild(args[0], all_seeds="--all-seeds" in argv)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m selfflow_robot.study_report",
+                                 description="Rebuild a study's report from its runs.json, or merge studies of other seeds.")
+    ap.add_argument("study_dirs", nargs="+", help="study output dirs (each with runs.json and study.yaml)")
+    ap.add_argument("--out", help="where the report goes (default: the only study dir)")
+    ap.add_argument("--all-seeds", action="store_true", help="also seeds that not every arm finished")
+    a = ap.parse_args(argv)
+    report = rebuild(a.study_dirs, a.out, a.all_seeds)
     print(report["markdown"])
     print(f"[study] report {report['md']}\n[study] plot {report['png']}\n[study] data {report['json']}")
 
