@@ -26,7 +26,8 @@ if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overri
   STUDY_X=('tasks=[reach-v3]' episodes_per_task=2 'image_size=[32,32]' model.name=tiny model.depth=2 model.width=32
            model.heads=2 model.patch_size=8 'seeds=[0]' steps=2 batch_size=2 checkpoint_every=2 validation.every=2
            validation.batches=1 validation.fraction=0.5 evaluate.episodes_per_task=1 evaluate.workers=0
-           evaluate.max_episode_steps=2 collect_workers=0 parallel_arms=2)
+           evaluate.max_episode_steps=2 collect_workers=0 parallel_arms=2
+           "overrides=['trainer.compile=false']")
 fi
 want() { [[ $stages == *" all "* || $stages == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -77,14 +78,16 @@ if want study; then
     egl_ok && echo "EGL ok ${__EGL_VENDOR_LIBRARY_FILENAMES:-}" || echo "EGL context failed: the study cannot render"
   fi
   # Self-Flow vs DTS vs flow matching on Meta-World (docs/study.md, GPU configuration), capped at
-  # STUDY_MINUTES; three arms train at once (one process each: a small model leaves the card mostly
-  # idle); runs.json under $OUT is rewritten as each run ends, so a capped study keeps whole seeds
-  # (python -m selfflow_robot.study_report $OUT/study_gpu rebuilds the report).
+  # STUDY_MINUTES; three arms train at once (one process each); runs.json under $OUT is rewritten as
+  # each run ends, so a capped study keeps whole seeds (python -m selfflow_robot.study_report rebuilds
+  # or merges reports). The first H100 run (eager) trained at ~5.5 steps/s per arm, 4% MFU: the
+  # small model is launch-bound, hence STUDY_COMPILE (per-block torch.compile) by default now.
   MUJOCO_GL=egl timeout "$(( ${STUDY_MINUTES:-6} * 60 ))" $PY -m selfflow_robot.study device=$STUDY_DEVICE \
     collect_workers=12 evaluate.workers=4 parallel_arms=3 model.name=s model.depth=12 model.width=384 \
     model.heads=6 model.patch_size=16 'image_size=[128,128]' episodes_per_task=40 batch_size=64 \
     steps=${STUDY_STEPS:-1500} lr=3e-4 ema_decay=0.998 checkpoint_every=500 validation.every=250 validation.batches=8 \
-    "seeds=${STUDY_SEEDS:-[0,1,2]}" evaluate.episodes_per_task=10 out_dir="$OUT/study_gpu" "${STUDY_X[@]}" 2>&1 \
+    "seeds=${STUDY_SEEDS:-[0,1,2]}" evaluate.episodes_per_task=10 "overrides=['trainer.compile=${STUDY_COMPILE:-true}']" \
+    out_dir="$OUT/study_gpu" "${STUDY_X[@]}" 2>&1 \
     | grep -v "it/s\]$" > "$OUT/study_full.log"
   echo "study rc=${PIPESTATUS[0]} (124: stopped at STUDY_MINUTES)"
   tail -60 "$OUT/study_full.log"

@@ -136,7 +136,7 @@ def complete_seeds(runs: list[dict], objectives: list[str]) -> list[dict]:
 
 
 # Settings that change where or how fast a study runs, not what it measures.
-_LOGISTICS = {"seeds", "out_dir", "parallel_arms", "collect_workers", "evaluate.workers", "store_dir"}
+_LOGISTICS = {"seeds", "out_dir", "parallel_arms", "collect_workers", "evaluate.workers", "store_dir", "merged_from"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

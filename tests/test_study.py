@@ -1,6 +1,7 @@
 """`python -m selfflow_robot.study` on a reduced configuration: three arms, report, table and plot."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -64,3 +65,17 @@ def test_steps_to_reach_counts_from_the_reference_reaching_its_own_final_value()
                       "self_flow": {"success": (steps, [0.5, 0.5, 0.5, 0.75], [0, 0, 0, 0], 2)}})
     row = next(line for line in table.splitlines() if line.startswith("| success rate |"))
     assert row == "| success rate | 50% (20) | 20 (1.00x) | 10 (0.50x) |"
+
+
+def test_parallel_arms_stop_with_the_failing_arm_named(tmp_path):
+    """parallel_arms=2: each arm is its own process; one that fails stops the study with its name."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "MUJOCO_GL": "egl", "SELFFLOW_DATA_CACHE": str(tmp_path / "cache")}
+    args = ["tasks=[reach-v3]", "episodes_per_task=2", "image_size=[32,32]", "model.depth=1", "model.width=32",
+            "model.patch_size=8", "seeds=[0]", "steps=2", "batch_size=2", "parallel_arms=2", "collect_workers=0",
+            "evaluate.episodes_per_task=0", "overrides=['trainer.bogus_key=1']", f"out_dir={tmp_path / 'study'}"]
+    proc = subprocess.run([sys.executable, "-m", "selfflow_robot.study", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "bogus_key" in proc.stderr
+    assert re.search(r"study arm (flow_matching|dts|self_flow)_seed0 failed \(exit code 1\)", proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "study" / "runs.json").exists()

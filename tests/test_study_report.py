@@ -1,0 +1,99 @@
+"""The study report from runs.json: whole seeds only, merging studies of other seeds, failed rollouts."""
+import json
+
+import pytest
+import yaml
+
+from selfflow_robot.study_report import complete_seeds, rebuild
+
+ARMS = ["flow_matching", "dts", "self_flow"]
+
+
+def _run(objective, seed, loss, success=0.5):
+    return {"objective": objective, "seed": seed, "run_dir": f"runs/{objective}_seed{seed}", "train_s": 1.0,
+            "eval_s": 1.0, "finished_s": 10.0 * (seed + 1),
+            "validation": [{"step": 10, "val_flow_loss": loss + 1, "val_action_mse": 0.5},
+                           {"step": 20, "val_flow_loss": loss, "val_action_mse": 0.25}],
+            "success": [{"step": 20, "success": success, "tasks": {"reach-v3": success}}]}
+
+
+def _study(path, runs, seeds, **config):
+    path.mkdir()
+    (path / "runs.json").write_text(json.dumps(runs))
+    (path / "study.yaml").write_text(yaml.safe_dump({"objectives": ARMS, "seeds": seeds, "steps": 20,
+                                                     "out_dir": str(path), **config}))
+    return str(path)
+
+
+def test_complete_seeds_drops_a_seed_some_arm_did_not_finish():
+    runs = [_run(o, 0, 1.0) for o in ARMS] + [_run("flow_matching", 1, 1.0)]
+    assert [(r["objective"], r["seed"]) for r in complete_seeds(runs, ARMS)] == [(o, 0) for o in ARMS]
+
+
+def test_rebuild_reports_the_finished_seeds_of_a_stopped_study(tmp_path):
+    runs = [_run(o, 0, 1.0) for o in ARMS] + [_run("flow_matching", 1, 9.0)]
+    d = _study(tmp_path / "s", runs, [0, 1, 2])
+    report = rebuild([d])
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "seeds [0] of [0, 1, 2]" in md
+    assert "| 20 | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 | 1.0000 ± 0.0000 |" in md  # seed 1's 9.0 left out
+    assert report["curves"]["flow_matching"]["val_flow_loss"][3] == 1
+    all_seeds = rebuild([d], all_seeds=True)
+    assert all_seeds["curves"]["flow_matching"]["val_flow_loss"][3] == 2
+
+
+def test_rebuild_merges_studies_of_other_seeds_and_names_differing_settings(tmp_path, capsys):
+    a = _study(tmp_path / "a", [_run(o, 0, 1.0) for o in ARMS], [0], parallel_arms=3)
+    b = _study(tmp_path / "b", [_run(o, 1, 3.0) for o in ARMS], [1], overrides=["trainer.compile=true"])
+    report = rebuild([a, b], str(tmp_path / "merged"))
+    st, mean, std, n = report["curves"]["self_flow"]["val_flow_loss"]
+    assert (st, mean, std, n) == ([10, 20], [3.0, 2.0], [1.0, 1.0], 2)
+    md = (tmp_path / "merged" / "report.md").read_text()
+    assert "seeds [0, 1] of [0, 1]" in md and "differ in overrides" in md  # parallel_arms is logistics
+    assert "differ in overrides" in capsys.readouterr().err
+    assert yaml.safe_load((tmp_path / "merged" / "study.yaml").read_text())["merged_from"] == [a, b]
+    with pytest.raises(ValueError, match="flow_matching seed 0 is in both"):
+        rebuild([a, a], str(tmp_path / "twice"))
+    with pytest.raises(ValueError, match="need an output dir"):
+        rebuild([a, b])
+
+
+def test_rebuild_refuses_a_study_without_a_finished_seed(tmp_path):
+    d = _study(tmp_path / "s", [_run("flow_matching", 0, 1.0)], [0])
+    with pytest.raises(ValueError, match="no seed has all of"):
+        rebuild([d])
+    with pytest.raises(FileNotFoundError, match="runs.json not found"):
+        rebuild([str(tmp_path)])
+
+
+def test_a_failed_rollout_is_recorded_and_reported_not_fatal(tmp_path, monkeypatch, capsys):
+    """A broken simulator must not cost the trained arm: the step gets an error, the report says so."""
+    from omegaconf import OmegaConf
+
+    import selfflow_robot.evaluate as evaluate_mod
+    import selfflow_robot.train.checkpoint as checkpoint_mod
+    from selfflow_robot import study
+
+    (tmp_path / "step_00000010").mkdir()
+    (tmp_path / "step_00000020").mkdir()
+    monkeypatch.setattr(checkpoint_mod, "list_checkpoints",
+                        lambda run_dir: sorted(p for p in tmp_path.iterdir() if p.name.startswith("step_")))
+    calls = []
+
+    def fake_evaluate(argv):
+        calls.append(argv)
+        if len(calls) == 1:
+            raise RuntimeError("EGL context failed")
+        return {"mean_success": 0.75, "tasks": {"reach-v3": {"success_rate": 0.75}}}
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
+    cfg = OmegaConf.create({"device": "cpu", "evaluate": {"episodes_per_task": 2, "seed": 1000, "workers": 0,
+                                                          "sampler_steps": 5, "execute_steps": 2, "max_episode_steps": None}})
+    rows = study._success(cfg, str(tmp_path), str(tmp_path / "eval"))
+    assert rows == [{"step": 10, "error": "RuntimeError: EGL context failed"},
+                    {"step": 20, "success": 0.75, "tasks": {"reach-v3": 0.75}}]
+    assert "EGL context failed" in capsys.readouterr().err
+    run = {**_run("flow_matching", 0, 1.0), "success": rows}
+    d = _study(tmp_path / "s", [run] + [_run(o, 0, 1.0) for o in ARMS[1:]], [0])
+    md = rebuild([d])["markdown"]
+    assert "flow_matching seed 0 step 10: RuntimeError: EGL context failed" in md
