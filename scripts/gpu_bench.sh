@@ -92,6 +92,8 @@ if want study; then
   echo "study rc=${PIPESTATUS[0]} (124: stopped at STUDY_MINUTES)"
   tail -60 "$OUT/study_full.log"
   # Only a few files, two folders deep, come back from the lent machine: one archive, no checkpoints.
-  [[ -d $OUT/study_gpu ]] && tar czf "$OUT/study_gpu.tgz" --exclude=checkpoints -C "$OUT" study_gpu \
-    && [[ ${DRY:-0} != 1 ]] && rm -rf "$OUT/study_gpu"
+  if [[ -d $OUT/study_gpu ]]; then
+    tar czf "$OUT/study_gpu.tgz" --exclude=checkpoints -C "$OUT" study_gpu || exit 1
+    if [[ ${DRY:-0} != 1 ]]; then rm -rf "$OUT/study_gpu"; fi
+  fi
 fi

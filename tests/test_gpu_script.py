@@ -32,3 +32,9 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
     assert policy["loopback"]["overhead"]["n"] == 3
     runs = json.loads((out / "study_gpu" / "runs.json").read_text())
     assert [r["objective"] for r in runs] == ["flow_matching", "dts", "self_flow"]
+    # what comes back from the lent machine: one archive, without checkpoints
+    import tarfile
+
+    with tarfile.open(out / "study_gpu.tgz") as tar:
+        names = tar.getnames()
+    assert "study_gpu/runs.json" in names and not any("checkpoints" in n for n in names)
