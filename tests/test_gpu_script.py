@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,6 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
     runs = json.loads((out / "study_gpu" / "runs.json").read_text())
     assert [r["objective"] for r in runs] == ["flow_matching", "dts", "self_flow"]
     # what comes back from the lent machine: one archive, without checkpoints
-    import tarfile
-
     with tarfile.open(out / "study_gpu.tgz") as tar:
         names = tar.getnames()
     assert "study_gpu/runs.json" in names and not any("checkpoints" in n for n in names)
