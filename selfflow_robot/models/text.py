@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -10,13 +11,14 @@ PAD = 0  # byte b is token b + 1
 
 
 def encode_bytes(texts: Sequence[str], max_len: int) -> torch.Tensor:
-    """UTF-8 bytes -> LongTensor [B, max_len], truncated, padded with 0."""
-    out = torch.zeros(len(texts), max_len, dtype=torch.long)
+    """UTF-8 bytes -> LongTensor [B, max_len], truncated, padded with 0.
+
+    Built in numpy: per-text torch calls cost ~5 dispatched ops each, per batch and per forward."""
+    out = np.zeros((len(texts), max_len), dtype=np.int64)
     for i, text in enumerate(texts):
-        ids = list(str(text).encode("utf-8"))[:max_len]
-        if ids:
-            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long) + 1
-    return out
+        ids = np.frombuffer(str(text).encode("utf-8")[:max_len], dtype=np.uint8)
+        out[i, : len(ids)] = ids.astype(np.int64) + 1
+    return torch.from_numpy(out)
 
 
 class ByteTextEncoder(nn.Module):
