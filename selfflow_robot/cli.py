@@ -8,10 +8,11 @@ An optional leading verb (`bench params model=xl`) is passed to main as cfg.verb
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -51,18 +52,28 @@ def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
     def _entry(cfg: DictConfig) -> None:
-        try:
+        with reported_errors():
             main(_with_verb(cfg, verb))
-        except USER_ERRORS as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            raise SystemExit(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)") from None
-        except KeyboardInterrupt:
-            print("\ninterrupted: finished work is kept (written checkpoints, evaluation records, stored "
-                  "episodes); the same command with resume=true continues", file=sys.stderr)
-            raise SystemExit(130) from None
 
     _entry()
+
+
+RESUME_HINT = ("finished work is kept (written checkpoints, evaluation records, stored episodes); "
+               "the same command with resume=true continues")
+
+
+@contextlib.contextmanager
+def reported_errors(interrupted: str = RESUME_HINT) -> Iterator[None]:
+    """Bad input ends with one `error: ...` line, Ctrl-C with one line and exit code 130."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)") from None
+    except KeyboardInterrupt as e:  # a command may say in the exception what it kept
+        print(f"\ninterrupted: {e or interrupted}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def compose(config_name: str, overrides: list[str] | None = None, verb: str | None = None) -> DictConfig:
@@ -79,8 +90,9 @@ def compose_argv(config_name: str, argv: list[str]) -> DictConfig:
     cannot sit inside @hydra.main; `--help` prints the config file, `--cfg job` the composed one."""
     if "--help" in argv or "-h" in argv:
         text = (importlib.resources.files("selfflow_robot.configs") / f"{config_name}.yaml").read_text()
-        raise SystemExit(f"python -m selfflow_robot.{config_name} [key=value ...]; keys and defaults "
-                         f"(configs/{config_name}.yaml):\n\n{text}")
+        print(f"python -m selfflow_robot.{config_name} [key=value ...]; keys and defaults "
+              f"(configs/{config_name}.yaml):\n\n{text}")
+        raise SystemExit(0)
     show = "--cfg" in argv
     overrides = [a for i, a in enumerate(argv) if a != "--cfg" and not (i and argv[i - 1] == "--cfg")]
     bad = [a for a in overrides if a.startswith("-")]
@@ -94,7 +106,13 @@ def compose_argv(config_name: str, argv: list[str]) -> DictConfig:
         cause = f" ({e.__cause__})" if e.__cause__ else ""
         raise SystemExit(f"python -m selfflow_robot.{config_name}: {e}{cause}\n(see --help)") from None
     if show:
-        raise SystemExit(OmegaConf.to_yaml(cfg))
+        print(OmegaConf.to_yaml(cfg, resolve=False))
+        raise SystemExit(0)
+    base = compose(config_name)  # `+typo=1` (Hydra's own hint for a misspelt key) must not pass silently
+    unknown = sorted(set(cfg) - set(base))
+    if unknown:
+        raise SystemExit(f"python -m selfflow_robot.{config_name}: unknown option(s) {', '.join(unknown)} "
+                         f"(see --help for the keys)")
     return cfg
 
 

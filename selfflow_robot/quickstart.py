@@ -137,7 +137,9 @@ def cli_main(argv: list[str] | None = None) -> dict:
     # Composed without @hydra.main: the stages compose their own configs (pretrain, finetune, evaluate).
     import sys
 
-    return main(cli.compose_argv("quickstart", sys.argv[1:] if argv is None else list(argv)))
+    cfg = cli.compose_argv("quickstart", sys.argv[1:] if argv is None else list(argv))
+    with cli.reported_errors("the stages that finished are kept under out_dir (default outputs/quickstart/<time>/)"):
+        return main(cfg)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from . import cli
 from .quickstart import _dataset, _evaluate, _model, _trainer
@@ -63,6 +63,11 @@ def _success(cfg, run_dir: str, out: str) -> list[dict]:
             traceback.print_exc()
             rows.append({"step": step, "error": f"{type(e).__name__}: {e}"})
             continue
+        errors = int((s.get("throughput") or {}).get("errors") or 0)
+        if not s.get("complete", True) or errors:  # e.g. every episode failed to render: no success rate
+            rows.append({"step": step, "error": f"{s.get('episodes', 0)} of {s.get('episodes_expected')} episodes "
+                                                f"finished, {errors} failed (records in {os.path.join(out, ckpt.name)})"})
+            continue
         rows.append({"step": step, "success": s["mean_success"],
                      "tasks": {t: r["success_rate"] for t, r in s["tasks"].items()}})
     return rows
@@ -84,12 +89,26 @@ def run_arm(cfg, objective: str, seed: int, out: str, store: str) -> dict:
             "success": success}
 
 
-def _arm_process(cfg_yaml: str, objective: str, seed: int, out: str, store: str, result: str) -> None:
-    row = run_arm(OmegaConf.create(cfg_yaml), objective, seed, out, store)
-    tmp = result + ".tmp"
+def _write_json(path: str, obj) -> None:
+    """Atomically: a reader polling the file never sees half of it."""
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(row, f)
-    os.replace(tmp, result)
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _arm_process(cfg_yaml: str, objective: str, seed: int, out: str, store: str, result: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)  # arms share the CPU cores instead of each taking all of them
+    try:
+        _write_json(result, run_arm(OmegaConf.create(cfg_yaml), objective, seed, out, store))
+    except KeyboardInterrupt:  # the parent says what was kept
+        sys.exit(130)
+
+
+class ArmFailed(RuntimeError):
+    pass
 
 
 def _run_parallel(cfg, arms: list[tuple[int, str]], out: str, store: str, n: int, done) -> None:
@@ -99,6 +118,7 @@ def _run_parallel(cfg, arms: list[tuple[int, str]], out: str, store: str, n: int
 
     ctx, pending, live = mp.get_context("spawn"), list(arms), {}
     cfg_yaml = OmegaConf.to_yaml(cfg)
+    threads = max(1, (os.cpu_count() or 1) // n)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the arms
     try:
         while pending or live:
@@ -108,7 +128,7 @@ def _run_parallel(cfg, arms: list[tuple[int, str]], out: str, store: str, n: int
                 os.makedirs(os.path.dirname(result), exist_ok=True)
                 if os.path.exists(result):
                     os.remove(result)
-                p = ctx.Process(target=_arm_process, args=(cfg_yaml, objective, seed, out, store, result),
+                p = ctx.Process(target=_arm_process, args=(cfg_yaml, objective, seed, out, store, result, threads),
                                 name=f"{objective}_seed{seed}")
                 p.start()
                 live[p] = result
@@ -117,9 +137,10 @@ def _run_parallel(cfg, arms: list[tuple[int, str]], out: str, store: str, n: int
                 if p.exitcode is None:
                     continue
                 result = live.pop(p)
+                if p.exitcode == 130:
+                    raise KeyboardInterrupt
                 if p.exitcode != 0 or not os.path.exists(result):
-                    raise RuntimeError(f"study arm {p.name} failed (exit code {p.exitcode}); its error is above. "
-                                       f"Finished arms are in {os.path.join(out, 'runs.json')}")
+                    raise ArmFailed(f"study arm {p.name} failed (exit code {p.exitcode}); its error is above")
                 with open(result) as f:
                     done(json.load(f))
     finally:
@@ -128,11 +149,43 @@ def _run_parallel(cfg, arms: list[tuple[int, str]], out: str, store: str, n: int
             p.join()
 
 
+def _as_list(cfg, key: str) -> list:
+    """`objectives=self_flow` means [self_flow], not its characters."""
+    v = cfg[key]
+    items = [v] if isinstance(v, (str, int)) else list(v)
+    if not items:
+        raise ValueError(f"study option {key} is empty")
+    return items
+
+
+def check(cfg) -> None:
+    """Refuse what would fail only after the demos are collected and earlier arms have trained."""
+    import importlib.resources
+
+    with open_dict(cfg):
+        for key in ("objectives", "seeds", "tasks"):
+            cfg[key] = _as_list(cfg, key)
+    known = sorted(f.name[:-5] for f in (importlib.resources.files("selfflow_robot.configs") / "objective").iterdir()
+                   if f.name.endswith(".yaml"))
+    bad = [o for o in cfg.objectives if o not in known]
+    if bad:
+        raise ValueError(f"unknown objective(s) {bad}; objectives= takes any of {known}")
+    if len(set(cfg.objectives)) != len(cfg.objectives) or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"objectives and seeds must not repeat, got {list(cfg.objectives)} and {list(cfg.seeds)}")
+    if int(cfg.parallel_arms) < 1:
+        raise ValueError(f"parallel_arms must be >= 1, got {cfg.parallel_arms}")
+    out = os.path.abspath(str(cfg.out_dir))
+    if os.path.exists(os.path.join(out, "runs.json")) or os.path.isdir(os.path.join(out, "runs")):
+        raise ValueError(f"out_dir {out} already holds a study: choose a new out_dir (its report can be rebuilt "
+                         f"with python -m selfflow_robot.study_report {out})")
+
+
 def main(cfg) -> dict:
     from .data.sources import open_store, store_path
     from .study_report import write_report
 
     OmegaConf.resolve(cfg)
+    check(cfg)
     out = os.path.abspath(str(cfg.out_dir))
     os.makedirs(out, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(out, "study.yaml"))
@@ -148,26 +201,37 @@ def main(cfg) -> dict:
         row["finished_s"] = round(time.time() - t0, 1)
         runs.append(row)
         runs.sort(key=lambda r: order[(r["seed"], r["objective"])])
-        with open(os.path.join(out, "runs.json"), "w") as f:  # partial results survive an interruption
-            json.dump(runs, f, indent=1)
+        _write_json(os.path.join(out, "runs.json"), runs)  # partial results survive an interruption
 
     n = int(cfg.parallel_arms)
-    if n < 1:
-        raise ValueError(f"parallel_arms must be >= 1, got {n}")
-    if n == 1:
-        for seed, objective in arms:
-            done(run_arm(cfg, objective, seed, out, store))
-    else:
-        _run_parallel(cfg, arms, out, store, n, done)
+    try:
+        if n == 1:
+            for seed, objective in arms:
+                done(run_arm(cfg, objective, seed, out, store))
+        else:
+            _run_parallel(cfg, arms, out, store, n, done)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(kept(out, runs, len(arms))) from None
+    except ArmFailed as e:
+        raise SystemExit(f"error: {e}\n{kept(out, runs, len(arms))}") from None
     report = write_report(runs, out, OmegaConf.to_container(cfg, resolve=True), wall_s=time.time() - t0)
     print(report["markdown"])
     print(f"[study] report {report['md']}\n[study] plot {report['png']}\n[study] data {report['json']}")
     return report
 
 
+def kept(out: str, runs: list[dict], planned: int) -> str:
+    """What an interrupted study leaves, and what to do with it."""
+    if not runs:
+        return f"no run of the {planned} had finished; {out} holds the partial first runs"
+    return (f"{len(runs)} of {planned} runs finished and are kept in {os.path.join(out, 'runs.json')}; "
+            f"python -m selfflow_robot.study_report {out} reports the seeds every arm finished")
+
+
 def cli_main(argv: list[str] | None = None) -> dict:
     cfg = cli.compose_argv("study", sys.argv[1:] if argv is None else list(argv))
-    return main(cfg)
+    with cli.reported_errors():
+        return main(cfg)
 
 
 if __name__ == "__main__":

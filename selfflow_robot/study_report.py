@@ -46,13 +46,16 @@ def _fmt(metric: str, v: float) -> str:
 
 def markdown(c: dict, reference: str = "flow_matching") -> str:
     lines = []
+    seeds = {o: max(v[3] for v in c[o].values()) for o in c if c[o]}
+    uneven = len(set(seeds.values())) > 1  # --all-seeds: arms averaged over different seeds
     for metric, (label, higher) in METRICS.items():
         objs = [o for o in c if metric in c[o]]
         if not objs:
             continue
         steps = sorted(set().union(*(c[o][metric][0] for o in objs)))
+        head = [f"{o} (n={c[o][metric][3]})" if uneven else o for o in objs]
         lines += [f"### {label} ({'higher' if higher else 'lower'} is better; mean ± std over seeds)", "",
-                  "| step | " + " | ".join(objs) + " |", "|---|" + "---|" * len(objs)]
+                  "| step | " + " | ".join(head) + " |", "|---|" + "---|" * len(objs)]
         for s in steps:
             cells = []
             for o in objs:
@@ -60,7 +63,10 @@ def markdown(c: dict, reference: str = "flow_matching") -> str:
                 cells.append(f"{_fmt(metric, m[st.index(s)])} ± {_fmt(metric, sd[st.index(s)])}" if s in st else "")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
-    if reference in c:
+    if uneven:
+        lines.append("No steps-to-reach table: the arms are averaged over different numbers of seeds "
+                     f"({', '.join(f'{o} {n}' for o, n in seeds.items())}).")
+    elif reference in c:
         # Ratios are against the step at which the reference itself first reached its final value:
         # identical curves read 1.00x, whatever the step budget.
         lines += [f"### Steps to reach {reference}'s final value", "",
@@ -114,13 +120,16 @@ def failed_rollouts(runs: list[dict]) -> list[str]:
 
 def write_report(runs: list[dict], out: str, config: dict, wall_s: float, note: str = "") -> dict:
     c = curves(runs)
+    if not any(c.values()):
+        raise ValueError("no metric has a step that every seed of an arm evaluated: nothing to report "
+                         "(studies with different steps or validation.every do not merge)")
     md = markdown(c)
     errors = failed_rollouts(runs)
     if errors:  # the study records a failed rollout and goes on; say so next to the tables
         md += "\nRollouts that failed (no success rate; details in runs.json):\n\n" + "\n".join(f"- {e}" for e in errors) + "\n"
     paths = {k: os.path.join(out, n) for k, n in (("md", "report.md"), ("png", "curves.png"), ("json", "study.json"))}
     with open(paths["md"], "w") as f:
-        f.write(f"# Study: flow matching vs DTS vs Self-Flow\n\nwall time {wall_s / 60:.1f} min; "
+        f.write(f"# Study: {' vs '.join(c)}\n\nwall time {wall_s / 60:.1f} min; "
                 f"config study.yaml{note}\n\n![curves](curves.png)\n\n{md}")
     plot(c, paths["png"])
     with open(paths["json"], "w") as f:
@@ -137,6 +146,8 @@ def complete_seeds(runs: list[dict], objectives: list[str]) -> list[dict]:
 
 # Settings that change where or how fast a study runs, not what it measures.
 _LOGISTICS = {"seeds", "out_dir", "parallel_arms", "collect_workers", "evaluate.workers", "store_dir", "merged_from"}
+# Settings that may differ between merged studies, named in the report (e.g. trainer.compile in overrides).
+_NOTED = {"overrides", "device", "objectives", "logger"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -157,7 +168,7 @@ def _load(study_dir: str) -> tuple[list[dict], dict]:
     return runs, OmegaConf.to_container(OmegaConf.load(os.path.join(study_dir, "study.yaml")), resolve=True)
 
 
-def rebuild(study_dirs: list[str], out: str | None = None, all_seeds: bool = False) -> dict:
+def rebuild(study_dirs: list[str], out: str | None = None, all_seeds: bool = False, force: bool = False) -> dict:
     """Report from the runs.json of one study (finished or not) or of several studies of the same
     configuration run with different seeds (a study spread over several sessions)."""
     from omegaconf import OmegaConf
@@ -181,7 +192,7 @@ def rebuild(study_dirs: list[str], out: str | None = None, all_seeds: bool = Fal
     differ = sorted({k for c in configs[1:] for k, v in _flat(c).items()
                      if k not in _LOGISTICS and base.get(k) != v}
                     | {k for c in configs[1:] for k in base if k not in _flat(c)})
-    objectives = list(config["objectives"])
+    objectives = list(dict.fromkeys(o for c in configs for o in c["objectives"]))  # every study's arms, in order
     kept = runs if all_seeds else complete_seeds(runs, objectives)
     if not kept:
         raise ValueError(f"{', '.join(study_dirs)}: no seed has all of {objectives} finished; "
@@ -189,6 +200,10 @@ def rebuild(study_dirs: list[str], out: str | None = None, all_seeds: bool = Fal
     planned = sorted({int(s) for c in configs for s in c["seeds"]})
     finished = sorted({r["seed"] for r in kept})
     note = f"; rebuilt from runs.json of {', '.join(study_dirs)}: seeds {finished} of {planned}"
+    measured = [k for k in differ if k.split(".")[0] not in _NOTED]
+    if measured and not force:
+        raise ValueError(f"the studies measure different things: their settings differ in {', '.join(measured)}; "
+                         "--force merges them anyway")
     if differ:
         note += f"; the studies' settings differ in {', '.join(differ)}"
         print(f"warning: merged studies differ in {', '.join(differ)}", file=sys.stderr)
@@ -209,8 +224,12 @@ def main(argv: list[str]) -> None:
     ap.add_argument("study_dirs", nargs="+", help="study output dirs (each with runs.json and study.yaml)")
     ap.add_argument("--out", help="where the report goes (default: the only study dir)")
     ap.add_argument("--all-seeds", action="store_true", help="also seeds that not every arm finished")
+    ap.add_argument("--force", action="store_true", help="merge studies whose data, model or budget differ")
     a = ap.parse_args(argv)
-    report = rebuild(a.study_dirs, a.out, a.all_seeds)
+    from .cli import reported_errors
+
+    with reported_errors("no report written"):
+        report = rebuild(a.study_dirs, a.out, a.all_seeds, a.force)
     print(report["markdown"])
     print(f"[study] report {report['md']}\n[study] plot {report['png']}\n[study] data {report['json']}")
 

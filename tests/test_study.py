@@ -40,19 +40,53 @@ def test_study_runs_three_arms_and_writes_the_report(tmp_path):
     assert "| success rate |" in proc.stdout
 
 
-def test_in_process_commands_answer_help_cfg_and_bad_keys():
+def test_in_process_commands_answer_help_cfg_and_bad_keys(capsys):
     """quickstart and study compose other commands' configs, so they parse argv themselves."""
     from selfflow_robot.quickstart import cli_main as quickstart
     from selfflow_robot.study import cli_main as study
 
-    with pytest.raises(SystemExit, match="seeds: "):
+    with pytest.raises(SystemExit) as e:
         study(["--help"])
-    with pytest.raises(SystemExit, match=r"(?s)steps: 3\b"):
+    assert e.value.code == 0 and "seeds: " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
         study(["steps=3", "--cfg", "job"])
+    assert e.value.code == 0 and re.search(r"(?m)^steps: 3$", capsys.readouterr().out)
     with pytest.raises(SystemExit, match="Could not override 'stepz'"):
         study(["stepz=3"])
+    with pytest.raises(SystemExit, match=r"unknown option\(s\) parralel_arms"):  # Hydra's own hint: +key=
+        study(["+parralel_arms=2"])
     with pytest.raises(SystemExit, match="unknown option --bogus"):
         quickstart(["--bogus"])
+
+
+def test_study_refuses_bad_options_before_collecting_demos(tmp_path, monkeypatch, capsys):
+    """Mistakes that would surface only after data collection and earlier arms are caught first:
+    one `error:` line each, nothing collected."""
+    from selfflow_robot.study import cli_main as study
+
+    monkeypatch.setenv("SELFFLOW_DATA_CACHE", str(tmp_path / "cache"))
+    out = f"out_dir={tmp_path / 'study'}"
+    for args, message in ((["objectives=[flow_matching,selfflow]"], r"unknown objective\(s\) \['selfflow'\]"),
+                          (["parallel_arms=0"], "parallel_arms must be >= 1"),
+                          (["seeds=[0,0]"], "objectives and seeds must not repeat"),
+                          (["objectives=[]"], "study option objectives is empty")):
+        with pytest.raises(SystemExit, match="^error: " + message):
+            study([*args, out])
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "study" / "runs").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="already holds a study"):
+        study([out])
+
+
+def test_single_values_are_lists():
+    from omegaconf import OmegaConf
+
+    from selfflow_robot.study import check
+
+    cfg = OmegaConf.create({"objectives": "self_flow", "seeds": 0, "tasks": "reach-v3", "parallel_arms": 1,
+                            "out_dir": "/nonexistent/study"})
+    check(cfg)
+    assert (list(cfg.objectives), list(cfg.seeds), list(cfg.tasks)) == (["self_flow"], [0], ["reach-v3"])
 
 
 def test_steps_to_reach_counts_from_the_reference_reaching_its_own_final_value():

@@ -74,8 +74,8 @@ def test_a_failed_rollout_is_recorded_and_reported_not_fatal(tmp_path, monkeypat
     import selfflow_robot.train.checkpoint as checkpoint_mod
     from selfflow_robot import study
 
-    (tmp_path / "step_00000010").mkdir()
-    (tmp_path / "step_00000020").mkdir()
+    for step in (10, 20, 30):
+        (tmp_path / f"step_{step:08d}").mkdir()
     monkeypatch.setattr(checkpoint_mod, "list_checkpoints",
                         lambda run_dir: sorted(p for p in tmp_path.iterdir() if p.name.startswith("step_")))
     calls = []
@@ -84,16 +84,55 @@ def test_a_failed_rollout_is_recorded_and_reported_not_fatal(tmp_path, monkeypat
         calls.append(argv)
         if len(calls) == 1:
             raise RuntimeError("EGL context failed")
-        return {"mean_success": 0.75, "tasks": {"reach-v3": {"success_rate": 0.75}}}
+        if len(calls) == 3:  # evaluate caught every episode's error itself
+            return {"complete": False, "episodes": 0, "episodes_expected": 2, "mean_success": float("nan"),
+                    "throughput": {"errors": 2}, "tasks": {}}
+        return {"complete": True, "episodes": 2, "episodes_expected": 2, "mean_success": 0.75,
+                "throughput": {"errors": 0}, "tasks": {"reach-v3": {"success_rate": 0.75}}}
 
     monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
     cfg = OmegaConf.create({"device": "cpu", "evaluate": {"episodes_per_task": 2, "seed": 1000, "workers": 0,
                                                           "sampler_steps": 5, "execute_steps": 2, "max_episode_steps": None}})
     rows = study._success(cfg, str(tmp_path), str(tmp_path / "eval"))
-    assert rows == [{"step": 10, "error": "RuntimeError: EGL context failed"},
-                    {"step": 20, "success": 0.75, "tasks": {"reach-v3": 0.75}}]
+    assert rows[:2] == [{"step": 10, "error": "RuntimeError: EGL context failed"},
+                        {"step": 20, "success": 0.75, "tasks": {"reach-v3": 0.75}}]
+    assert rows[2]["step"] == 30 and rows[2]["error"].startswith("0 of 2 episodes finished, 2 failed")
     assert "EGL context failed" in capsys.readouterr().err
     run = {**_run("flow_matching", 0, 1.0), "success": rows}
     d = _study(tmp_path / "s", [run] + [_run(o, 0, 1.0) for o in ARMS[1:]], [0])
     md = rebuild([d])["markdown"]
     assert "flow_matching seed 0 step 10: RuntimeError: EGL context failed" in md
+
+
+def test_merging_refuses_studies_that_measure_different_things_unless_forced(tmp_path):
+    a = _study(tmp_path / "a", [_run(o, 0, 1.0) for o in ARMS], [0])
+    b = _study(tmp_path / "b", [_run(o, 1, 3.0) for o in ARMS], [1], steps=40, tasks=["drawer-close-v3"])
+    with pytest.raises(ValueError, match="differ in steps, tasks; --force merges"):
+        rebuild([a, b], str(tmp_path / "m"))
+    rebuild([a, b], str(tmp_path / "m"), force=True)
+    assert "differ in steps, tasks" in (tmp_path / "m" / "report.md").read_text()
+
+
+def test_merge_order_does_not_matter_and_uneven_seeds_are_labelled(tmp_path):
+    """A study of one arm merged with a full one: whole seeds only, or with --all-seeds each arm's
+    seed count in its column and no steps-to-reach ratios (they would compare different seeds)."""
+    full = _study(tmp_path / "full", [_run(o, 0, 1.0) for o in ARMS], [0])
+    one = tmp_path / "one"
+    _study(one, [_run("flow_matching", 1, 3.0)], [1])
+    (one / "study.yaml").write_text(yaml.safe_dump({"objectives": ["flow_matching"], "seeds": [1], "steps": 20,
+                                                    "out_dir": str(one)}))
+    for dirs in ([full, str(one)], [str(one), full]):
+        c = rebuild(dirs, str(tmp_path / "m"))["curves"]
+        assert c["flow_matching"]["val_flow_loss"][3] == 1 and set(c) == set(ARMS)
+    md = rebuild([full, str(one)], str(tmp_path / "m"), all_seeds=True)["markdown"]
+    assert "| step | flow_matching (n=2) | dts (n=1) | self_flow (n=1) |" in md
+    assert "Steps to reach" not in md and "different numbers of seeds" in md
+
+
+def test_study_report_command_prints_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "selfflow_robot.study_report", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
