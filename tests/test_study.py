@@ -2,8 +2,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -113,3 +115,29 @@ def test_parallel_arms_stop_with_the_failing_arm_named(tmp_path):
     assert "bogus_key" in proc.stderr
     assert re.search(r"study arm (flow_matching|dts|self_flow)_seed0 failed \(exit code 1\)", proc.stderr), proc.stderr[-3000:]
     assert not (tmp_path / "study" / "runs.json").exists()
+
+
+def test_ctrl_c_keeps_the_finished_runs_and_says_so(tmp_path):
+    """SIGINT to the process group mid-study: exit 130, one line naming the runs kept, no traceback."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "MUJOCO_GL": "egl", "SELFFLOW_DATA_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "study"
+    args = ["tasks=[reach-v3]", "episodes_per_task=2", "image_size=[32,32]", "model.depth=1", "model.width=32",
+            "model.patch_size=8", "seeds=[0,1]", "objectives=[flow_matching]", "steps=300", "batch_size=2",
+            "checkpoint_every=300", "validation.every=300", "validation.batches=1", "validation.fraction=0.5",
+            "evaluate.episodes_per_task=0", "collect_workers=0", f"out_dir={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "selfflow_robot.study", *args], env=env, cwd=tmp_path,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "runs.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the study ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"interrupted: 1 of 2 runs finished and are kept in {out / 'runs.json'}" in err
+    assert "Traceback" not in err
+    assert [r["seed"] for r in json.loads((out / "runs.json").read_text())] == [0]
