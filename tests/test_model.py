@@ -1,5 +1,6 @@
 """Backbone math: per-token conditioning, taps, truncated teacher forward, sizes."""
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -231,3 +232,25 @@ def test_per_block_compile_covers_every_path_a_run_takes(monkeypatch, caplog):
                      action_shape=x["action"].shape)
     assert counter.frame_count > 8  # the run above needs more than dynamo's default limit
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_gather_copies_rows_exactly_both_ways(dtype):
+    """Eager one-hot matmul and the compiled masked sum both pick each token's slot row exactly,
+    and send each token's gradient back to its slot."""
+    from selfflow_robot.models import layers
+
+    torch.manual_seed(0)
+    B, N, K, C = 2, 11, 3, 8
+    index = torch.randint(0, K, (B, N))
+    select = torch.nn.functional.one_hot(index, K).to(dtype)
+    per_slot = torch.randn(B, K, C, dtype=dtype, requires_grad=True)
+    want = torch.gather(per_slot, 1, index[..., None].expand(-1, -1, C))
+    grad = torch.randn(B, N, C, dtype=dtype)
+    (want_grad,) = torch.autograd.grad(want, per_slot, grad)
+    for compiling in (False, True):
+        with mock.patch.object(torch.compiler, "is_compiling", lambda: compiling):
+            got = layers.gather_tokens(per_slot, select)
+        assert torch.equal(got, want)
+        (got_grad,) = torch.autograd.grad(got, per_slot, grad)
+        torch.testing.assert_close(got_grad, want_grad)

@@ -20,15 +20,23 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 def gather_tokens(per_slot: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
     """[B, K, C] rows -> [B, N, C] per token; `select` is the one-hot [B, N, K] slot choice, None
-    means one shared slot (plain broadcasting). A sum of K masked terms, not torch.gather: it fuses
-    into the modulation kernels, and its backward is a reduction over tokens instead of a
-    scatter-add with N-way atomic contention on K rows."""
+    means one shared slot (plain broadcasting). Not torch.gather: its backward is a scatter-add
+    with N-way atomic contention on K rows. Compiled, a sum of K masked terms fuses into the
+    modulation kernels; eager, that sum is 2K - 1 passes over [B, N, C], so one batched matmul
+    (backward: another matmul, a reduction over tokens) does it instead."""
     if select is None:
         return per_slot
+    if not torch.compiler.is_compiling() and _one_hot_matmul_is_exact(per_slot):
+        return torch.bmm(select.to(per_slot.dtype), per_slot)
     out = select[..., 0:1] * per_slot[:, 0:1]
     for k in range(1, per_slot.shape[1]):
         out = out + select[..., k:k + 1] * per_slot[:, k:k + 1]
     return out
+
+
+def _one_hot_matmul_is_exact(t: torch.Tensor) -> bool:
+    """A one-hot matmul copies rows exactly, unless fp32 CUDA matmuls round their inputs to TF32."""
+    return t.device.type != "cuda" or t.dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32
 
 
 class TimestepEmbedder(nn.Module):
