@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # GPU job: the shared plain reference (reference_dit.py) and the project's own figures, on the
 # same card in the same job. On a GPU machine, from the repo root:
-#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [reference|train|attention|checkpointing|sample|policy|study|all ...]
+#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [reference|train|attention|checkpointing|small|sample|policy|study|all ...]
 # Needs torch with CUDA and this package (pip install --no-deps -e .). On the workplace's lent GPU
 # (no network), run scripts/gpu_prepare.sh here first, then scripts/gpu_lease.sh there (it installs
 # the carried wheels and runs these stages one by one under time caps).
-# Stages: reference, train, attention, checkpointing (new, untimed), sample, policy (measured on one H100, 2026-11-26: 130, 162,
+# Stages: reference, train, attention, checkpointing and small (new, untimed), sample, policy (measured on one H100, 2026-11-26: 130, 162,
 # 73 for two kernels, 150 and 132 s, mostly compilation; the reference needs > 110 s) and study
 # (capped at STUDY_MINUTES, default 6). Pass several: gpu_bench.sh reference train. Run reference
 # and train on the same warm machine (one card).
@@ -56,6 +56,15 @@ if want checkpointing; then
   $PY -m selfflow_robot.bench train model=$MODEL 'train.objectives=[flow_matching]' train.activation_checkpointing=true \
     'train.cases=[{name:video1536,frames:6,grid:16,batch:16},{name:video1536_b64,frames:6,grid:16,batch:64}]' \
     train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}"
+fi
+if want small; then
+  # The GPU study's model (s, 33M) at its shape (3 frames of 8x8 patches, batch 64), eager and
+  # compiled: does compiling the blocks pay for the study (docs/study.md)?
+  for compile in false true; do
+    $PY -m selfflow_robot.bench train model=s model.patch_size=16 'train.objectives=[flow_matching,dts,self_flow]' \
+      train.compile=$compile 'train.cases=[{name:study_s,frames:3,grid:8,batch:64}]' \
+      train.out="$OUT/bench_train.jsonl" "${TRAIN_X[@]}" || echo "small compile=$compile failed"
+  done
 fi
 if want sample; then
   # XL policy: 256x320 frames in 16x16 pixel patches (320 tokens per frame), 6-action chunk, 10 Euler steps.

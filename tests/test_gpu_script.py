@@ -25,6 +25,7 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
     assert any("selfflow_fp8_over_fm" in r for r in train)
     assert any(r.get("attention") == "flash" for r in train)  # the attention stage
     assert any(r.get("activation_checkpointing") for r in train)  # the checkpointing stage
+    assert {r.get("objective") for r in train if r.get("model") == "s"} >= {"flow_matching", "dts", "self_flow"}  # small
     assert (out / "profile" / "train_dry_self_flow.txt").is_file()
     sample = [json.loads(x) for x in (out / "bench_sample.jsonl").read_text().splitlines()]
     assert [r["compiled"] for r in sample] == [False, False, True]
