@@ -34,6 +34,72 @@ def resolve_run_dir(cfg: DictConfig, job: str) -> Path:
     return Path(hydra_run_dir() or root / time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
+# What a run's weights, data and optimisation depend on: a resume takes these from the run.
+RUN_SECTIONS = ("model", "objective", "dataset", "clip", "data_dir", "use_state", "init", "trainer", "validation")
+CONFIG_GROUPS = ("model", "objective", "dataset")
+
+
+def command_line_keys() -> list[str] | None:
+    """Dotted keys the command line set (`model.depth=3` -> model.depth, `dataset=rt1` -> dataset);
+    None when not run from a command line (in-process compose)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except Exception:
+        return None
+    return [o.split("=", 1)[0].lstrip("+~").split("@", 1)[0] for o in task]
+
+
+_ABSENT = object()
+
+
+def _leaves(d, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def with_run_settings(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """resume: continue with the run's own settings (RUN_SECTIONS), so `finetune run_dir=X
+    resume=true trainer.steps=N` needs none of the run's overrides again. What the command line
+    sets wins; a group chosen there (`dataset=rt1`) replaces the whole section. The trainer then
+    warns about what differs from the run."""
+    from .train import checkpoint as ckpt
+
+    given = command_line_keys()
+    resume = resume_setting(cfg)
+    source = Path(resume) if isinstance(resume, str) and resume not in ("true", "True") else run_dir
+    found = ckpt.latest_checkpoint(source)
+    if given is None or found is None or not (found / "config.json").is_file():
+        return cfg
+    saved = ckpt.read_checkpoint_config(found)
+
+    def set_on_command_line(key: str) -> bool:  # the key, a section above it, or a key below it
+        return any(g == key or key.startswith(g + ".") or g.startswith(key + ".") for g in given)
+
+    taken = []
+    with open_dict(cfg):
+        for section in (k for k in RUN_SECTIONS if k in saved and k not in given):
+            value = saved[section]
+            if section in CONFIG_GROUPS:  # the run's whole group (it may be another dataset than the default)
+                mine = OmegaConf.create(value)
+                for key in (g for g in given if g.startswith(section + ".")):
+                    OmegaConf.update(mine, key[len(section) + 1:], OmegaConf.select(cfg, key), force_add=True)
+                cfg[section] = mine
+            elif isinstance(value, dict):  # plain settings: the run's, where this version still has the key
+                for key, v in _leaves(value, f"{section}."):
+                    if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT and not set_on_command_line(key):
+                        OmegaConf.update(cfg, key, v)
+            else:
+                cfg[section] = value
+            taken.append(section)
+    log.info("resume: %s as in %s, except what the command line sets", ", ".join(taken), found / "config.yaml")
+    return cfg
+
+
 def metaworld_settings(meta: dict) -> dict:
     """The env settings a Meta-World store was collected with (env keys of configs/env/metaworld.yaml)."""
     return {"tasks": list(meta.get("instructions") or []) or None, "camera": meta.get("camera"),
@@ -74,6 +140,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     accum = int(check_config(cfg.trainer).grad_accum_steps)  # refuses bad trainer keys before data loading
     finetune = job == "finetune"
     run_dir = resolve_run_dir(cfg, job)
+    if resume_setting(cfg):
+        cfg = with_run_settings(cfg, run_dir)
     store = open_dataset(cfg)
     clip = cfg.clip
     action_dim = int(store.meta["action_dim"]) if finetune else 0

@@ -155,8 +155,12 @@ def test_truncated_weights_and_resume_into_another_model_are_named(run_dir, tmp_
     weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
     with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file .*truncated"):
         load_model_weights(ToyModel(), copy)
-    with pytest.raises(ValueError, match=r"cannot resume from .*step_00000002: its weights do not fit .*config\.yaml"):
+    with pytest.raises(ValueError, match=r"(?s)cannot resume from .*step_00000002: its weights do not fit .*config\.yaml"):
         Trainer(tiny_cfg(steps=4), ToyModel(d=32), ToyObjective(), make_loader(ToyData(), 8), copy,
+                logger_cfg=LOGGER, resume=str(copy / "checkpoints" / "step_00000002"))
+    # a deeper model: only missing keys (set_model_state_dict's strict=True let these through)
+    with pytest.raises(ValueError, match=r"(?s)do not fit .*missing in checkpoint: model\.blocks\.2\."):
+        Trainer(tiny_cfg(steps=4), ToyModel(depth=3), ToyObjective(), make_loader(ToyData(), 8), copy,
                 logger_cfg=LOGGER, resume=str(copy / "checkpoints" / "step_00000002"))
 
 

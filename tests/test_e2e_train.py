@@ -61,6 +61,17 @@ def test_pretrain_lowers_loss_and_resume_is_exact(toy_store, tmp_path, teacher_f
     for s in range(1, 21):
         assert second[s] == pytest.approx(first[s], rel=1e-5, abs=1e-6), s
     assert os.path.isfile(os.path.join(straight, "checkpoints", "step_00000020", "model.safetensors"))
+    if not teacher_fp8:
+        # Resume naming only the run: its model, data, objective and trainer settings come back
+        # from the checkpoint (as LeRobot's --resume), so the continuation is still exact.
+        bare = str(tmp_path / "bare")
+        run("pretrain", *common, "trainer.steps=10", f"run_dir={bare}", cwd=tmp_path)
+        proc = run("pretrain", f"run_dir={bare}", "resume=true", "trainer.steps=20", "logger.progress_bar=false",
+                   cwd=tmp_path)
+        assert "as in" in proc.stdout + proc.stderr and "settings that differ" not in proc.stderr
+        third = losses(bare)
+        for s in range(1, 21):
+            assert third[s] == pytest.approx(first[s], rel=1e-5, abs=1e-6), s
 
 
 def test_finetune_from_pretrained_lowers_action_error(toy_store, tmp_path):

@@ -148,6 +148,17 @@ def describe_model(path: str | Path) -> str:
     return f"{m.get('name', '?')} (depth {m.get('depth', '?')}, width {m.get('width', '?')})" if m else ""
 
 
+def state_dict_mismatches(saved: dict, own: dict, strict: bool = True) -> list[str]:
+    """Shape differences, and with `strict` missing / unexpected keys, as report lines (empty: fits).
+    Shapes are global ones, also for FSDP2's sharded DTensors."""
+    problems = [f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                for k, v in saved.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if strict:
+        problems += [f"  missing in checkpoint: {k} (model {tuple(v.shape)})" for k, v in own.items() if k not in saved]
+        problems += [f"  unexpected in checkpoint: {k} ({tuple(v.shape)})" for k, v in saved.items() if k not in own]
+    return problems
+
+
 def load_model_weights(model: nn.Module, path: str | Path, strict: bool = True,
                        file: str = "model.safetensors") -> nn.Module:
     """Load EMA weights (checkpoint dir, run dir or a .safetensors file) into `model`.
@@ -158,13 +169,7 @@ def load_model_weights(model: nn.Module, path: str | Path, strict: bool = True,
     file_path = path if path.suffix == ".safetensors" else resolve_checkpoint(path) / file
     sd = read_safetensors(file_path)
     own = model.state_dict()
-    problems = [f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if strict:
-        problems += [f"  missing in checkpoint: {k} (model {tuple(own[k].shape)})" for k in missing]
-        problems += [f"  unexpected in checkpoint: {k} ({tuple(sd[k].shape)})" for k in unexpected]
+    problems = state_dict_mismatches(sd, own, strict)
     if problems:
         saved = describe_model(file_path.parent)
         raise ValueError(f"cannot load {file_path} into {type(model).__name__} ({len(problems)} "

@@ -354,6 +354,9 @@ class Trainer:
         c = self.cfg
         total = int(c.steps)
         log_every, ckpt_every = max(int(c.log_every), 1), int(c.checkpoint_every)
+        if self.step >= total and self.dist.is_main:
+            warnings.warn(f"already at step {self.step} >= trainer.steps={total}: nothing to train "
+                          f"(raise trainer.steps to continue this run)", stacklevel=2)
         logger = None
         if self.dist.is_main:
             logger = RunLogger(self.run_dir, self.logger_cfg, self.config, total, self.step, self.wandb_id)
@@ -514,22 +517,23 @@ class Trainer:
             train_sd.update({f"objective.{k}": v for k, v in read(state_dir / "objective.safetensors").items()})
         with open(state_dir / "optimizer.json") as f:
             optim_sd = ckpt.unflatten_optimizer_state(read(state_dir / "optimizer.safetensors"), json.load(f))
-        try:
-            set_model_state_dict(self.train_module, train_sd, options=StateDictOptions(full_state_dict=True,
-                                                                                       strict=True))
-        except RuntimeError as e:  # e.g. resumed without the overrides the run was started with
-            first = str(e).strip().splitlines()[0][:300]
-            raise ValueError(f"cannot resume from {path}: its weights do not fit this run's model ({first}). "
-                             f"Resume with the same model/data overrides as the run; they are in "
-                             f"{path / 'config.yaml'}") from None
+        # Checked here, not left to set_model_state_dict: its strict=True let missing keys through
+        # (torch 2.13), so a deeper model resumed with random extra blocks.
+        ema_sd = read(path / "model.safetensors")
+        problems = (ckpt.state_dict_mismatches(train_sd, self.train_module.state_dict())
+                    + ckpt.state_dict_mismatches(ema_sd, self.ema_model.state_dict()))
+        if problems:  # e.g. resumed without the overrides the run was started with
+            raise ValueError(f"cannot resume from {path}: its weights do not fit this run's model "
+                             f"({len(problems)} mismatches):\n{ckpt.mismatch_report(problems)}\nResume with the same "
+                             f"model/data overrides as the run; they are in {path / 'config.yaml'}")
+        set_model_state_dict(self.train_module, train_sd, options=StateDictOptions(full_state_dict=True, strict=True))
         # strict=False: parameters that never had a gradient (unused heads) have no optimizer state.
         set_optimizer_state_dict(self.train_module, self.optimizer, optim_sd,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         for name, p in self.train_module.named_parameters():
             if name not in optim_sd["state"]:  # drop the step-1 zero state DCP creates for them
                 self.optimizer.state.pop(p, None)
-        set_model_state_dict(self.ema_model, read(path / "model.safetensors"),
-                             options=StateDictOptions(full_state_dict=True, strict=True))
+        set_model_state_dict(self.ema_model, ema_sd, options=StateDictOptions(full_state_dict=True, strict=True))
         with open(state_dir / "state.json") as f:
             state = json.load(f)
         self._warn_config_changes(path)
