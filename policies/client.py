@@ -14,6 +14,7 @@ does `act` wait (`starved_steps` counts those steps).
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -53,6 +54,7 @@ class WebsocketClientPolicy:
         self._pending: tuple[Future, int] | None = None  # (request in flight, step of its observation)
         self.starved_steps = 0
         self.url, self.timeout = url, float(timeout)
+        api_key = api_key if api_key is not None else os.environ.get("SELFFLOW_API_KEY")  # as the server reads it
         self._headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         self._packer = msgpack_numpy.Packer()
         self._ws = None

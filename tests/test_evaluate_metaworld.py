@@ -64,3 +64,45 @@ def test_evaluation_env_follows_the_store_a_policy_trained_on(tmp_path):
     explicit = match_training_env({"env": {"name": "metaworld", **nulls, "tasks": ["reach-v3"]},
                                    "policy": str(ckpt)})["env"]
     assert explicit["tasks"] == ["reach-v3"]  # explicit values win
+
+
+def test_a_served_policy_says_how_it_was_trained(tmp_path, caplog):
+    """evaluate policy=ws://... rolls out as the served checkpoint's demos were collected (it used
+    action_repeat 1, 4x the control rate, before the server sent its training env)."""
+    import logging
+
+    from selfflow_robot.collect import _episode_meta
+    from selfflow_robot.evaluation.training_env import match_training_env
+    from selfflow_robot.jobs import metaworld_settings
+    from selfflow_robot.policies.policy import metadata_from_config
+    from selfflow_robot.policies.server import PolicyServer
+
+    meta = _episode_meta((64, 64), "corner2", 4, ["reach-v3"], "full")
+    run_cfg = {"model": {"name": "tiny"}, "dataset": {"source": "store"}, "data": {"metaworld": metaworld_settings(meta)},
+               "io": {"action_dim": 4, "state_dim": 39, "image_size": [64, 64]}}
+    served_meta = metadata_from_config(run_cfg)
+    assert served_meta["training_env"]["metaworld"]["action_repeat"] == 4
+
+    class Served:
+        metadata = served_meta
+
+        def reset(self, instruction=None):
+            pass
+
+    nulls = dict.fromkeys(("tasks", "camera", "action_repeat", "image_size", "state_mode", "include_state"))
+    envs = []
+    for policy_meta in (served_meta, {"action_dim": 4}):
+        Served.metadata = policy_meta
+        server = PolicyServer(Served(), host="127.0.0.1", port=0, api_key="k")
+        port = server.start_in_thread()
+        try:
+            with caplog.at_level(logging.WARNING, logger="selfflow_robot"):
+                env = match_training_env({"env": {"name": "metaworld", **nulls}, "policy": f"ws://127.0.0.1:{port}",
+                                          "api_key": "k"})["env"]
+        finally:
+            server.stop()
+        envs.append(env)
+    assert envs[0] == {"name": "metaworld", "tasks": ["reach-v3"], "camera": "corner2", "action_repeat": 4,
+                       "image_size": [64, 64], "state_mode": "full", "include_state": True}
+    assert envs[1]["action_repeat"] == 1 and envs[1]["tasks"] == "mt10"  # an older server: defaults, and a warning
+    assert "does not say which Meta-World settings" in caplog.text

@@ -217,7 +217,7 @@ def test_event_loop_stays_responsive_and_one_model_call_at_a_time():
         s.stop()
 
 
-def test_api_key():
+def test_api_key(monkeypatch):
     s = PolicyServer(_policy(), port=0, api_key="s3cret")
     s.start_in_thread()
     url = f"ws://127.0.0.1:{s.port}"
@@ -235,6 +235,9 @@ def test_api_key():
             _assert_good(ws)
             ws.close()
         with WebsocketClientPolicy(url, api_key="s3cret") as c:
+            assert c.infer({"image": IMG})["actions"].shape == (4, 2)
+        monkeypatch.setenv("SELFFLOW_API_KEY", "s3cret")  # read by the client too, as by `serve`
+        with WebsocketClientPolicy(url) as c:
             assert c.infer({"image": IMG})["actions"].shape == (4, 2)
         with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/healthz", timeout=5) as r:
             assert r.status == 200  # health checks carry no secrets and need no key
