@@ -16,6 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from selfflow_robot.cli import compose, run, to_container
+from selfflow_robot.threads import prefer_passive_openmp
+
+prefer_passive_openmp()  # before torch is imported
 
 
 def main(cfg: DictConfig | dict) -> dict:

@@ -10,6 +10,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .cli import hydra_run_dir, to_container
+from .threads import prefer_passive_openmp
+
+prefer_passive_openmp()  # before torch is imported
 
 log = logging.getLogger("selfflow_robot")
 

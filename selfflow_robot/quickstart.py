@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-
-# Sleeping (not spinning) OpenMP threads: on a CPU shared with other jobs, spinning torch threads
-# slowed training ~10x in our runs. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import time
 
 from omegaconf import DictConfig, OmegaConf
 
 from . import cli
+from .threads import prefer_passive_openmp
+
+prefer_passive_openmp()  # before torch is imported
 
 
 def _null(v) -> str:

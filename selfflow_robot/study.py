@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-
-# Sleeping (not spinning) OpenMP threads: on a CPU shared with other jobs, spinning torch threads
-# slowed training ~10x in our runs. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 import time
 import traceback
@@ -26,6 +22,9 @@ from omegaconf import OmegaConf, open_dict
 
 from . import cli
 from .quickstart import _dataset, _evaluate, _model, _trainer
+from .threads import prefer_passive_openmp
+
+prefer_passive_openmp()  # before torch is imported
 
 
 def _finetune_overrides(cfg, objective: str, seed: int, run_dir: str, store: str) -> list[str]:
