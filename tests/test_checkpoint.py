@@ -172,3 +172,11 @@ def test_resume_names_settings_that_differ_from_the_run(run_dir, tmp_path):
     with pytest.warns(UserWarning, match=r"differ from the run's: model\.depth=3 \(run: 2\); the run's settings"):
         Trainer(tiny_cfg(steps=6), ToyModel(), ToyObjective(), make_loader(ToyData(), 8), copy, resume=True,
                 config={"model": {"name": "toy", "depth": 3}}, logger_cfg=LOGGER)
+
+
+def test_weight_files_are_as_readable_as_the_json_beside_them(run_dir):
+    """safetensors creates 0600 files; a checkpoint served or evaluated from another account needs them readable."""
+    step = run_dir / "checkpoints" / "step_00000004"
+    json_mode = (step / "config.json").stat().st_mode & 0o777
+    for f in [step / "model.safetensors", *(step / "trainer_state").glob("*.safetensors")]:
+        assert f.stat().st_mode & 0o777 == json_mode, f.name

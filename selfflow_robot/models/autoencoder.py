@@ -51,14 +51,13 @@ class FrameAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
     def save(self, out: str) -> None:
-        from safetensors.torch import save_file
-
         from ..fileio import write_json_atomic
+        from ..train.checkpoint import save_tensors
 
         os.makedirs(out, exist_ok=True)
         self.config["scale"] = float(self.scale)
         tmp = os.path.join(out, ".model.safetensors.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
+        save_tensors(self.state_dict(), tmp)
         os.replace(tmp, os.path.join(out, "model.safetensors"))
         write_json_atomic(os.path.join(out, "config.json"), self.config, indent=1)
 

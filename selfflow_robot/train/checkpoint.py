@@ -65,6 +65,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
         seen.add(key)
         out[k] = v
     save_file(out, str(path), metadata={"format": "pt", **(metadata or {})})
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates 0600 files: readable like the JSON beside them
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
