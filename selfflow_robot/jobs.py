@@ -184,7 +184,9 @@ def run_training(cfg: DictConfig, job: str) -> dict:
                            image_size=image_size, normalizer=normalizer, episodes=episodes)
 
     train_set = clips(train_eps)
-    loader = make_loader(train_set, int(cfg.trainer.batch_size), num_workers=int(cfg.trainer.num_workers),
+    # no more loader processes than cores (torch warns about, and a small machine pays for, more)
+    workers = min(int(cfg.trainer.num_workers), os.cpu_count() or 1)
+    loader = make_loader(train_set, int(cfg.trainer.batch_size), num_workers=workers,
                          seed=int(cfg.trainer.seed), grad_accum_steps=accum)
 
     torch.manual_seed(int(cfg.trainer.seed))
