@@ -58,8 +58,9 @@ def main(cfg: DictConfig) -> dict:
     from .data import ActionNormalizer, EpisodeStore, open_store
     from .models import load_checkpoint_model
     from .train.checkpoint import resolve_checkpoint
-    from .video import per_episode_path, upscale, write_video
+    from .video import check_video_path, per_episode_path, upscale, write_video
 
+    check_video_path(cfg.out)
     ckpt = resolve_checkpoint(cfg.policy)
     model, config = load_checkpoint_model(ckpt, cfg.device)
     io = config.get("io")

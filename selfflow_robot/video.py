@@ -27,14 +27,25 @@ def upscale(frames: np.ndarray, min_height: int) -> np.ndarray:
     return frames if k == 1 else frames.repeat(k, axis=1).repeat(k, axis=2)
 
 
+VIDEO_FORMATS = (".mp4", ".gif")
+
+
+def check_video_path(path: str, key: str = "out") -> str:
+    """Refuse an extension this writer cannot produce before any work is done."""
+    if not str(path).lower().endswith(VIDEO_FORMATS):
+        raise ValueError(f"{key}={path}: videos are written as {' or '.join(VIDEO_FORMATS)}")
+    return str(path)
+
+
 def write_video(path: str, frames, fps: float = 10) -> str:
     """Write frames (uint8 HxWx3) to `path` (.mp4 or .gif); falls back to .gif without ffmpeg.
     Returns the path written."""
     import imageio.v2 as imageio
 
+    check_video_path(path, "path")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     frames = [np.asarray(f, dtype=np.uint8) for f in frames]
-    if path.endswith(".mp4"):
+    if path.lower().endswith(".mp4"):
         try:
             # macro_block_size=1: keep odd/small sizes (e.g. 64x64) without resizing warnings.
             imageio.mimwrite(path, frames, fps=fps, macro_block_size=1)

@@ -130,6 +130,9 @@ def test_show_command_writes_video_and_plot(tmp_path):
     r = subprocess.run([sys.executable, "-m", "selfflow_robot.data", "show", "dataset=store", f"data_dir={tmp_path / 's'}",
                         "episode=3", f"out={out}"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "episode=3" in r.stderr and "0..2" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.data", "show", "dataset=store", f"data_dir={tmp_path / 's'}",
+                        "episode=0", f"out={tmp_path / 'ep.avi'}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.startswith("error: out=") and ".mp4 or .gif" in r.stderr
 
 
 def test_show_episode_of_an_action_free_store_has_no_plot(tmp_path):

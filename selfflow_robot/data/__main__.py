@@ -49,10 +49,11 @@ def stats(cfg) -> dict:
 def show(cfg) -> list[dict]:
     from omegaconf import OmegaConf
 
-    from selfflow_robot.video import per_episode_path
+    from selfflow_robot.video import check_video_path, per_episode_path
 
     from .show import show_episode
 
+    check_video_path(cfg.out)
     store = _open(cfg)
     episodes = [int(e) for e in cfg.episode] if OmegaConf.is_list(cfg.episode) else [int(cfg.episode)]
     bad = [e for e in episodes if not 0 <= e < len(store)]
