@@ -96,14 +96,15 @@ def validate_obs(obs: Any, state_dim: int | None = None, embedding_dim: int | No
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint dir, or a run dir whose checkpoints/latest names one."""
+    """A checkpoint dir, or a run dir (or its checkpoints/ dir) whose `latest` names one, as the
+    trainer's latest_checkpoint reads them."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"policy path {p} does not exist")
-    latest = p / "checkpoints" / "latest"
-    if not (p / "config.json").exists() and latest.is_file():
+    latest = next((f for f in (p / "checkpoints" / "latest", p / "latest") if f.is_file()), None)
+    if not (p / "config.json").exists() and latest is not None:
         name = latest.read_text().strip()
-        p = (p / "checkpoints" / name) if not Path(name).is_absolute() else Path(name)
+        p = (latest.parent / name) if not Path(name).is_absolute() else Path(name)
         if not p.is_dir():
             raise FileNotFoundError(f"{latest} names {name!r}, which is not a checkpoint directory")
     missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]

@@ -211,6 +211,11 @@ def test_load_run_dir_with_fake_model_code(tmp_path, monkeypatch):
     p.reset("new task")
     assert calls["reset"] == resets + 1  # the sampler's frame history is cleared with the episode
     np.testing.assert_allclose(r["actions"][:, 1], 1.0)
+    # the run's checkpoints/ dir names the same checkpoint, as for the trainer and evaluate's check
+    from selfflow_robot.policies.policy import resolve_checkpoint
+    from selfflow_robot.train.checkpoint import latest_checkpoint
+
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints") == ckpt == latest_checkpoint(tmp_path / "run" / "checkpoints")
 
 
 def test_load_real_model_if_available(tmp_path):
