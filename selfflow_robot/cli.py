@@ -49,6 +49,8 @@ def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str
     if verbs and verb is None and not any(a.startswith("-") for a in sys.argv[1:]):
         raise SystemExit(f"usage: python -m {sys.modules['__main__'].__spec__.name} "
                          f"{{{'|'.join(verbs)}}} [key=value ...]")
+    if not any(a.startswith("-") for a in sys.argv[1:]):  # --help, --cfg, -m: Hydra's own handling
+        check_overrides(config_name, [a for a in sys.argv[1:] if not a.lstrip("+~").startswith("hydra.")])
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
     def _entry(cfg: DictConfig) -> None:
@@ -85,6 +87,45 @@ def compose(config_name: str, overrides: list[str] | None = None, verb: str | No
     return _with_verb(cfg, verb)
 
 
+def _dotted(cfg, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        out.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out += _dotted(v, f"{prefix}{k}.")
+    return out
+
+
+def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose once up front, so a misspelt key is one `error:` line with a suggestion (Hydra's own
+    text suggests `+key=`, which would add the typo and ignore it), and `+new_key=` at the top
+    level, which no command reads, is refused."""
+    import difflib
+
+    from hydra.errors import HydraException
+
+    base = compose(config_name)
+    keys = _dotted(OmegaConf.to_container(base, resolve=False))
+
+    def hint(key: str) -> str:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        return f" (did you mean {close[0]}?)" if close else ""
+
+    try:
+        cfg = compose(config_name, overrides)
+    except HydraException as e:
+        text = str(e).strip().splitlines()[0]
+        bad = text.split("'")[1] if text.startswith("Could not override '") else None
+        if bad:
+            raise SystemExit(f"error: unknown option {bad}{hint(bad)}; `--help` lists the options") from None
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        raise SystemExit(f"error: {text}{cause}") from None
+    unknown = sorted(set(cfg) - set(base))
+    if unknown:
+        raise SystemExit(f"error: unknown option {unknown[0]}{hint(unknown[0])}; `--help` lists the options")
+    return cfg
+
+
 def compose_argv(config_name: str, argv: list[str]) -> DictConfig:
     """compose() for commands that run other commands in-process (quickstart, study), which
     cannot sit inside @hydra.main; `--help` prints the config file, `--cfg job` the composed one."""
@@ -98,21 +139,10 @@ def compose_argv(config_name: str, argv: list[str]) -> DictConfig:
     bad = [a for a in overrides if a.startswith("-")]
     if bad:
         raise SystemExit(f"unknown option {bad[0]}: use key=value overrides, --help or --cfg job")
-    from hydra.errors import HydraException
-
-    try:
-        cfg = compose(config_name, overrides)
-    except HydraException as e:  # a one-line message, as @hydra.main gives, not a traceback
-        cause = f" ({e.__cause__})" if e.__cause__ else ""
-        raise SystemExit(f"python -m selfflow_robot.{config_name}: {e}{cause}\n(see --help)") from None
+    cfg = check_overrides(config_name, overrides)
     if show:
         print(OmegaConf.to_yaml(cfg, resolve=False))
         raise SystemExit(0)
-    base = compose(config_name)  # `+typo=1` (Hydra's own hint for a misspelt key) must not pass silently
-    unknown = sorted(set(cfg) - set(base))
-    if unknown:
-        raise SystemExit(f"python -m selfflow_robot.{config_name}: unknown option(s) {', '.join(unknown)} "
-                         f"(see --help for the keys)")
     return cfg
 
 

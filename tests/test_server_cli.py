@@ -28,6 +28,15 @@ def test_serve_missing_checkpoint_names_it(tmp_path):
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr  # one line, not a stack
 
 
+@pytest.mark.parametrize("typo", ["devise=cpu", "+devise=cpu"])
+def test_a_misspelt_option_is_one_line_with_a_suggestion(typo):
+    """Hydra's own message suggests `+devise=cpu`, which started the server with the option ignored."""
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.serve", "policy=x", typo],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "error: unknown option devise (did you mean device?); `--help` lists the options"
+
+
 @pytest.mark.timeout(150)
 def test_serve_end_to_end(tmp_path, monkeypatch):
     try:

@@ -53,10 +53,10 @@ def test_in_process_commands_answer_help_cfg_and_bad_keys(capsys):
     with pytest.raises(SystemExit) as e:
         study(["steps=3", "--cfg", "job"])
     assert e.value.code == 0 and re.search(r"(?m)^steps: 3$", capsys.readouterr().out)
-    with pytest.raises(SystemExit, match="Could not override 'stepz'"):
+    with pytest.raises(SystemExit, match=r"^error: unknown option stepz \(did you mean steps\?\)"):
         study(["stepz=3"])
-    with pytest.raises(SystemExit, match=r"unknown option\(s\) parralel_arms"):  # Hydra's own hint: +key=
-        study(["+parralel_arms=2"])
+    with pytest.raises(SystemExit, match=r"^error: unknown option parralel_arms \(did you mean parallel_arms"):
+        study(["+parralel_arms=2"])  # what Hydra's own message suggests for a typo
     with pytest.raises(SystemExit, match="unknown option --bogus"):
         quickstart(["--bogus"])
 
