@@ -4,7 +4,9 @@ See docs/serving.md for the protocol and selfflow_robot.policies.client for the 
 """
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 
 from omegaconf import DictConfig
 
@@ -27,6 +29,20 @@ def warmup(policy, n: int) -> None:
     policy.reset()
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Before the model loads (minutes on a GPU): a port in use is one clear line, not a bind error after."""
+    if not port:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is in use (another server?); pass port=...") from None
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def main(cfg: DictConfig | dict):
     from selfflow_robot.policies.server import PolicyServer
 
@@ -35,7 +51,11 @@ def main(cfg: DictConfig | dict):
     c = {k: v for k, v in c.items() if k != "hydra"}
     if c.get("host") not in ("127.0.0.1", "localhost", "::1") and not c.get("api_key"):
         logging.warning("serving on %s without an api_key: anyone on the network can drive the robot", c.get("host"))
+    check_port_free(c.get("host", "127.0.0.1"), int(c.get("port", 8000)))
     policy = build_policy(c)
+    m = policy.metadata
+    logging.info("policy %s (model %s, %s on %s); clients %s", m.get("checkpoint") or c["policy"], m.get("model"),
+                 m.get("dtype"), c.get("device", "cpu"), "need the api_key" if c.get("api_key") else "need no key")
     # compiled: the first calls compile and record the CUDA graphs; keep them off the robot's clock
     warmup(policy, max(int(c.get("warmup", 1)), 3 if c.get("compile") else 0))
     server = PolicyServer(policy, host=c.get("host", "127.0.0.1"), port=int(c.get("port", 8000)),

@@ -28,6 +28,19 @@ def test_serve_missing_checkpoint_names_it(tmp_path):
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr  # one line, not a stack
 
 
+def test_a_port_in_use_is_named_before_the_model_loads(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # a missing checkpoint would fail later, in loading: the port is checked first
+        r = subprocess.run([sys.executable, "-m", "selfflow_robot.serve", f"policy={tmp_path / 'nope'}", f"port={port}"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: port {port} on 127.0.0.1 is in use")
+
+
 @pytest.mark.parametrize("typo", ["devise=cpu", "+devise=cpu"])
 def test_a_misspelt_option_is_one_line_with_a_suggestion(typo):
     """Hydra's own message suggests `+devise=cpu`, which started the server with the option ignored."""
