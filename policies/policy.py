@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -21,6 +22,8 @@ import numpy as np
 from .chunking import ActionChunker, ChunkConfig
 from .normalize import Normalizer
 from .safety import SafetyConfig, SafetyFilter
+
+log = logging.getLogger("selfflow_robot.policies")
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json")
 MAX_IMAGE_SIDE = 4096
@@ -168,6 +171,7 @@ class Policy:
                          "safety": dataclasses.asdict(self.safety_cfg)}
         self.chunker = ActionChunker(self.chunk_cfg)
         self._lock = threading.Lock()  # one model call at a time, even from several threads
+        self._aspect_warned: set[tuple[int, int]] = set()
         self.reset()
 
     def reset(self, instruction: str | None = None) -> None:
@@ -198,6 +202,7 @@ class Policy:
     def infer(self, obs: dict) -> dict:
         obs = validate_obs(obs, self.metadata.get("state_dim"), self.metadata.get("instruction_embedding_dim"),
                            self.metadata.get("views"))
+        self._check_aspect(obs["image"].shape[:2])
         if obs.get("instruction") is None:
             obs = {**obs, "instruction": self.instruction or ""}
         if obs.get("state") is not None and self.normalizer is not None and self.normalizer.state is not None:
@@ -224,6 +229,19 @@ class Policy:
         flags = {k: bool(flags[k] or f[k]) for k in flags}
         timing = {"infer_ms": infer_ms, "postprocess_ms": (time.perf_counter() - t1) * 1e3}
         return {"actions": actions, "server_timing": timing, "safety": flags, **extras}
+
+    def _check_aspect(self, hw: tuple[int, int]) -> None:
+        """Frames are resized to the trained size; a different aspect ratio stretches the picture,
+        which is almost always a camera or crop mismatch on the client: say so, once per frame size."""
+        size, views = self.metadata.get("image_size"), self.metadata.get("views") or []
+        if not size or hw in self._aspect_warned:
+            return
+        h, w = int(size[0]), int(size[1]) / max(len(views), 1)  # per view, as the client sends them
+        if abs((hw[0] / hw[1]) / (h / w) - 1) > 0.1:
+            self._aspect_warned.add(hw)
+            log.warning("observation image %dx%d is resized to the trained %dx%d per view: the aspect ratio differs "
+                        "(%.2f vs %.2f), so the picture is stretched; send frames framed as in training",
+                        hw[0], hw[1], h, int(w), hw[0] / hw[1], h / w)
 
     def act(self, obs: dict) -> np.ndarray:
         if self.chunker.needs_chunk():

@@ -286,3 +286,19 @@ def test_example_observation_is_what_the_policy_takes():
     with pytest.raises(ObservationError, match=r"conditions on obs\['instruction_embedding'\] \(float\[4\]\), got none"):
         p.infer({"image": IMG, "state": STATE})
     assert set(make().example_observation(image=IMG)) == {"image", "instruction", "state"}
+
+
+def test_a_stretched_camera_frame_is_reported_once_per_size(caplog):
+    """Any size is resized to the trained one; a different aspect ratio (a camera or crop mismatch
+    on the client) is logged once per frame size, not per request."""
+    import logging
+
+    p = Policy(Fake(), {"action_dim": 3, "state_dim": 2, "image_size": [8, 10]}, NORM)
+    obs = {"instruction": "pick", "state": STATE}
+    with caplog.at_level(logging.WARNING, logger="selfflow_robot.policies"):
+        for image in (IMG, np.zeros((16, 20, 3), np.uint8)):  # the trained aspect, any size
+            p.infer({**obs, "image": image})
+        assert "aspect ratio" not in caplog.text
+        for _ in range(3):
+            p.infer({**obs, "image": np.zeros((48, 20, 3), np.uint8)})
+    assert caplog.text.count("observation image 48x20 is resized to the trained 8x10") == 1
