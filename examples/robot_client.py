@@ -69,7 +69,7 @@ class Watchdog(threading.Thread):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="ws://127.0.0.1:8000")
-    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--api-key", default=None, help="default: $SELFFLOW_API_KEY (keeps the key out of `ps`)")
     ap.add_argument("--instruction", default="pick up the cube")
     ap.add_argument("--hz", type=float, default=10.0, help="control rate")
     ap.add_argument("--steps", type=int, default=100)
@@ -79,10 +79,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--deadline", type=float, default=1.0, help="seconds without an action before holding")
     args = ap.parse_args(argv)
 
-    policy = WebsocketClientPolicy(args.url, api_key=args.api_key, wait_for_server=30,
-                                   chunk=ChunkConfig(execute_steps=args.execute_steps),
-                                   safety=SafetyConfig(max_delta=args.max_delta) if args.max_delta else None,
-                                   refill_below=args.refill_below or None)
+    try:
+        policy = WebsocketClientPolicy(args.url, api_key=args.api_key, wait_for_server=30,
+                                       chunk=ChunkConfig(execute_steps=args.execute_steps),
+                                       safety=SafetyConfig(max_delta=args.max_delta) if args.max_delta else None,
+                                       refill_below=args.refill_below or None)
+    except PermissionError as e:  # a wrong key: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"error: cannot reach {args.url} ({e.strerror or e})") from None
     meta = policy.metadata
     views = meta.get("views") or []
     h, w = meta.get("image_size") or [256, 320]
