@@ -114,12 +114,15 @@ def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
     try:
         cfg = compose(config_name, overrides)
     except HydraException as e:
-        text = str(e).strip().splitlines()[0]
-        bad = text.split("'")[1] if text.startswith("Could not override '") else None
-        if bad:
+        lines = str(e).strip().splitlines()
+        bad = lines[0].split("'")[1] if lines[0].startswith("Could not override '") else None
+        if bad and bad not in keys:
             raise SystemExit(f"error: unknown option {bad}{hint(bad)}; `--help` lists the options") from None
-        cause = f" ({e.__cause__})" if e.__cause__ else ""
-        raise SystemExit(f"error: {text}{cause}") from None
+        options = [ln.strip() for ln in lines if ln.startswith("\t") and "=" not in ln]
+        if "Available options in" in str(e) and options:  # a group option that does not exist (model=nope)
+            raise SystemExit(f"error: {lines[0].split(': ', 1)[-1]}; choose from {', '.join(options)}") from None
+        cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
+        raise SystemExit(f"error: {lines[0]}{cause}") from None
     unknown = sorted(set(cfg) - set(base))
     if unknown:
         raise SystemExit(f"error: unknown option {unknown[0]}{hint(unknown[0])}; `--help` lists the options")

@@ -97,3 +97,15 @@ def test_serve_end_to_end(tmp_path, monkeypatch):
         proc.terminate()
         proc.wait(timeout=20)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no log files or output dirs left behind
+
+
+def test_override_errors_are_one_line():
+    from selfflow_robot.cli import check_overrides
+
+    for override, message in (("model=nope", "error: Could not find 'model/nope'; choose from b, l, s, tiny, xl"),
+                              ("trainer.stesp=1", "error: unknown option trainer.stesp (did you mean trainer.steps?)"),
+                              ("+bogus=1", "error: unknown option bogus; `--help` lists the options")):
+        with pytest.raises(SystemExit) as e:
+            check_overrides("finetune", [override])
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert check_overrides("finetune", ["model=s", "model.qk_norm=true"]).model.qk_norm is True
