@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> dict:
     from .data import ActionNormalizer, EpisodeStore, open_store
     from .models import load_checkpoint_model
     from .train.checkpoint import resolve_checkpoint
-    from .video import check_video_path, per_episode_path, upscale, write_video
+    from .video import check_video_path, label_panels, per_episode_path, upscale, write_video
 
     check_video_path(cfg.out)
     ckpt = resolve_checkpoint(cfg.policy)
@@ -84,9 +84,9 @@ def main(cfg: DictConfig) -> dict:
     for episode in episodes:
         pred, real = rollout(model, io, normalizer, store, episode, int(cfg.start), int(cfg.chunks),
                              int(cfg.steps), int(cfg.seed), str(cfg.sampler))
+        frames = upscale(np.concatenate([pred, real], axis=2), int(cfg.get("min_height", 256)))
         out = write_video(per_episode_path(cfg.out, episode, len(episodes) > 1),
-                          upscale(np.concatenate([pred, real], axis=2), int(cfg.get("min_height", 256))),
-                          fps)  # prediction | recorded
+                          label_panels(frames, ["prediction", "recorded"]), fps)
         scores[episode] = psnr(pred, real)
         short = len(pred) < int(cfg.chunks) * int(io["future_frames"])
         print(f"episode {episode}: wrote {len(pred)} frames (prediction | recorded) to {os.path.abspath(out)}; "

@@ -27,6 +27,24 @@ def upscale(frames: np.ndarray, min_height: int) -> np.ndarray:
     return frames if k == 1 else frames.repeat(k, axis=1).repeat(k, axis=2)
 
 
+def label_panels(frames: np.ndarray, labels: list[str]) -> np.ndarray:
+    """Write each label in the top-left corner of its equal-width panel (frames [T, H, W, 3] uint8),
+    white on a dark box so it reads on any picture."""
+    from PIL import Image, ImageDraw
+
+    out = np.array(frames, dtype=np.uint8, copy=True)
+    width = out.shape[2] // len(labels)
+    for t in range(len(out)):
+        img = Image.fromarray(out[t])
+        draw = ImageDraw.Draw(img)
+        for i, text in enumerate(labels):
+            x0, y0, x1, y1 = draw.textbbox((i * width + 4, 3), text)
+            draw.rectangle((x0 - 2, y0 - 2, x1 + 2, y1 + 2), fill=(0, 0, 0))
+            draw.text((i * width + 4, 3), text, fill=(255, 255, 255))
+        out[t] = np.asarray(img)
+    return out
+
+
 VIDEO_FORMATS = (".mp4", ".gif")
 
 

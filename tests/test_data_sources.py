@@ -156,3 +156,14 @@ def test_upscale_repeats_pixels_by_an_integer_factor():
     assert big.shape == (2, 9, 6, 3)
     np.testing.assert_array_equal(big[:, ::3, ::3], frames)
     assert upscale(frames, 3) is frames
+
+
+def test_panel_labels_are_drawn_in_each_panel_only_at_the_top():
+    from selfflow_robot.video import label_panels
+
+    frames = np.full((2, 64, 128, 3), 127, np.uint8)
+    out = label_panels(frames, ["prediction", "recorded"])
+    assert out.shape == frames.shape and (frames == 127).all()  # the input is left alone
+    for panel in (out[:, :16, :64], out[:, :16, 64:]):
+        assert (panel == 0).any() and (panel > 200).any()  # a dark box with light text in each half
+    assert (out[:, 20:] == 127).all()  # the picture below the label is untouched
