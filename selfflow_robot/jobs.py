@@ -65,6 +65,16 @@ def _leaves(d, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint a resume continues from (None: not resuming, or nothing saved yet)."""
+    from .train.checkpoint import latest_checkpoint
+
+    resume = resume_setting(cfg)
+    if not resume:
+        return None
+    return latest_checkpoint(Path(resume) if isinstance(resume, str) and resume not in ("true", "True") else run_dir)
+
+
 def with_run_settings(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """resume: continue with the run's own settings (RUN_SECTIONS), so `finetune run_dir=X
     resume=true trainer.steps=N` needs none of the run's overrides again. What the command line
@@ -73,9 +83,7 @@ def with_run_settings(cfg: DictConfig, run_dir: Path) -> DictConfig:
     from .train import checkpoint as ckpt
 
     given = command_line_keys()
-    resume = resume_setting(cfg)
-    source = Path(resume) if isinstance(resume, str) and resume not in ("true", "True") else run_dir
-    found = ckpt.latest_checkpoint(source)
+    found = resume_checkpoint(cfg, run_dir)
     if given is None or found is None or not (found / "config.json").is_file():
         return cfg
     saved = ckpt.read_checkpoint_config(found)
@@ -191,7 +199,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     torch.manual_seed(int(cfg.trainer.seed))
     model = build_model(mcfg)
-    if cfg.get("init") not in (None, "none", ""):
+    if cfg.get("init") not in (None, "none", "") and resume_checkpoint(cfg, run_dir) is None:
+        # (a resume loads every weight from its checkpoint: the init checkpoint need not exist any more)
         created = load_backbone(model, cfg.init)
         log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
     objective = build_objective(to_container(cfg.objective), mcfg)

@@ -109,6 +109,12 @@ def test_finetune_from_pretrained_lowers_action_error(toy_store, tmp_path):
     b = Policy.load(ft).infer(obs)["actions"]
     np.testing.assert_array_equal(a, b)
     assert a.shape == (6, 2) and config["io"]["action_chunk"] == 6
+    # resuming needs neither the run's overrides nor its init checkpoint (every weight is in the run's)
+    import shutil
+
+    shutil.rmtree(pre)
+    run("finetune", f"run_dir={ft}", "resume=true", "trainer.steps=82", "logger.progress_bar=false", cwd=tmp_path)
+    assert json.load(open(os.path.join(ft, "checkpoints", "step_00000082", "config.json")))["init"] == pre
 
 
 def test_init_from_another_model_size_names_the_parameter(toy_store, tmp_path):
