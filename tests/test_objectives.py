@@ -207,3 +207,19 @@ def test_independent_video_and_action_timesteps():
     torch.testing.assert_close(tkw["action_t"], torch.minimum(vt.values[:, 2], vt.values[:, 3]))
     with pytest.raises(ValueError, match="video_action_times"):
         build_objective(dict(kind="dts", video_action_times="sometimes"), model.cfg)
+
+
+def test_action_only_count_keeps_its_fraction_in_small_micro_batches():
+    """Gradient accumulation splits a batch of 8 into micro-batches of 2: 2 * 0.25 rounded down
+    would switch the action-only mode off; rounded at random the expected share stays 0.25."""
+    import types
+
+    from selfflow_robot.objectives.self_flow import SelfFlowObjective
+
+    obj = types.SimpleNamespace(cfg=types.SimpleNamespace(action_only_fraction=0.25))
+    count = lambda b: SelfFlowObjective._action_only_count(obj, b)  # noqa: E731
+    torch.manual_seed(0)
+    assert {count(16) for _ in range(20)} == {4}  # an exact share draws nothing
+    draws = [count(2) for _ in range(4000)]
+    assert set(draws) == {0, 1} and abs(sum(draws) / (2 * len(draws)) - 0.25) < 0.02
+    assert count(1) == 0  # one sample always goes through the joint pass

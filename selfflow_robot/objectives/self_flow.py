@@ -206,9 +206,19 @@ class SelfFlowObjective(nn.Module):
         return dict(context=ctx, context_t=ct, text=inp.text, text_emb=inp.text_emb, state=inp.state)
 
     # ------------------------------------------------------------------ forward
+    def _action_only_count(self, batch_size: int) -> int:
+        """batch_size * action_only_fraction samples, rounded at random so that the expected count
+        is exact: a micro-batch of 2 under gradient accumulation (2 * 0.25) must not round it to 0.
+        At least one sample stays in the joint pass."""
+        x = batch_size * self.cfg.action_only_fraction
+        n = int(x)
+        if x > n and torch.rand(()).item() < x - n:  # CPU draw only when rounding is needed
+            n += 1
+        return min(n, batch_size - 1)
+
     def forward(self, model, ema_model, batch: dict):
         inp = FlowInputs(model, batch)
-        n_ao = int(inp.batch_size * self.cfg.action_only_fraction) if inp.action is not None and inp.video is not None else 0
+        n_ao = self._action_only_count(inp.batch_size) if inp.action is not None and inp.video is not None else 0
         sums = {"video": [0.0, 0.0], "action": [0.0, 0.0]}
         metrics: dict[str, torch.Tensor] = {}
         rep = self._joint(model, ema_model, inp.take(slice(n_ao, None)), sums, metrics)
