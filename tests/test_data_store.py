@@ -129,3 +129,37 @@ def test_one_writer_at_a_time(tmp_path):
             EpisodeWriter(tmp_path / "s", meta)
     with EpisodeWriter(tmp_path / "s", meta) as w:  # released on close
         w.add(key="a", instruction="", **make_episode(3, 0))
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncate", r"images\.npy: damaged or truncated"),
+    ("object_header", r"actions\.npy: damaged or truncated"),
+    ("episodes_json", r"episodes\.json: unreadable"),
+    ("missing", r"actions\.npy is missing: store .* is damaged"),
+    ("nan", r"episode 1 \(ep1\) has a non-finite action \(nan\) at step 3, dimension 2"),
+])
+def test_a_damaged_store_is_a_data_error_naming_the_file(tmp_path, damage, match):
+    """Never numpy's bare message (nor its advice to load pickled data), never a KeyError, and a NaN
+    is named before it turns the normalisation statistics into NaN."""
+    write_store(tmp_path / "s")
+    shard = tmp_path / "s" / "shard_000000"
+    if damage == "truncate":
+        f = shard / "images.npy"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "object_header":
+        f = shard / "actions.npy"
+        header = b"{'descr': '|O', 'fortran_order': False, 'shape': (29, 4), }".ljust(117) + b"\n"
+        f.write_bytes(b"\x93NUMPY\x01\x00v\x00" + header + f.read_bytes()[128:])
+    elif damage == "episodes_json":
+        (shard / "episodes.json").write_text("[\n")
+    elif damage == "missing":
+        (shard / "actions.npy").unlink()
+    else:
+        a = np.load(shard / "actions.npy")
+        a[10 + 3, 2] = np.nan  # episode 1 starts after episode 0's 10 steps
+        np.save(shard / "actions.npy", a)
+        (tmp_path / "s" / "stats.json").unlink(missing_ok=True)
+    with pytest.raises(DataError, match=match):
+        store = EpisodeStore(tmp_path / "s")
+        store.actions(0)
+        store.stats()

@@ -100,13 +100,23 @@ class EpisodeStore:
         arrays = self._arrays.get(j)
         if arrays is None:
             d = os.path.join(self.path, self._shards[j]["name"])
+            steps = int(self._lengths[j].sum())
+            required = {"images"} | {name for name, key in (("actions", "action_dim"), ("state", "state_dim"),
+                                                            ("embeddings", "embedding_dim"))
+                                     if int(self.meta.get(key) or 0)}
             arrays = {}
             for name in ("images", "actions", "state", "embeddings"):
                 f = os.path.join(d, f"{name}.npy")
                 if os.path.exists(f):
-                    arrays[name] = np.load(f, mmap_mode="r")
-            with open(os.path.join(d, "episodes.json"), encoding="utf-8") as fh:
-                self._episodes[j] = json.load(fh)
+                    arrays[name] = _load_shard_array(f, steps if name != "embeddings" else 0)
+                elif name in required:
+                    raise DataError(f"{f} is missing: store {self.path} is damaged (its index lists "
+                                    f"{len(self._lengths[j])} episodes in {self._shards[j]['name']})")
+            try:
+                with open(os.path.join(d, "episodes.json"), encoding="utf-8") as fh:
+                    self._episodes[j] = json.load(fh)
+            except (OSError, json.JSONDecodeError) as e:
+                raise DataError(f"{os.path.join(d, 'episodes.json')}: unreadable ({e}); store {self.path} is damaged") from None
             self._arrays[j] = arrays
         return arrays
 
@@ -181,6 +191,19 @@ class EpisodeStore:
                     state=self.state(i), instruction=self.instruction(i),
                     instruction_embedding=self.instruction_embedding(i), key=self.key(i))
 
+    def _check_finite(self, field: str, ids, arrays) -> None:
+        """A NaN or inf would turn the normalisation statistics into NaN and training would quietly
+        zero that dimension: name the first bad value instead (stores written by this package
+        refuse them; a store edited or written by other code may not)."""
+        for i, a in zip(ids, arrays):
+            bad = np.argwhere(~np.isfinite(np.asarray(a, dtype=np.float64)))
+            if len(bad):
+                step, dim = (int(v) for v in bad[0])
+                names = self.meta.get(f"{field}_names") or []
+                name = f" ({names[dim]})" if dim < len(names) else ""
+                raise DataError(f"{self.path}: episode {i} ({self.key(i)}) has a non-finite {field} ({a[step, dim]}) at step {step}, "
+                                f"dimension {dim}{name}; fix or remove the episode")
+
     def stats(self, episodes=None) -> dict:
         """Per-dim action (and state) statistics. Over the whole store they are cached in
         stats.json; pass `episodes` (indices) for the statistics of the subset actually used."""
@@ -190,18 +213,20 @@ class EpisodeStore:
             try:
                 with open(cache, encoding="utf-8") as f:
                     cached = json.load(f)
-                if all(cached.get(k) == v for k, v in fingerprint.items()):
+                if all(cached.get(k) == v for k, v in fingerprint.items()) and _finite_json(cached):
                     return cached
             except (OSError, json.JSONDecodeError):
                 pass  # recomputed below
         ids = range(len(self)) if episodes is None else [int(e) for e in episodes]
         acts = [self.actions(i) for i in ids]
+        self._check_finite("action", ids, acts)
         a_dim = int(self.meta["action_dim"])
         out = {"num_episodes": len(ids), "num_steps": int(sum(len(a) for a in acts)),
                "action": array_stats(np.concatenate(acts) if acts else np.zeros((0, a_dim)))}
         if int(self.meta.get("state_dim", 0)):
-            out["state"] = array_stats(np.concatenate([self.state(i) for i in ids]) if acts
-                                       else np.zeros((0, int(self.meta["state_dim"]))))
+            states = [self.state(i) for i in ids]
+            self._check_finite("state", ids, states)
+            out["state"] = array_stats(np.concatenate(states) if acts else np.zeros((0, int(self.meta["state_dim"]))))
         out["action_names"] = self.meta.get("action_names")
         out["action_mask"] = self.meta.get("action_mask")
         if episodes is None:
@@ -210,6 +235,30 @@ class EpisodeStore:
             except OSError:
                 pass  # read-only store: statistics are still returned
         return out
+
+
+def _load_shard_array(path: str, min_rows: int) -> np.ndarray:
+    """Memory-map one shard array, or a DataError naming the file (never numpy's advice to load
+    pickled data: store arrays are plain numbers, and a header that says otherwise is damage)."""
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        reason = "not a plain numpy array" if "pickle" in str(e) else str(e)
+        raise DataError(f"{path}: damaged or truncated ({reason}); re-collect or re-convert this store") from None
+    if a.shape[0] < min_rows:
+        raise DataError(f"{path}: {a.shape[0]} rows, but the store's index lists {min_rows} steps in this shard "
+                        "(a truncated copy?)")
+    return a
+
+
+def _finite_json(obj) -> bool:
+    if isinstance(obj, float):
+        return np.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_finite_json(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_finite_json(v) for v in obj)
+    return True
 
 
 class EpisodeWriter:
