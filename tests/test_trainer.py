@@ -94,8 +94,10 @@ def test_resume_when_finished_or_missing(tmp_path):
 
 
 def test_nan_raises_without_touching_last_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteError, match=r"step 6: loss.*step_00000004"):
+    with pytest.raises(NonFiniteError, match=r"step 6: loss.*step_00000004") as e:
         run(tmp_path, tiny_cfg(), objective=dict(nan_at_calls=(6,)))
+    names = str(e.value).split(": ", 1)[1].split(" (")[0].split(", ")
+    assert names.count("loss") == 1, names  # the loss and the objective's "loss" metric, named once
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
     assert (root / "latest").read_text().strip() == "step_00000004"

@@ -336,6 +336,7 @@ class Trainer:
                     bad.append(k)
             except (TypeError, ValueError):
                 pass
+        bad = list(dict.fromkeys(bad))  # the objective's metrics repeat "loss"
         step = self.step + 1
         last = str(self.last_checkpoint) if self.last_checkpoint else "none"
         msg = (f"non-finite values at step {step}: {', '.join(bad)} (loss={loss_v}, grad_norm={gn_v}); "
