@@ -97,7 +97,7 @@ def test_nan_raises_without_touching_last_checkpoint(tmp_path):
     with pytest.raises(NonFiniteError, match=r"step 6: loss.*step_00000004") as e:
         run(tmp_path, tiny_cfg(), objective=dict(nan_at_calls=(6,)))
     names = str(e.value).split(": ", 1)[1].split(" (")[0].split(", ")
-    assert names.count("loss") == 1, names  # the loss and the objective's "loss" metric, named once
+    assert len(names) == len(set(names)), names  # each non-finite value named once
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
     assert (root / "latest").read_text().strip() == "step_00000004"
