@@ -158,6 +158,9 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     action_dim = int(store.meta["action_dim"]) if finetune else 0
     if finetune and action_dim == 0:
         raise ValueError(f"dataset {cfg.dataset.get('name')} has no actions; fine-tuning needs an action-labelled store")
+    if finetune and int(clip.action_chunk) < 1:
+        raise ValueError(f"clip.action_chunk={clip.action_chunk}: a video-action model needs at least one action "
+                         "per chunk (to train video alone, use pretrain)")
     state_dim = int(store.meta.get("state_dim") or 0) if finetune and cfg.get("use_state") else 0
     mcfg = model_config(to_container(cfg.model), action_dim=action_dim, state_dim=state_dim,
                         frame_stride=int(clip.frame_stride))

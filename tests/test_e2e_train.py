@@ -136,6 +136,9 @@ def test_bad_patch_size_is_named(toy_store, tmp_path):
     proc = run("pretrain", "dataset=store", f"data_dir={toy_store}", *TINY, "model.video_prediction=v",
                "trainer.steps=1", f"run_dir={tmp_path / 'v'}", cwd=tmp_path)
     assert "model.video_prediction=v with 192-value patches into width 64" in proc.stderr  # the bottleneck warning
+    proc = run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "clip.action_chunk=0", "trainer.steps=1",
+               f"run_dir={tmp_path / 'a'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "error: clip.action_chunk=0: a video-action model needs at least one" in proc.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow writes the RLDS fixture")

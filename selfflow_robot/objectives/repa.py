@@ -39,8 +39,12 @@ class FrozenEncoder(nn.Module):
 
     def __init__(self, kind: str, name: str | None, weights: str | None, resolution: int | None, dim: int = 64):
         super().__init__()
-        if weights is None or not os.path.isfile(weights):
-            raise FileNotFoundError(f"REPA encoder weights not found: {weights!r} (objective.encoder.weights must be a local .safetensors file)")
+        if weights in (None, "???", ""):
+            raise ValueError("objective.encoder.weights is not set: REPA needs the frozen encoder's weights as a "
+                             "local .safetensors file (docs/model.md shows how to save DINOv2's)")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"REPA encoder weights not found: {weights} (objective.encoder.weights must be "
+                                    "a local .safetensors file)")
         if kind == "conv":
             net = ConvEncoder(dim)
         elif kind == "timm":
