@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> dict:
     from .train.loader import make_loader
 
     if not cfg.get("out"):
-        raise SystemExit("autoencoder: out=DIR is required (where config.json + model.safetensors go)")
+        raise ValueError("autoencoder: out=DIR is required (where config.json + model.safetensors go)")
     store = open_dataset(cfg)
     frames = ClipDataset(store, context_frames=1, future_frames=0, action_chunk=0, image_size=tuple(cfg.image_size))
     loader = make_loader(frames, int(cfg.trainer.batch_size), num_workers=int(cfg.trainer.num_workers),

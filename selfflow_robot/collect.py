@@ -176,7 +176,7 @@ def main(cfg) -> dict:
     env = cfg.get("env")  # the env config group when present (configs/env/*.yaml), else absent
     env_name = env.get("name", "metaworld") if isinstance(env, DictConfig) else (env or "metaworld")
     if env_name != "metaworld":
-        raise SystemExit(f"collect supports env=metaworld only, got env={env_name}")
+        raise ValueError(f"collect supports env=metaworld only, got env={env_name}")
 
     from selfflow_robot.data.sources import store_path
 

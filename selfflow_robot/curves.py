@@ -16,7 +16,7 @@ from . import cli
 def metrics_file(run: str) -> str:
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
     if not os.path.isfile(path):
-        raise SystemExit(f"runs: no metrics.jsonl at {path} (give a run directory or its metrics.jsonl)")
+        raise ValueError(f"runs: no metrics.jsonl at {path} (give a run directory or its metrics.jsonl)")
     return path
 
 
@@ -30,11 +30,11 @@ def main(cfg: DictConfig) -> str:
     if not cfg.labels and len(set(labels)) < len(labels):  # e.g. several runs/.../finetune
         labels = [os.path.relpath(d) for d in dirs]
     if len(labels) != len(files) or len(set(labels)) != len(labels):
-        raise SystemExit(f"labels: need {len(files)} distinct names, got {labels}")
+        raise ValueError(f"labels: need {len(files)} distinct names, got {labels}")
     out = cfg.out or (os.path.join(os.path.dirname(files[0]), "curves.png") if len(files) == 1 else "curves.png")
     path = plot_curves(dict(zip(labels, files)), out, title=cfg.title)
     if path is None:
-        raise SystemExit(f"nothing to plot: no numeric metrics in {', '.join(files)}")
+        raise ValueError(f"nothing to plot: no numeric metrics in {', '.join(files)}")
     print(f"wrote {os.path.abspath(path)}")
     return path
 

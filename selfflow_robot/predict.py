@@ -65,7 +65,7 @@ def main(cfg: DictConfig) -> dict:
     model, config = load_checkpoint_model(ckpt, cfg.device)
     io = config.get("io")
     if not io or model.action_head is None:
-        raise SystemExit(f"{ckpt}: not a fine-tuned video-action model (no io section); predict needs actions")
+        raise ValueError(f"{ckpt}: not a fine-tuned video-action model (no io section); predict needs actions")
     trained_store = (config.get("data") or {}).get("store")
     if cfg.get("dataset"):
         store = open_store(cfg.dataset)

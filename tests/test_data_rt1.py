@@ -153,7 +153,7 @@ def test_rt1_terminate_flag(builder_dir):
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="data_dir"):
+    with pytest.raises(ValueError, match="data_dir"):
         open_store(compose("data", ["dataset=rt1"]).dataset)
     with pytest.raises(FileNotFoundError, match="dataset_info.json"):
         RLDSReader(str(tmp_path), RLDSMapping())

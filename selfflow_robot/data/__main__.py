@@ -26,7 +26,7 @@ def _open(cfg):
         return open_store(ds)
     path = store_path(ds)
     if ds.source != "store" and not is_complete(path):
-        raise SystemExit(f"no finished store for dataset {ds.name} at {path} (run with build=true)")
+        raise ValueError(f"no finished store for dataset {ds.name} at {path} (run with build=true)")
     return EpisodeStore(path)
 
 
@@ -58,7 +58,7 @@ def show(cfg) -> list[dict]:
     episodes = [int(e) for e in cfg.episode] if OmegaConf.is_list(cfg.episode) else [int(cfg.episode)]
     bad = [e for e in episodes if not 0 <= e < len(store)]
     if bad:
-        raise SystemExit(f"episode={bad[0]}: the store {store.path} has episodes 0..{len(store) - 1}")
+        raise ValueError(f"episode={bad[0]}: the store {store.path} has episodes 0..{len(store) - 1}")
     shown = []
     for e in episodes:
         rec = show_episode(store, e, per_episode_path(str(cfg.out), e, len(episodes) > 1), cfg.get("fps"),

@@ -52,7 +52,7 @@ def store_path(cfg) -> str:
     source = cfg.get("source")
     if source == "store":
         if not cfg.get("path"):
-            raise SystemExit("dataset=store needs the store directory: data_dir=PATH (or dataset.path=PATH)")
+            raise ValueError("dataset=store needs the store directory: data_dir=PATH (or dataset.path=PATH)")
         return os.path.expanduser(str(cfg["path"]))
     if cfg.get("store_dir"):
         return os.path.expanduser(str(cfg["store_dir"]))
@@ -91,7 +91,7 @@ def build_store(cfg, progress: bool | None = None) -> dict:
         from .rlds_convert import convert_rlds
 
         if not cfg.get("data_dir"):
-            raise SystemExit(f"dataset {cfg.get('name')} needs data_dir=PATH (the TFDS builder directory, "
+            raise ValueError(f"dataset {cfg.get('name')} needs data_dir=PATH (the TFDS builder directory, "
                              "e.g. .../fractal20220817_data/0.1.0)")
         reader = RLDSReader(cfg["data_dir"], RLDSMapping.from_config(cfg.get("rlds") or {}),
                             image_size=cfg.get("image_size"), on_error=cfg.get("on_error", "raise"))
@@ -111,7 +111,7 @@ def build_store(cfg, progress: bool | None = None) -> dict:
         from .lerobot import LeRobotReader, convert_lerobot
 
         if not cfg.get("path"):
-            raise SystemExit("dataset=lerobot needs the dataset folder (the one holding meta/info.json): data_dir=PATH")
+            raise ValueError("dataset=lerobot needs the dataset folder (the one holding meta/info.json): data_dir=PATH")
         reader = LeRobotReader(cfg["path"], camera=cfg.get("camera"), action_key=cfg.get("action_key") or "action",
                                state_key=cfg.get("state_key", "auto"), image_size=cfg.get("image_size"),
                                on_error=cfg.get("on_error", "raise"))
