@@ -43,9 +43,26 @@ def _with_verb(cfg: DictConfig, verb: str | None) -> DictConfig:
     return cfg
 
 
+def short_warnings() -> None:
+    """Our own advice (UserWarnings raised in this package) prints as `warning: ...`, without the
+    file, line and echoed source line that Python's default format adds for developers."""
+    import warnings
+
+    default = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if category is UserWarning and f"{os.sep}selfflow_robot{os.sep}" in filename:
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str, ...] = ()) -> None:
     """Parse sys.argv with Hydra and call main(cfg)."""
     import hydra
+
+    short_warnings()
 
     verb = _pop_verb(sys.argv, verbs)
     if verbs and verb is None and not any(a.startswith("-") for a in sys.argv[1:]):
@@ -134,6 +151,7 @@ def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
 def compose_argv(config_name: str, argv: list[str]) -> DictConfig:
     """compose() for commands that run other commands in-process (quickstart, study), which
     cannot sit inside @hydra.main; `--help` prints the config file, `--cfg job` the composed one."""
+    short_warnings()
     if "--help" in argv or "-h" in argv:
         text = (importlib.resources.files("selfflow_robot.configs") / f"{config_name}.yaml").read_text()
         print(f"python -m selfflow_robot.{config_name} [key=value ...]; keys and defaults "

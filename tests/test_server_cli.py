@@ -109,3 +109,19 @@ def test_override_errors_are_one_line():
             check_overrides("finetune", [override])
         assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert check_overrides("finetune", ["model=s", "model.qk_norm=true"]).model.qk_norm is True
+
+
+def test_our_warnings_print_as_one_warning_line():
+    import warnings
+
+    from selfflow_robot import cli, jobs
+
+    saved = warnings.formatwarning
+    try:
+        cli.short_warnings()
+        ours = warnings.formatwarning("advice", UserWarning, jobs.__file__, 1, "trainer = Trainer(...)")
+        other = warnings.formatwarning("advice", UserWarning, "/site-packages/torch/x.py", 1, "code()")
+    finally:
+        warnings.formatwarning = saved
+    assert ours == "warning: advice\n"
+    assert "x.py:1: UserWarning: advice" in other  # everyone else's keep Python's format
