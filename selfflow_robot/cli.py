@@ -106,6 +106,15 @@ def compose(config_name: str, overrides: list[str] | None = None, verb: str | No
     return _with_verb(cfg, verb)
 
 
+def config_leaves(d: dict, prefix: str = ""):
+    """(dotted key, value) for every leaf of a nested dict (an empty dict is a leaf)."""
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from config_leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def _dotted(cfg, prefix: str = "") -> list[str]:
     out = []
     for k, v in cfg.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .cli import hydra_run_dir, to_container
+from .cli import config_leaves, hydra_run_dir, to_container
 from .threads import prefer_passive_openmp
 
 prefer_passive_openmp()  # before torch is imported
@@ -57,14 +57,6 @@ def command_line_keys() -> list[str] | None:
 _ABSENT = object()
 
 
-def _leaves(d, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            yield from _leaves(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint a resume continues from (None: not resuming, or nothing saved yet)."""
     from .train.checkpoint import latest_checkpoint
@@ -75,16 +67,15 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     return latest_checkpoint(Path(resume) if isinstance(resume, str) and resume not in ("true", "True") else run_dir)
 
 
-def with_run_settings(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """resume: continue with the run's own settings (RUN_SECTIONS), so `finetune run_dir=X
-    resume=true trainer.steps=N` needs none of the run's overrides again. What the command line
-    sets wins; a group chosen there (`dataset=rt1`) replaces the whole section. The trainer then
-    warns about what differs from the run."""
+def with_run_settings(cfg: DictConfig, found: Path) -> DictConfig:
+    """Resuming from checkpoint `found`: continue with the run's own settings (RUN_SECTIONS), so
+    `finetune run_dir=X resume=true trainer.steps=N` needs none of the run's overrides again. What
+    the command line sets wins; a group chosen there (`dataset=rt1`) replaces the whole section.
+    The trainer then warns about what differs from the run."""
     from .train import checkpoint as ckpt
 
     given = command_line_keys()
-    found = resume_checkpoint(cfg, run_dir)
-    if given is None or found is None or not (found / "config.json").is_file():
+    if given is None or not (found / "config.json").is_file():
         return cfg
     saved = ckpt.read_checkpoint_config(found)
 
@@ -101,7 +92,7 @@ def with_run_settings(cfg: DictConfig, run_dir: Path) -> DictConfig:
                     OmegaConf.update(mine, key[len(section) + 1:], OmegaConf.select(cfg, key), force_add=True)
                 cfg[section] = mine
             elif isinstance(value, dict):  # plain settings: the run's, where this version still has the key
-                for key, v in _leaves(value, f"{section}."):
+                for key, v in config_leaves(value, f"{section}."):
                     if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT and not set_on_command_line(key):
                         OmegaConf.update(cfg, key, v)
             else:
@@ -151,8 +142,9 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     accum = int(check_config(cfg.trainer).grad_accum_steps)  # refuses bad trainer keys before data loading
     finetune = job == "finetune"
     run_dir = resolve_run_dir(cfg, job)
-    if resume_setting(cfg):
-        cfg = with_run_settings(cfg, run_dir)
+    resuming_from = resume_checkpoint(cfg, run_dir)
+    if resuming_from is not None:
+        cfg = with_run_settings(cfg, resuming_from)
     store = open_dataset(cfg)
     clip = cfg.clip
     action_dim = int(store.meta["action_dim"]) if finetune else 0
@@ -202,7 +194,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     torch.manual_seed(int(cfg.trainer.seed))
     model = build_model(mcfg)
-    if cfg.get("init") not in (None, "none", "") and resume_checkpoint(cfg, run_dir) is None:
+    if cfg.get("init") not in (None, "none", "") and resuming_from is None:
         # (a resume loads every weight from its checkpoint: the init checkpoint need not exist any more)
         created = load_backbone(model, cfg.init)
         log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")

@@ -21,6 +21,7 @@ import traceback
 from omegaconf import OmegaConf, open_dict
 
 from . import cli
+from .fileio import write_json_atomic
 from .quickstart import _dataset, _evaluate, _model, _trainer
 from .threads import prefer_passive_openmp
 
@@ -88,20 +89,12 @@ def run_arm(cfg, objective: str, seed: int, out: str, store: str) -> dict:
             "success": success}
 
 
-def _write_json(path: str, obj) -> None:
-    """Atomically: a reader polling the file never sees half of it."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _arm_process(cfg_yaml: str, objective: str, seed: int, out: str, store: str, result: str, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)  # arms share the CPU cores instead of each taking all of them
     try:
-        _write_json(result, run_arm(OmegaConf.create(cfg_yaml), objective, seed, out, store))
+        write_json_atomic(result, run_arm(OmegaConf.create(cfg_yaml), objective, seed, out, store))
     except KeyboardInterrupt:  # the parent says what was kept
         sys.exit(130)
 
@@ -124,9 +117,7 @@ def _run_parallel(cfg, arms: list[tuple[int, str]], out: str, store: str, n: int
             while pending and len(live) < n:
                 seed, objective = pending.pop(0)
                 result = os.path.join(out, "runs", f"{objective}_seed{seed}", "study_arm.json")
-                os.makedirs(os.path.dirname(result), exist_ok=True)
-                if os.path.exists(result):
-                    os.remove(result)
+                os.makedirs(os.path.dirname(result), exist_ok=True)  # a fresh out_dir (check())
                 p = ctx.Process(target=_arm_process, args=(cfg_yaml, objective, seed, out, store, result, threads),
                                 name=f"{objective}_seed{seed}")
                 p.start()
@@ -181,7 +172,7 @@ def check(cfg) -> None:
 
 def main(cfg) -> dict:
     from .data.sources import open_store, store_path
-    from .study_report import write_report
+    from .study_report import print_report, write_report
 
     OmegaConf.resolve(cfg)
     check(cfg)
@@ -200,7 +191,7 @@ def main(cfg) -> dict:
         row["finished_s"] = round(time.time() - t0, 1)
         runs.append(row)
         runs.sort(key=lambda r: order[(r["seed"], r["objective"])])
-        _write_json(os.path.join(out, "runs.json"), runs)  # partial results survive an interruption
+        write_json_atomic(os.path.join(out, "runs.json"), runs, indent=1)  # read whole by a poller, kept on Ctrl-C
 
     n = int(cfg.parallel_arms)
     try:
@@ -214,8 +205,7 @@ def main(cfg) -> dict:
     except ArmFailed as e:
         raise SystemExit(f"error: {e}\n{kept(out, runs, len(arms))}") from None
     report = write_report(runs, out, OmegaConf.to_container(cfg, resolve=True), wall_s=time.time() - t0)
-    print(report["markdown"])
-    print(f"[study] report {report['md']}\n[study] plot {report['png']}\n[study] data {report['json']}")
+    print_report(report)
     return report
 
 

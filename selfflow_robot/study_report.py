@@ -137,6 +137,11 @@ def write_report(runs: list[dict], out: str, config: dict, wall_s: float, note: 
     return {**paths, "markdown": md, "curves": c}
 
 
+def print_report(report: dict) -> None:
+    print(report["markdown"])
+    print(f"[study] report {report['md']}\n[study] plot {report['png']}\n[study] data {report['json']}")
+
+
 def complete_seeds(runs: list[dict], objectives: list[str]) -> list[dict]:
     """The runs of the seeds for which every objective finished (a fair comparison)."""
     done = {(r["seed"], r["objective"]) for r in runs}
@@ -148,13 +153,7 @@ def complete_seeds(runs: list[dict], objectives: list[str]) -> list[dict]:
 _LOGISTICS = {"seeds", "out_dir", "parallel_arms", "collect_workers", "evaluate.workers", "store_dir", "merged_from"}
 # Settings that may differ between merged studies, named in the report (e.g. trainer.compile in overrides).
 _NOTED = {"overrides", "device", "objectives", "logger"}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+_ABSENT = object()
 
 
 def _load(study_dir: str) -> tuple[list[dict], dict]:
@@ -173,13 +172,16 @@ def rebuild(study_dirs: list[str], out: str | None = None, all_seeds: bool = Fal
     configuration run with different seeds (a study spread over several sessions)."""
     from omegaconf import OmegaConf
 
+    from .cli import config_leaves
+
     if out is None and len(study_dirs) != 1:
         raise ValueError("several study dirs need an output dir for the merged report")
     out = out or study_dirs[0]
-    runs, configs, seen = [], [], {}
+    runs, configs, seen, wall_s = [], [], {}, 0.0
     for d in study_dirs:
         got, config = _load(d)
         configs.append(config)
+        wall_s += max((r.get("finished_s") or 0.0) for r in got) if got else 0.0
         for r in got:
             key = (r["objective"], r["seed"])
             if key in seen:
@@ -188,10 +190,9 @@ def rebuild(study_dirs: list[str], out: str | None = None, all_seeds: bool = Fal
             seen[key] = d
             runs.append(r)
     config = configs[0]
-    base = {k: v for k, v in _flat(config).items() if k not in _LOGISTICS}
-    differ = sorted({k for c in configs[1:] for k, v in _flat(c).items()
-                     if k not in _LOGISTICS and base.get(k) != v}
-                    | {k for c in configs[1:] for k in base if k not in _flat(c)})
+    flats = [{k: v for k, v in config_leaves(c) if k not in _LOGISTICS} for c in configs]
+    differ = sorted({k for other in flats[1:] for k in set(flats[0]) | set(other)
+                     if flats[0].get(k, _ABSENT) != other.get(k, _ABSENT)})
     objectives = list(dict.fromkeys(o for c in configs for o in c["objectives"]))  # every study's arms, in order
     kept = runs if all_seeds else complete_seeds(runs, objectives)
     if not kept:
@@ -211,7 +212,6 @@ def rebuild(study_dirs: list[str], out: str | None = None, all_seeds: bool = Fal
     if os.path.abspath(out) not in {os.path.abspath(d) for d in study_dirs}:
         with open(os.path.join(out, "study.yaml"), "w") as f:  # the report names it
             f.write(OmegaConf.to_yaml({**config, "merged_from": list(study_dirs)}))
-    wall_s = sum(max((r.get("finished_s") or 0.0) for r in _load(d)[0]) for d in study_dirs)
     return write_report(sorted(kept, key=lambda r: (r["seed"], objectives.index(r["objective"]))), out,
                         {**config, "seeds": finished, "merged_from": list(study_dirs)}, wall_s=wall_s, note=note)
 
@@ -229,9 +229,7 @@ def main(argv: list[str]) -> None:
     from .cli import reported_errors
 
     with reported_errors("no report written"):
-        report = rebuild(a.study_dirs, a.out, a.all_seeds, a.force)
-    print(report["markdown"])
-    print(f"[study] report {report['md']}\n[study] plot {report['png']}\n[study] data {report['json']}")
+        print_report(rebuild(a.study_dirs, a.out, a.all_seeds, a.force))
 
 
 if __name__ == "__main__":

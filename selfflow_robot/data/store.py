@@ -191,18 +191,19 @@ class EpisodeStore:
                     state=self.state(i), instruction=self.instruction(i),
                     instruction_embedding=self.instruction_embedding(i), key=self.key(i))
 
-    def _check_finite(self, field: str, ids, arrays) -> None:
-        """A NaN or inf would turn the normalisation statistics into NaN and training would quietly
-        zero that dimension: name the first bad value instead (stores written by this package
-        refuse them; a store edited or written by other code may not)."""
-        for i, a in zip(ids, arrays):
-            bad = np.argwhere(~np.isfinite(np.asarray(a, dtype=np.float64)))
-            if len(bad):
-                step, dim = (int(v) for v in bad[0])
-                names = self.meta.get(f"{field}_names") or []
-                name = f" ({names[dim]})" if dim < len(names) else ""
-                raise DataError(f"{self.path}: episode {i} ({self.key(i)}) has a non-finite {field} ({a[step, dim]}) at step {step}, "
-                                f"dimension {dim}{name}; fix or remove the episode")
+    def _field_stats(self, field: str, ids, arrays: list, dim: int) -> dict:
+        """array_stats over the episodes' arrays. A NaN or inf would make the normalisation
+        statistics NaN and training would quietly zero that dimension, so the first one is named
+        instead (stores written by this package refuse them; one edited by other code may not)."""
+        x = np.concatenate(arrays) if arrays else np.zeros((0, dim))
+        if not np.isfinite(x).all():
+            i, a = next((i, a) for i, a in zip(ids, arrays) if not np.isfinite(a).all())
+            step, d = (int(v) for v in np.argwhere(~np.isfinite(a))[0])
+            names = self.meta.get(f"{field}_names") or []
+            name = f" ({names[d]})" if d < len(names) else ""
+            raise DataError(f"{self.path}: episode {i} ({self.key(i)}) has a non-finite {field} ({a[step, d]}) "
+                            f"at step {step}, dimension {d}{name}; fix or remove the episode")
+        return array_stats(x)
 
     def stats(self, episodes=None) -> dict:
         """Per-dim action (and state) statistics. Over the whole store they are cached in
@@ -219,14 +220,10 @@ class EpisodeStore:
                 pass  # recomputed below
         ids = range(len(self)) if episodes is None else [int(e) for e in episodes]
         acts = [self.actions(i) for i in ids]
-        self._check_finite("action", ids, acts)
-        a_dim = int(self.meta["action_dim"])
         out = {"num_episodes": len(ids), "num_steps": int(sum(len(a) for a in acts)),
-               "action": array_stats(np.concatenate(acts) if acts else np.zeros((0, a_dim)))}
+               "action": self._field_stats("action", ids, acts, int(self.meta["action_dim"]))}
         if int(self.meta.get("state_dim", 0)):
-            states = [self.state(i) for i in ids]
-            self._check_finite("state", ids, states)
-            out["state"] = array_stats(np.concatenate(states) if acts else np.zeros((0, int(self.meta["state_dim"]))))
+            out["state"] = self._field_stats("state", ids, [self.state(i) for i in ids], int(self.meta["state_dim"]))
         out["action_names"] = self.meta.get("action_names")
         out["action_mask"] = self.meta.get("action_mask")
         if episodes is None:
