@@ -142,11 +142,11 @@ def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
         meta[k] = io.get(k)
     if meta["text"] == "embedding":  # the instruction arrives as a precomputed vector (RT-1's 512-d)
         meta["instruction_embedding_dim"] = int(cfg["model"].get("text_embed_dim") or 512)
-    from selfflow_robot.evaluation.training_env import metaworld_training_env
+    from selfflow_robot.evaluation.training_env import training_env
 
-    metaworld = metaworld_training_env(cfg)
-    if metaworld:  # evaluating the served policy rolls out as its demos were collected
-        meta["training_env"] = {"metaworld": metaworld}
+    trained_env = training_env(cfg)
+    if trained_env:  # evaluating the served policy rolls out as its data was collected / in its action convention
+        meta["training_env"] = trained_env
     return meta
 
 

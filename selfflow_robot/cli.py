@@ -20,8 +20,9 @@ CONFIG_DIR = str(importlib.resources.files("selfflow_robot.configs"))
 # What bad input raises (a missing path, a value or file that does not fit; DataError and
 # ObservationError are ValueErrors): one line naming the problem, not a traceback.
 # A diverged run (trainer.NonFiniteError, a FloatingPointError) also ends in one line: it names the
-# non-finite values and the last good checkpoint.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, FloatingPointError)
+# non-finite values and the last good checkpoint. A missing optional package (ImportError) says how to install it.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, FloatingPointError,
+               ImportError)
 # ${first_set:${run_dir},outputs/...}: Hydra's run dir is the run_dir given, else a fresh folder,
 # so a call with run_dir=... leaves no stray outputs/<command>/<time>/ behind.
 OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x not in (None, "")), None),

@@ -47,8 +47,18 @@ def evaluate(overrides: list[str] | None = None, **kwargs: Any) -> dict:
     return main(c)
 
 
+def _main_exit_on_errors(cfg: DictConfig) -> None:
+    """The command exits non-zero when episodes failed (their tracebacks are in errors.rank*.jsonl;
+    the same command retries them), so scripts and CI notice a run that scored nothing."""
+    summary = main(cfg)
+    errors = (summary.get("throughput") or {}).get("errors", 0)
+    if errors:
+        raise SystemExit(f"error: {errors} episode(s) failed (tracebacks in {summary['out_dir']}/errors.rank*.jsonl)"
+                         "; the same command retries them")
+
+
 def cli() -> None:
-    run("evaluate", main)
+    run("evaluate", _main_exit_on_errors)
 
 
 if __name__ == "__main__":

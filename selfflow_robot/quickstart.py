@@ -59,11 +59,15 @@ def _train(job: str, overrides: list[str]) -> dict:
     return run_training(cli.compose(job, overrides), job)
 
 
+def _percent(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.0f}%"
+
+
 def print_table(summary: dict) -> str:
     rows = [f"| {t} | {r['successes']}/{r['episodes']} | {100 * r['success_rate']:.0f}% |"
             for t, r in sorted(summary["tasks"].items())]
     table = "\n".join(["| task | successes | success rate |", "|---|---|---|", *rows,
-                       f"| **mean** | | **{100 * summary['mean_success']:.0f}%** |"])
+                       f"| **mean** | | **{_percent(summary['mean_success'])}** |"])
     print(table)
     return table
 

@@ -200,3 +200,73 @@ def test_a_worker_that_cannot_load_the_policy_reports_it_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "ValueError: an evaluation worker could not start: ") and "normalization.json" in proc.stderr
+
+
+def _fake_checkpoint(path, run_cfg: dict) -> str:
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(b"")
+    (path / "config.json").write_text(json.dumps(run_cfg))
+    return str(path)
+
+
+def test_simpler_action_mode_follows_the_training_data(tmp_path, caplog):
+    """dataset=rt1 makes the gripper absolute (1 = open) and keeps roll-pitch-yaw deltas: SIMPLER must
+    convert with eef_rpy_absgrip (the default `env` mode read +1 as 'close', inverting the gripper)."""
+    import logging
+
+    from selfflow_robot.evaluation.training_env import match_training_env
+    from selfflow_robot.policies.policy import metadata_from_config
+
+    rt1 = {"model": {"name": "tiny"}, "dataset": {"source": "rlds", "rlds": {"gripper": "rel2abs"}},
+           "io": {"action_dim": 7}}
+    ckpt = _fake_checkpoint(tmp_path / "rt1", rt1)
+    assert match_training_env({"env": {"name": "simpler", "action_mode": None}, "policy": ckpt})["env"][
+        "action_mode"] == "eef_rpy_absgrip"
+    assert match_training_env({"env": {"name": "simpler", "action_mode": "rt1"}, "policy": ckpt})["env"][
+        "action_mode"] == "rt1"  # explicit values win
+    assert metadata_from_config(rt1)["training_env"] == {"simpler": {"action_mode": "eef_rpy_absgrip"}}
+    other = _fake_checkpoint(tmp_path / "lerobot", {**rt1, "dataset": {"source": "lerobot"}})
+    with caplog.at_level(logging.WARNING, logger="selfflow_robot"):
+        env = match_training_env({"env": {"name": "simpler", "action_mode": None}, "policy": other})["env"]
+    assert env["action_mode"] == "env" and "does not say which action convention" in caplog.text
+
+
+def test_a_policy_for_another_env_is_refused_before_any_episode(tmp_path):
+    from selfflow_robot.evaluation.training_env import match_training_env
+
+    ckpt = _fake_checkpoint(tmp_path / "rt1", {"dataset": {"source": "rlds"}, "io": {"action_dim": 7}})
+    with pytest.raises(ValueError, match="outputs 7-d actions but env=metaworld takes 4-d"):
+        match_training_env({"env": {"name": "metaworld"}, "policy": ckpt})
+    meta_ckpt = _fake_checkpoint(tmp_path / "mw", {"dataset": {"source": "metaworld"}, "io": {"action_dim": 4}})
+    with pytest.raises(ValueError, match="outputs 4-d actions but env=simpler takes 7 or 8-d"):
+        match_training_env({"env": {"name": "simpler", "action_mode": None}, "policy": meta_ckpt})
+
+
+def test_the_command_exits_non_zero_when_episodes_fail(tmp_path):
+    """Every episode raising used to end with exit code 0 and a NaN mean in summary.json."""
+    pytest.importorskip("websockets")
+    from selfflow_robot.cli import compose
+    from selfflow_robot.evaluate import _main_exit_on_errors
+    from selfflow_robot.policies.server import PolicyServer
+
+    class Broken:
+        metadata = {"action_dim": 7}
+
+        def reset(self, instruction=None):
+            pass
+
+        def infer(self, obs):
+            raise RuntimeError("the policy crashed")
+
+    server = PolicyServer(Broken(), host="127.0.0.1", port=0)
+    port = server.start_in_thread()
+    try:
+        cfg = compose("evaluate", SIM + ["env.task=google_robot_pick_coke_can", "episodes_per_task=2",
+                                         "max_episode_steps=2", f"policy=ws://127.0.0.1:{port}", "workers=0",
+                                         f"out_dir={tmp_path}"])
+        with pytest.raises(SystemExit, match="2 episode\\(s\\) failed"):
+            _main_exit_on_errors(cfg)
+    finally:
+        server.stop()
+    summary = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN
+    assert summary["episodes"] == 0 and summary["mean_success"] is None

@@ -39,9 +39,10 @@ def summarize(records: list[dict], cfg: dict, expected: int, throughput: dict | 
     env_cfg = cfg["env"]
     summary = {
         "env": env_cfg["name"], "policy": str(cfg["policy"]), "checkpoint": cfg.get("checkpoint"),
+        "out_dir": cfg.get("out_dir"),
         "success_mode": env_cfg.get("success_mode"),
         "episodes": len(records), "episodes_expected": expected, "complete": len(records) >= expected,
-        "tasks": tasks, "mean_success": float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else float("nan"),
+        "tasks": tasks, "mean_success": float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else None,
         "throughput": throughput or {},
     }
     if env_cfg["name"] == "simpler":
