@@ -138,7 +138,7 @@ def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
                          "(a pretraining checkpoint?); fine-tune it on robot episodes first")
     meta = {"model": cfg["model"].get("name"), "action_dim": int(action_dim)}
     for k in ("action_chunk", "image_size", "context_frames", "future_frames", "frame_stride", "state_dim",
-              "fps", "text", "action_names", "views"):
+              "fps", "text", "action_names", "views", "data_image_size"):
         meta[k] = io.get(k)
     if meta["text"] == "embedding":  # the instruction arrives as a precomputed vector (RT-1's 512-d)
         meta["instruction_embedding_dim"] = int(cfg["model"].get("text_embed_dim") or 512)
@@ -231,16 +231,19 @@ class Policy:
         return {"actions": actions, "server_timing": timing, "safety": flags, **extras}
 
     def _check_aspect(self, hw: tuple[int, int]) -> None:
-        """Frames are resized to the trained size; a different aspect ratio stretches the picture,
-        which is almost always a camera or crop mismatch on the client: say so, once per frame size."""
-        size, views = self.metadata.get("image_size"), self.metadata.get("views") or []
+        """Frames are resized to the trained size as the training data's frames were; an aspect ratio
+        other than the data's stretches the picture differently, which is almost always a camera or
+        crop mismatch on the client: say so, once per frame size. (Older checkpoints do not record the
+        data's size: the trained size stands in.)"""
+        size, views = self.metadata.get("data_image_size") or self.metadata.get("image_size"), \
+            self.metadata.get("views") or []
         if not size or hw in self._aspect_warned:
             return
         h, w = int(size[0]), int(size[1]) / max(len(views), 1)  # per view, as the client sends them
         if abs((hw[0] / hw[1]) / (h / w) - 1) > 0.1:
             self._aspect_warned.add(hw)
-            log.warning("observation image %dx%d is resized to the trained %dx%d per view: the aspect ratio differs "
-                        "(%.2f vs %.2f), so the picture is stretched; send frames framed as in training",
+            log.warning("observation image %dx%d has another aspect ratio than the %dx%d training frames per view "
+                        "(%.2f vs %.2f), so the picture is stretched differently; send frames framed as in training",
                         hw[0], hw[1], h, int(w), hw[0] / hw[1], h / w)
 
     def act(self, obs: dict) -> np.ndarray:

@@ -119,10 +119,38 @@ def open_dataset(cfg: DictConfig):
     return open_store(cfg.dataset)
 
 
-def _check_image_size(size, patch: int) -> tuple[int, int]:
+def _check_clip_fits(clip, store, finetune: bool) -> None:
+    """Steps past an episode's end are masked out of the loss: a chunk longer than every episode
+    would train a policy whose tail actions were never supervised, yet are executed."""
+    longest = int(store.lengths.max()) if len(store) else 0
+    if finetune and int(clip.action_chunk) > longest:
+        raise ValueError(f"clip.action_chunk={clip.action_chunk} is longer than every episode (the longest has "
+                         f"{longest} steps): actions past step {longest} would never be trained")
+    reach = int(clip.future_frames) * int(clip.frame_stride)
+    if reach >= longest > 0:
+        warnings.warn(f"clip.future_frames={clip.future_frames} x clip.frame_stride={clip.frame_stride} reaches "
+                      f"{reach} steps ahead, past the end of every episode (the longest has {longest} steps): "
+                      "the last future frames are never real", stacklevel=2)
+
+
+DEFAULT_CLIP_HEIGHT = 64
+
+
+def _clip_image_size(size, stored_hw, patch: int, n_views: int) -> tuple[int, int]:
+    """The trained frame size. null: at most 64 pixels high with the stored frames' aspect ratio
+    (RT-1's 4:5 trains at 64x80), so nothing is squashed; a size given whose aspect differs gets a
+    warning, since a policy then squashes the robot's frames the same way."""
+    sh, sw = int(stored_hw[0]), int(stored_hw[1])
+    if size is None:
+        unit = patch * max(n_views, 1)  # whole patches, none straddling two tiled views
+        h = max(patch, min(DEFAULT_CLIP_HEIGHT, sh) // patch * patch)
+        return h, max(unit, round(h * sw / sh / unit) * unit)
     h, w = (int(x) for x in size)
     if h % patch or w % patch:
         raise ValueError(f"clip.image_size={[h, w]} is not divisible by model.patch_size={patch}")
+    if abs((h / w) / (sh / sw) - 1) > 0.1:
+        warnings.warn(f"clip.image_size={[h, w]} squashes the stored {sh}x{sw} frames (aspect {h / w:.2f} vs "
+                      f"{sh / sw:.2f}); clip.image_size=null keeps the data's aspect ratio", stacklevel=2)
     return h, w
 
 
@@ -153,6 +181,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     if finetune and int(clip.action_chunk) < 1:
         raise ValueError(f"clip.action_chunk={clip.action_chunk}: a video-action model needs at least one action "
                          "per chunk (to train video alone, use pretrain)")
+    _check_clip_fits(clip, store, finetune)
     state_dim = int(store.meta.get("state_dim") or 0) if finetune and cfg.get("use_state") else 0
     mcfg = model_config(to_container(cfg.model), action_dim=action_dim, state_dim=state_dim,
                         frame_stride=int(clip.frame_stride))
@@ -160,8 +189,9 @@ def run_training(cfg: DictConfig, job: str) -> dict:
         raise ValueError("model.text=embedding but the dataset store has no instruction embeddings")
     if mcfg.text == "embedding":
         mcfg.text_embed_dim = int(store.meta["embedding_dim"])
-    image_size = _check_image_size(clip.image_size, mcfg.patch_size)
     views = list(store.meta.get("views") or [])
+    stored_hw = store.meta["image_shape"][:2]
+    image_size = _clip_image_size(clip.image_size, stored_hw, mcfg.patch_size, len(views))
     if len(views) > 1 and image_size[1] % (len(views) * mcfg.patch_size):  # no patch may straddle two views
         raise ValueError(f"the store tiles {len(views)} camera views side by side ({views}): clip.image_size="
                          f"{list(image_size)} needs a width of {len(views)} x (a multiple of model.patch_size="
@@ -218,7 +248,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
         config["data"]["metaworld"] = metaworld_settings(store.meta)
     extra = {}
     if finetune:
-        config["io"] = {"image_size": list(image_size), "context_frames": int(clip.context_frames),
+        config["io"] = {"image_size": list(image_size), "data_image_size": list(stored_hw),
+                        "context_frames": int(clip.context_frames),
                         "future_frames": int(clip.future_frames), "frame_stride": int(clip.frame_stride),
                         "action_chunk": int(clip.action_chunk), "action_dim": action_dim, "state_dim": state_dim,
                         "fps": store.meta.get("fps"), "text": mcfg.text,

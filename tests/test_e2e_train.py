@@ -141,17 +141,53 @@ def test_bad_patch_size_is_named(toy_store, tmp_path):
     assert proc.returncode == 1 and "error: clip.action_chunk=0: a video-action model needs at least one" in proc.stderr
 
 
+def test_trained_frame_size_keeps_the_data_aspect_ratio():
+    from selfflow_robot.jobs import _clip_image_size
+
+    assert _clip_image_size(None, [128, 160], 8, 1) == (64, 80)  # RT-1's 4:5, not squashed to 64x64
+    assert _clip_image_size(None, [128, 128], 8, 1) == (64, 64)
+    assert _clip_image_size(None, [32, 40], 8, 1) == (32, 40)  # small data is not upscaled
+    assert _clip_image_size(None, [128, 320], 8, 2) == (64, 160)  # two tiled views: whole patches per view
+    assert _clip_image_size([48, 64], [96, 128], 16, 1) == (48, 64)
+    with pytest.warns(UserWarning, match=r"clip.image_size=\[64, 64\] squashes the stored 128x160 frames"):
+        _clip_image_size([64, 64], [128, 160], 8, 1)
+
+
+def test_a_clip_longer_than_every_episode_is_refused():
+    from types import SimpleNamespace
+
+    from selfflow_robot.jobs import _check_clip_fits
+
+    class Store:
+        lengths = np.array([8, 12])
+
+        def __len__(self):
+            return 2
+
+    clip = SimpleNamespace(action_chunk=6, future_frames=2, frame_stride=2)
+    _check_clip_fits(clip, Store(), finetune=True)
+    with pytest.raises(ValueError, match="clip.action_chunk=13 is longer than every episode .the longest has 12"):
+        _check_clip_fits(SimpleNamespace(action_chunk=13, future_frames=2, frame_stride=2), Store(), finetune=True)
+    _check_clip_fits(SimpleNamespace(action_chunk=13, future_frames=2, frame_stride=2), Store(), finetune=False)
+    with pytest.warns(UserWarning, match="reaches 12 steps ahead, past the end of every episode"):
+        _check_clip_fits(SimpleNamespace(action_chunk=6, future_frames=6, frame_stride=2), Store(), finetune=True)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow writes the RLDS fixture")
 def test_finetune_rt1_format_end_to_end(tmp_path):
     from selfflow_robot.data.synthetic_rt1 import write_fractal_rlds
 
     builder = write_fractal_rlds(str(tmp_path / "rlds"), num_episodes=4, steps=10)
     out = str(tmp_path / "rt1run")
-    run("finetune", "dataset=rt1", f"data_dir={builder}", *TINY, "dataset.image_size=[64,80]", "clip.image_size=[32,40]",
-        "trainer.steps=4", f"run_dir={out}", cwd=tmp_path, env_extra={"SELFFLOW_DATA_CACHE": str(tmp_path / "cache")})
+    proc = run("finetune", "dataset=rt1", f"data_dir={builder}", *TINY, "dataset.image_size=[32,40]",
+               "clip.image_size=null", "trainer.steps=4", f"run_dir={out}", cwd=tmp_path,
+               env_extra={"SELFFLOW_DATA_CACHE": str(tmp_path / "cache")})
+    assert "squashes" not in proc.stderr
     config = json.load(open(os.path.join(out, "checkpoints", "step_00000004", "config.json")))
     norm = json.load(open(os.path.join(out, "checkpoints", "step_00000004", "normalization.json")))
     assert config["io"]["action_dim"] == 7 and config["io"]["fps"] == 3
+    # clip.image_size=null trains at the data's 4:5 aspect, and the policy knows the data's frame size
+    assert config["io"]["image_size"] == [32, 40] and config["io"]["data_image_size"] == [32, 40]
     assert norm["action"]["mask"] == [True] * 6 + [False]
 
 

@@ -301,4 +301,16 @@ def test_a_stretched_camera_frame_is_reported_once_per_size(caplog):
         assert "aspect ratio" not in caplog.text
         for _ in range(3):
             p.infer({**obs, "image": np.zeros((48, 20, 3), np.uint8)})
-    assert caplog.text.count("observation image 48x20 is resized to the trained 8x10") == 1
+    assert caplog.text.count("observation image 48x20 has another aspect ratio than the 8x10 training") == 1
+
+
+def test_the_aspect_check_compares_with_the_training_data_not_the_squashed_training_size(caplog):
+    """Trained squashed (RT-1's 4:5 frames at 8x8): a camera frame framed like the data is right."""
+    import logging
+
+    p = Policy(Fake(), {"action_dim": 3, "state_dim": 2, "image_size": [8, 8], "data_image_size": [128, 160]}, NORM)
+    with caplog.at_level(logging.WARNING, logger="selfflow_robot.policies"):
+        p.infer({"instruction": "pick", "state": STATE, "image": np.zeros((256, 320, 3), np.uint8)})
+        assert "aspect ratio" not in caplog.text
+        p.infer({"instruction": "pick", "state": STATE, "image": np.zeros((64, 64, 3), np.uint8)})
+    assert "than the 128x160 training frames" in caplog.text
