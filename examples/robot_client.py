@@ -4,7 +4,8 @@ robot state, execute actions at a fixed rate, and keep the arm safe when the net
     python -m selfflow_robot.serve policy=runs/my_policy host=0.0.0.0        # on the GPU box
     python examples/robot_client.py --url ws://gpu-box:8000 --hz 10 --instruction "pick up the cube"
 
-Needs only numpy, msgpack and websockets (`pip install --no-deps selfflow-robot` + those three).
+Needs only numpy, msgpack and websockets (`pip install --no-deps .` in a selfflow-robot checkout,
+plus those three).
 Replace `FakeRobot` with your driver: `observe()` returns {"image": uint8 [H, W, 3], "state":
 float32 [S]} (plus "images": {"wrist": ...} for a two-camera policy), `command(action)` sends one
 action, `hold()` stops the arm.
@@ -13,6 +14,9 @@ action, `hold()` stops the arm.
 - Client-side safety (`--max-delta`): per-step change limit on the actions actually executed.
 - Watchdog (`--deadline`): if no action was sent for that long (a slow network, a stuck server),
   the robot is told to hold until commands resume.
+- Lost server (`--reconnect-timeout`): the robot holds while the client reconnects, and the loop
+  resumes when the server is back; after that many seconds it gives up. Whatever ends the loop
+  (done, an error, Ctrl-C), the robot is told to hold.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import time
 import numpy as np
 
 from selfflow_robot.policies import ChunkConfig, SafetyConfig
-from selfflow_robot.policies.client import WebsocketClientPolicy
+from selfflow_robot.policies.client import PolicyServerError, WebsocketClientPolicy
 
 
 class FakeRobot:
@@ -77,6 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--execute-steps", type=int, default=None, help="actions run per chunk (default: all)")
     ap.add_argument("--max-delta", type=float, default=None, help="per-step action change limit")
     ap.add_argument("--deadline", type=float, default=1.0, help="seconds without an action before holding")
+    ap.add_argument("--reconnect-timeout", type=float, default=30.0,
+                    help="seconds to keep reconnecting to a lost server (the robot holds meanwhile)")
     args = ap.parse_args(argv)
 
     try:
@@ -96,23 +102,46 @@ def main(argv=None) -> dict:
           f"chunks of {meta.get('action_chunk')}, cameras {views or ['image']}")
     watchdog = Watchdog(robot, args.deadline)
     watchdog.start()
-    period, late, t_next = 1.0 / args.hz, 0, time.monotonic()
+    period, late, outages, t_next = 1.0 / args.hz, 0, 0, time.monotonic()
+    lost_since, reply_at_loss = None, None  # when the server stopped answering; its last reply then
     try:
         policy.reset(args.instruction)
-        for _ in range(args.steps):
-            robot.command(policy.act(robot.observe()))
+        step = 0
+        while step < args.steps:
+            try:
+                action = policy.act(robot.observe())
+            except (ConnectionError, TimeoutError, OSError) as e:  # the client reconnects on the next call
+                robot.hold()
+                if lost_since is None:
+                    lost_since, outages, reply_at_loss = time.monotonic(), outages + 1, policy.last_timing
+                    print(f"lost {args.url} ({e}); the robot holds while reconnecting")
+                if time.monotonic() - lost_since > args.reconnect_timeout:
+                    raise SystemExit(f"error: {args.url} did not come back within {args.reconnect_timeout:g} s; "
+                                     "the robot holds") from None
+                time.sleep(min(0.5, args.reconnect_timeout / 10))
+                t_next = time.monotonic()
+                continue
+            except PolicyServerError as e:  # the server refused the request: retrying sends the same one
+                raise SystemExit(f"error: the policy server refused a request ({e}); the robot holds") from None
+            if lost_since is not None and policy.last_timing is not reply_at_loss:  # a reply came: it is back
+                print(f"reconnected after {time.monotonic() - lost_since:.1f} s")
+                lost_since = None
+            robot.command(action)
             watchdog.fed()
+            step += 1
             t_next += period
             pause = t_next - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
             else:  # the loop overran its period: note it, do not try to catch up
                 late, t_next = late + 1, time.monotonic()
+        summary = {"steps": args.steps, "late_steps": late, "starved_steps": policy.starved_steps,
+                   "holds": robot.holds, "outages": outages,
+                   "last_roundtrip_ms": round(policy.last_timing.get("roundtrip_ms", 0.0), 1)}
     finally:
         watchdog.stopped.set()
+        robot.hold()  # done, failed or interrupted: the arm must not keep executing its last command
         policy.close()
-    summary = {"steps": args.steps, "late_steps": late, "starved_steps": policy.starved_steps,
-               "holds": robot.holds, "last_roundtrip_ms": round(policy.last_timing.get("roundtrip_ms", 0.0), 1)}
     print(summary)
     return summary
 

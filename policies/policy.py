@@ -104,6 +104,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"policy path {p} does not exist")
+    if p.is_file() and p.name == "latest":  # RUN/checkpoints/latest itself: the pointer file
+        p = p.parent
     latest = next((f for f in (p / "checkpoints" / "latest", p / "latest") if f.is_file()), None)
     if not (p / "config.json").exists() and latest is not None:
         name = latest.read_text().strip()
@@ -111,6 +113,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if not p.is_dir():
             raise FileNotFoundError(f"{latest} names {name!r}, which is not a checkpoint directory")
     missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
+    if len(missing) == len(CHECKPOINT_FILES) and p.is_dir():
+        raise FileNotFoundError(f"{p} holds no checkpoint (expected a checkpoint directory or a run directory with "
+                                "checkpoints/latest); a run writes its first one after trainer.checkpoint_every "
+                                "steps, or at its end")
     if missing:
         raise FileNotFoundError(f"{p} is not a selfflow-robot policy checkpoint: missing {', '.join(missing)}")
     return p

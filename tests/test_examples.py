@@ -62,3 +62,38 @@ def test_robot_client_needs_no_torch():
             "bad = [m for m in ('torch', 'hydra', 'omegaconf') if m in sys.modules]; assert not bad, bad; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_robot_client_holds_through_a_server_restart_and_gives_up_on_a_lost_one():
+    """It died with a traceback and left the arm on its last command when the server went away."""
+    server = _serve()
+    port = server.port
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), "--url", f"ws://127.0.0.1:{port}", "--steps", "60",
+                             "--hz", "20", "--reconnect-timeout", "20"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)  # start-up and some steps
+        server.stop()
+        time.sleep(1.0)
+        server = PolicyServer(server.policy, port=port)
+        server.start_in_thread()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        server.stop()
+    assert proc.returncode == 0, err[-3000:]
+    summary = ast.literal_eval(out.strip().splitlines()[-1])
+    assert summary["steps"] == 60 and summary["outages"] == 1 and summary["holds"] >= 1
+    assert "the robot holds while reconnecting" in out and "reconnected after" in out
+    server = _serve()  # this time it does not come back
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), "--url", f"ws://127.0.0.1:{server.port}", "--steps",
+                             "400", "--hz", "20", "--reconnect-timeout", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)
+        server.stop()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "did not come back within 1 s; the robot holds" in err
+    assert "Traceback" not in err

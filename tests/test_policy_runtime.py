@@ -216,6 +216,8 @@ def test_load_run_dir_with_fake_model_code(tmp_path, monkeypatch):
     from selfflow_robot.train.checkpoint import latest_checkpoint
 
     assert resolve_checkpoint(tmp_path / "run" / "checkpoints") == ckpt == latest_checkpoint(tmp_path / "run" / "checkpoints")
+    pointer = tmp_path / "run" / "checkpoints" / "latest"  # the pointer file itself, as docs name it
+    assert resolve_checkpoint(pointer) == ckpt == latest_checkpoint(pointer)
 
 
 def test_load_real_model_if_available(tmp_path):

@@ -24,7 +24,7 @@ def test_serve_config_defaults():
 def test_serve_missing_checkpoint_names_it(tmp_path):
     r = subprocess.run([sys.executable, "-m", "selfflow_robot.serve", f"policy={tmp_path}"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "config.json" in r.stderr and str(tmp_path) in r.stderr
+    assert r.returncode != 0 and "holds no checkpoint" in r.stderr and str(tmp_path) in r.stderr
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr  # one line, not a stack
 
 
@@ -39,6 +39,25 @@ def test_a_port_in_use_is_named_before_the_model_loads(tmp_path):
         r = subprocess.run([sys.executable, "-m", "selfflow_robot.serve", f"policy={tmp_path / 'nope'}", f"port={port}"],
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith(f"error: port {port} on 127.0.0.1 is in use")
+
+
+def test_a_port_just_freed_by_a_stopped_server_is_free():
+    """A server stopped while a robot was connected leaves its port in TIME_WAIT for ~60 s; the real
+    server binds with SO_REUSEADDR, so the check must too (it refused restarts for a minute)."""
+    import socket
+
+    from selfflow_robot.serve import check_port_free
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = server.accept()
+            conn.close()  # the server side closes first: its end of the connection sits in TIME_WAIT
+            client.recv(1)
+    check_port_free("127.0.0.1", port)
 
 
 @pytest.mark.parametrize("typo", ["devise=cpu", "+devise=cpu"])

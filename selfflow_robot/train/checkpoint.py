@@ -99,6 +99,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(path: str | Path) -> Path | None:
     """The newest complete checkpoint for a run dir, a `checkpoints/` dir or a checkpoint dir."""
     path = Path(path)
+    if path.is_file() and path.name == "latest":  # RUN/checkpoints/latest itself
+        path = path.parent
     if (path / "model.safetensors").is_file():
         return path
     for root in (path / "checkpoints", path):
