@@ -45,14 +45,15 @@ def _check_image(img: Any, name: str) -> None:
 
 def _extra_views(obs: dict, views: list[str]) -> dict:
     """obs['images'] for the camera views after the first, keyed by their full names; a short name
-    ('wrist' for 'observation.images.wrist') is accepted too."""
+    ('wrist' for LeRobot's 'observation.images.wrist', 'wrist_image' for RLDS's
+    'steps/observation/wrist_image') is accepted too."""
     given = obs.get("images")
     if not isinstance(given, dict):
         raise ObservationError(f"this policy sees {len(views)} cameras: send obs['image'] ({views[0]}) and "
                                f"obs['images'] = {{{', '.join(repr(v) for v in views[1:])}: uint8 [H, W, 3]}}")
     out = {}
     for name in views[1:]:
-        key = next((k for k in given if k == name or name.endswith("." + str(k))), None)
+        key = next((k for k in given if k == name or name.endswith(("." + str(k), "/" + str(k)))), None)
         if key is None:
             raise ObservationError(f"obs['images'] lacks camera '{name}' (got {sorted(map(str, given))})")
         _check_image(given[key], f"obs['images']['{key}']")

@@ -125,6 +125,11 @@ def _dotted(cfg, prefix: str = "") -> list[str]:
     return out
 
 
+# Option names a user may reach for, and what the configs call them (RLDS datasets name cameras by
+# their feature path in dataset.rlds.image; LeRobot ones in dataset.camera).
+_SYNONYMS = {"camera": ("image",), "cameras": ("image", "camera"), "image": ("camera",)}
+
+
 def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose once up front, so a misspelt key is one `error:` line with a suggestion (Hydra's own
     text suggests `+key=`, which would add the typo and ignore it), and `+new_key=` at the top
@@ -134,10 +139,19 @@ def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
 
     base = compose(config_name)
-    keys = _dotted(OmegaConf.to_container(base, resolve=False))
+    top_level = [o for o in overrides
+                 if "=" in o and not o.startswith(("+", "~")) and "." not in o.split("=", 1)[0]]
+    try:  # the keys of the groups chosen (dataset=rt1 has dataset.rlds.*), not only the defaults'
+        chosen = compose(config_name, top_level)
+    except HydraException:
+        chosen = base
+    keys = _dotted(OmegaConf.to_container(chosen, resolve=False))
 
     def hint(key: str) -> str:
-        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        leaf = key.rsplit(".", 1)[-1]
+        same_meaning = [k for k in keys if k.startswith(key.split(".", 1)[0] + ".")
+                        and k.rsplit(".", 1)[-1] in _SYNONYMS.get(leaf, ())]
+        close = same_meaning or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
         return f" (did you mean {close[0]}?)" if close else ""
 
     try:
@@ -150,6 +164,8 @@ def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
         options = [ln.strip() for ln in lines if ln.startswith("\t") and "=" not in ln]
         if "Available options in" in str(e) and options:  # a group option that does not exist (model=nope)
             raise SystemExit(f"error: {lines[0].split(': ', 1)[-1]}; choose from {', '.join(options)}") from None
+        if lines[0].startswith("Ambiguous value"):  # a,b: Hydra's own advice follows on the next lines
+            raise SystemExit(f"error: {lines[0]}: write a list as key=[a,b], or quote a string with commas") from None
         cause = f" ({str(e.__cause__).splitlines()[0]})" if e.__cause__ else ""
         raise SystemExit(f"error: {lines[0]}{cause}") from None
     unknown = sorted(set(cfg) - set(base))

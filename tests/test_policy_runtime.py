@@ -316,3 +316,18 @@ def test_the_aspect_check_compares_with_the_training_data_not_the_squashed_train
         assert "aspect ratio" not in caplog.text
         p.infer({"instruction": "pick", "state": STATE, "image": np.zeros((64, 64, 3), np.uint8)})
     assert "than the 128x160 training frames" in caplog.text
+
+
+def test_extra_cameras_may_go_by_their_short_names():
+    """'wrist' for LeRobot's observation.images.wrist, and 'wrist_image' for RLDS's
+    steps/observation/wrist_image (RLDS paths were refused: only '.' separators were matched)."""
+    from selfflow_robot.policies.policy import validate_obs
+
+    img = np.zeros((8, 10, 3), np.uint8)
+    for views, short in ((["observation.images.top", "observation.images.wrist"], "wrist"),
+                         (["steps/observation/image", "steps/observation/wrist_image"], "wrist_image")):
+        for key in (short, views[1]):
+            assert list(validate_obs({"image": img, "images": {key: img}}, views=views)["images"]) == [views[1]]
+    with pytest.raises(ObservationError, match="lacks camera 'steps/observation/wrist_image'"):
+        validate_obs({"image": img, "images": {"wrist": img}}, views=["steps/observation/image",
+                                                                     "steps/observation/wrist_image"])

@@ -69,6 +69,20 @@ def test_a_misspelt_option_is_one_line_with_a_suggestion(typo):
     assert r.stderr.strip() == "error: unknown option devise (did you mean device?); `--help` lists the options"
 
 
+@pytest.mark.parametrize("args,message", [
+    # suggestions come from the dataset chosen on the command line, not the default (Meta-World) one
+    (["dataset=rt1", "dataset.on_eror=skip"], "unknown option dataset.on_eror (did you mean dataset.on_error?)"),
+    (["dataset=rt1", "dataset.rlds.imag=x"], "unknown option dataset.rlds.imag (did you mean dataset.rlds.image?)"),
+    (["dataset=rt1", "dataset.camera=wrist"], "unknown option dataset.camera (did you mean dataset.rlds.image?)"),
+    (["dataset=lerobot", "dataset.camera=a,b"], "write a list as key=[a,b]"),
+])
+def test_option_mistakes_get_advice_for_the_chosen_groups(args, message):
+    from selfflow_robot.cli import check_overrides
+
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        check_overrides("finetune", args)
+
+
 @pytest.mark.timeout(150)
 def test_serve_end_to_end(tmp_path, monkeypatch):
     try:
