@@ -1,6 +1,8 @@
 """Synthetic LeRobotDataset folders in the v2.1 and v3.0 layouts, written with pyarrow and ffmpeg
 as LeRobot writes them (per-episode files in v2.1; shared files and from/to timestamps in v3.0),
-for the tests and `python -m selfflow_robot.data bench`.
+for the tests and `python -m selfflow_robot.data bench`, and for trying the LeRobot path without a
+download: `python -m selfflow_robot.data.synthetic_lerobot OUT [--version v3.0|v2.1] [--episodes N]
+[--steps T] [--wrist] [--texture]` (then `finetune dataset=lerobot data_dir=OUT`).
 
 Frame k of episode e has mean brightness 40 + 8k + 3e (codec-proof: decoded frames are matched
 by their mean; `texture=True` adds a moving zero-mean pattern so that video decoding costs what
@@ -9,8 +11,10 @@ camera footage costs), action[:, 0] = 100 e + k, state[:, 0] = -k. An optional w
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -176,3 +180,36 @@ def write_v30(root: str, size=(64, 80), codec: str = "libx264", lengths=LENGTHS,
     with open(os.path.join(root, "meta", "info.json"), "w") as f:
         json.dump(_info("v3.0", size, True, lengths, codec, wrist, data_path=data_path, video_path=video_path), f)
     return root
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m selfflow_robot.data.synthetic_lerobot",
+                                description="Write a synthetic LeRobotDataset folder (needs pyarrow and ffmpeg: "
+                                            "pip install 'selfflow-robot[lerobot]'); OUT must not exist yet.")
+    p.add_argument("out", metavar="OUT", help="dataset folder to create (then: dataset=lerobot data_dir=OUT)")
+    p.add_argument("--version", choices=("v3.0", "v2.1"), default="v3.0", help="LeRobot layout (v3.0)")
+    p.add_argument("--episodes", type=int, default=len(LENGTHS), help=f"number of episodes ({len(LENGTHS)})")
+    p.add_argument("--steps", type=int, default=None, help=f"steps per episode (default: {', '.join(map(str, LENGTHS))}, "
+                                                            "repeated)")
+    p.add_argument("--wrist", action="store_true", help=f"add observation.images.wrist ({WRIST_SIZE[0]}x"
+                                                        f"{WRIST_SIZE[1]}; v3.0 only)")
+    p.add_argument("--texture", action="store_true", help="moving texture, so video decoding costs what footage "
+                                                          "costs (v3.0 only)")
+    args = p.parse_args(argv)
+    if args.episodes < 1 or (args.steps is not None and args.steps < 2):
+        p.error("--episodes must be at least 1 and --steps at least 2")
+    if args.version == "v2.1" and (args.wrist or args.texture):
+        p.error("--wrist and --texture are written in the v3.0 layout only")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        sys.exit(f"error: {args.out} exists and is not empty; choose a new folder")
+    lengths = tuple(args.steps or LENGTHS[e % len(LENGTHS)] for e in range(args.episodes))
+    if args.version == "v2.1":
+        write_v21(args.out, lengths=lengths)
+    else:
+        write_v30(args.out, lengths=lengths, texture=args.texture, wrist=args.wrist)
+    print(f"wrote {args.episodes} episodes ({sum(lengths)} frames, LeRobotDataset {args.version}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
