@@ -154,3 +154,20 @@ def test_synthetic_dataset_command_writes_a_readable_folder(tmp_path, capsys):
         main([out])
     with pytest.raises(SystemExit):  # argparse: --wrist is a v3.0 layout
         main([str(tmp_path / "v21"), "--version", "v2.1", "--wrist"])
+
+
+def test_a_lerobot_folder_changed_in_place_is_converted_again(tmp_path, monkeypatch):
+    """`lerobot record --resume` adds episodes to the same folder: the cached store of the old
+    contents was reused silently (same config, same hash)."""
+    monkeypatch.setenv("SELFFLOW_DATA_CACHE", str(tmp_path / "cache"))
+    root = str(tmp_path / "ds")
+    cfg = compose("data", ["dataset=lerobot", f"data_dir={root}", "dataset.progress=false",
+                           "dataset.image_size=[32,40]"]).dataset
+    write_v30(root)
+    first = open_store(cfg)
+    assert len(first) == len(LENGTHS)
+    shutil.rmtree(root)
+    write_v30(root, lengths=(*LENGTHS, 6))
+    second = open_store(cfg)
+    assert len(second) == len(LENGTHS) + 1 and second.path != first.path
+    assert open_store(cfg).path == second.path  # unchanged files: the same store, not a rebuild

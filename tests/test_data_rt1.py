@@ -142,6 +142,10 @@ def test_generic_mapping_other_keys(builder_dir):
     assert ep["images"].shape == (10, 16, 20, 3)
     with pytest.raises(ValueError, match="no feature 'steps/action/nope'"):
         RLDSReader(builder_dir, RLDSMapping(actions=["steps/action/nope"]))
+    # a misspelt key names the likely one and what its parent holds
+    with pytest.raises(ValueError, match=r"no feature 'steps/observation/imagex' \(did you mean "
+                                         r"'steps/observation/image'\?\); steps/observation/ holds .*\bimage\b"):
+        RLDSReader(builder_dir, RLDSMapping(image="steps/observation/imagex"))
     with pytest.raises(ValueError, match="unknown RLDS mapping keys"):
         RLDSMapping.from_config({"actoins": []})
 
@@ -314,3 +318,137 @@ def test_two_cameras_are_tiled_side_by_side(tmp_path):
     for k in range(4):  # scene camera left, wrist camera right (JPEG and resize tolerance)
         assert np.abs(images[k, :, :80] - small(frame(1, k))).mean() < 6
         assert np.abs(images[k, :, 80:] - small(wrist_frame(1, k))).mean() < 6
+
+
+# -- store identity, truncated shards, data_dir mistakes, the fixture writer -----------------
+
+def _copy_builder(builder_dir, dst):
+    """A copy of the fixture (3 episodes in one shard): (shard path, its raw records)."""
+    from selfflow_robot.data.rlds import read_tfrecord
+
+    shutil.copytree(builder_dir, dst)
+    shard = glob.glob(str(dst / "*.tfrecord-*"))[0]
+    return shard, [r for _, r in read_tfrecord(shard)]
+
+
+def _truncate(shard, records, keep):
+    """Cut the shard 20 bytes into record `keep`, as a partly copied file ends."""
+    os.truncate(shard, sum(12 + len(r) + 4 for r in records[:keep]) + 20)
+
+
+def cache_cfg(data_dir, *extra):
+    """dataset=rt1 with its store in the cache ($SELFFLOW_DATA_CACHE), named by the hash."""
+    return compose("data", ["dataset=rt1", f"data_dir={data_dir}", "dataset.progress=false",
+                            "dataset.image_size=[16,20]", *extra]).dataset
+
+
+def test_store_identity_follows_on_error_and_source_files(builder_dir, tmp_path, monkeypatch):
+    from selfflow_robot.data import store_path
+
+    monkeypatch.setenv("SELFFLOW_DATA_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    shard, records = _copy_builder(builder_dir, src)
+    good = tmp_path / "good_shard"
+    shutil.copy(shard, good)
+    _truncate(shard, records, keep=1)
+    skip_store = open_store(cache_cfg(src, "dataset.on_error=skip"))
+    assert len(skip_store) == 1
+    shutil.copy(good, shard)  # the good shard is back: a new store, not the skip one
+    store = open_store(cache_cfg(src))
+    assert len(store) == 3 and store.path != skip_store.path
+    assert store_path(cache_cfg(src, "dataset.on_error=skip")) != store.path  # same files, other policy
+    assert store_path(cache_cfg(src)) == store.path  # unchanged files: the same store
+    write_tfrecord(shard, records[:2])  # regenerated with 2 episodes at the same data_dir
+    info = json.loads((src / "dataset_info.json").read_text())
+    info["splits"][0]["shardLengths"] = ["2"]
+    (src / "dataset_info.json").write_text(json.dumps(info))
+    assert len(open_store(cache_cfg(src))) == 2
+
+
+def test_reopening_a_store_built_with_skips_warns(builder_dir, tmp_path, recwarn):
+    shard, records = _copy_builder(builder_dir, tmp_path / "src")
+    _truncate(shard, records, keep=1)
+    cfg = rt1_cfg(str(tmp_path / "src"), tmp_path / "store", "dataset.image_size=[16,20]", "dataset.on_error=skip")
+    assert len(open_store(cfg)) == 1
+    assert not recwarn.list  # the build itself printed its report
+    with pytest.warns(UserWarning, match=r"built with on_error=skip: 2 episodes were skipped.*conversion.json"):
+        assert len(open_store(cfg)) == 1
+
+
+def test_explicit_store_dir_warns_when_the_source_changed(builder_dir, tmp_path):
+    shard, records = _copy_builder(builder_dir, tmp_path / "src")
+    cfg = rt1_cfg(str(tmp_path / "src"), tmp_path / "store", "dataset.image_size=[16,20]")
+    assert len(open_store(cfg)) == 3
+    write_tfrecord(shard, records[:2])
+    os.utime(shard, (1, 1))  # an mtime surely different from the conversion's
+    with pytest.warns(UserWarning, match="converted from other files.*delete it to convert again"):
+        assert len(open_store(cfg)) == 3  # store_dir is the user's: kept, but not silently
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_truncated_shard_counts_every_lost_episode(builder_dir, tmp_path, capsys, workers):
+    shard, records = _copy_builder(builder_dir, tmp_path / "src")
+    name = os.path.basename(shard)
+    _truncate(shard, records, keep=1)  # record 1 cut short: 1 and 2 are lost (shardLengths: 3)
+    with pytest.raises(DataError, match=rf"{name}:1: truncated record.*ended after 1 of 3 episodes.*2 episodes lost"):
+        open_store(rt1_cfg(str(tmp_path / "src"), tmp_path / "r", "dataset.image_size=[16,20]"))
+    store = open_store(rt1_cfg(str(tmp_path / "src"), tmp_path / "s", "dataset.image_size=[16,20]",
+                               "dataset.on_error=skip", f"dataset.workers={workers}"))
+    assert len(store) == 1
+    summary = json.loads((tmp_path / "s" / "conversion.json").read_text())["summary"]
+    assert summary["skipped"] == 2 and len(summary["skipped_items"]) == 1
+    assert "ended after 1 of 3 episodes" in summary["skipped_items"][0]
+    assert "skipped 2 episodes" in capsys.readouterr().err
+    write_tfrecord(shard, records[:2])  # cut between records: nothing fails to read, 1 lost
+    store = open_store(rt1_cfg(str(tmp_path / "src"), tmp_path / "s2", "dataset.image_size=[16,20]",
+                               "dataset.on_error=skip", f"dataset.workers={workers}"))
+    summary = json.loads((tmp_path / "s2" / "conversion.json").read_text())["summary"]
+    assert len(store) == 2 and summary["skipped"] == 1
+    assert f"episode {name}:2..2" in summary["skipped_items"][0]
+    assert "ended after 2 of 3 episodes" in summary["skipped_items"][0]
+
+
+def test_data_dir_mistakes_are_named_before_any_store_folder(builder_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SELFFLOW_DATA_CACHE", str(cache))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_store(cache_cfg(tmp_path / "nope"))
+    parent = os.path.dirname(builder_dir)  # .../fractal20220817_data
+    for wrong in (parent, os.path.dirname(parent)):  # the dataset folder, synthetic_rt1's OUT
+        with pytest.raises(FileNotFoundError, match=f"did you mean '{builder_dir}'"):
+            open_store(cache_cfg(wrong))
+    multi = tmp_path / "multi"
+    for v in ("0.1.0", "1.0.0"):
+        (multi / v).mkdir(parents=True)
+        (multi / v / "dataset_info.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"did you mean one of .*0\.1\.0.*1\.0\.0"):
+        open_store(cache_cfg(multi))
+    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
+        open_store(rt1_cfg(str(tmp_path), tmp_path / "store"))
+    assert not cache.exists() and not (tmp_path / "store").exists()  # no empty folder with a .build.lock
+
+
+def _synthetic(*args):
+    return subprocess.run([sys.executable, "-m", "selfflow_robot.data.synthetic_rt1", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+
+
+def test_synthetic_writer_command_line(builder_dir, tmp_path):
+    r = _synthetic()
+    assert r.returncode == 2 and "usage:" in r.stderr and "Traceback" not in r.stderr
+    r = _synthetic(tmp_path / "x", 3, 10, "fancy")
+    assert r.returncode == 2 and "invalid choice: 'fancy'" in r.stderr and not (tmp_path / "x").exists()
+    out = tmp_path / "out"
+    shutil.copytree(os.path.dirname(os.path.dirname(builder_dir)), out)
+    builder = out / "fractal20220817_data" / "0.1.0"
+    r = _synthetic(out, 3, 10)  # the fixture's own settings: kept as it is
+    assert r.returncode == 0 and "kept" in r.stdout, r.stderr
+    r = _synthetic(out, 2, 3)  # other settings: written again, not the old episodes
+    assert r.returncode == 0, r.stderr
+    assert json.loads((builder / "dataset_info.json").read_text())["splits"][0]["shardLengths"] == ["2"]
+    mapping = RLDSMapping.from_config(compose("data", ["dataset=rt1"]).dataset.rlds)
+    eps = list(RLDSReader(str(builder), mapping, image_size=(8, 10)).episodes())
+    assert [len(e["actions"]) for e in eps] == [3, 3]
+    os.remove(builder / "synthetic_rt1.json")  # not ours (e.g. the real data): refused
+    r = _synthetic(out, 4)
+    assert r.returncode == 1 and "not written by this tool" in r.stderr

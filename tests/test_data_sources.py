@@ -82,6 +82,24 @@ def test_every_dataset_config_composes():
     assert compose("data", ["dataset=rt1", "data_dir=/x"]).dataset.data_dir == "/x"
 
 
+def test_store_path_hashes_on_error_skip_only(tmp_path, monkeypatch):
+    """on_error=skip gets a store of its own; the default (raise) adds nothing to the hash."""
+    from omegaconf import OmegaConf
+
+    from selfflow_robot.data import store_path
+
+    monkeypatch.setenv("SELFFLOW_DATA_CACHE", str(tmp_path))
+    for name in ("lerobot", "video_folder", "rt1"):
+        cfg = compose("data", [f"dataset={name}", "data_dir=/some/where"]).dataset
+        without = OmegaConf.to_container(cfg, resolve=True)
+        without.pop("on_error", None)
+        assert store_path(cfg) == store_path(without), name
+        skip = compose("data", [f"dataset={name}", "data_dir=/some/where", "dataset.on_error=skip"]).dataset
+        assert store_path(skip) != store_path(cfg), name
+    mw = compose("data", ["dataset=metaworld"]).dataset
+    assert store_path(mw) == store_path(dict(OmegaConf.to_container(mw, resolve=True), on_error="skip"))
+
+
 def test_stats_command_prints_json(tmp_path):
     write_store(tmp_path / "s")
     r = subprocess.run([sys.executable, "-m", "selfflow_robot.data", "stats", "dataset=store",

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -23,6 +25,67 @@ import numpy as np
 from .errors import DataError, SkipLog
 
 GRIPPER_MODES = ("none", "rel2abs", "invert")
+_EXAMPLE_DIR = ".../fractal20220817_data/0.1.0"
+
+
+def check_builder_dir(data_dir, dataset: str = "an RLDS dataset") -> str:
+    """The expanded TFDS builder directory, or an error saying what is wrong with `data_dir`
+    (missing, or a parent folder: then the version folder(s) inside it are named)."""
+    if not data_dir:
+        raise ValueError(f"{dataset} needs data_dir=PATH (the TFDS builder directory, e.g. {_EXAMPLE_DIR})")
+    path = os.path.expanduser(os.fspath(data_dir))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data_dir '{path}' does not exist (the TFDS builder directory, e.g. {_EXAMPLE_DIR})")
+    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+        return path
+    # The dataset folder (fractal20220817_data) or the folder above it (synthetic_rt1's OUT)
+    found = sorted(os.path.dirname(p) for depth in ("*", "*/*")
+                   for p in glob.glob(os.path.join(glob.escape(path), depth, "dataset_info.json")))
+    hint = (f"; did you mean '{found[0]}'?" if len(found) == 1 else
+            f"; did you mean one of {found[:5]}?" if found else f", e.g. {_EXAMPLE_DIR}")
+    raise FileNotFoundError(f"'{path}' is not a TFDS builder directory (it needs dataset_info.json, features.json "
+                            f"and tfrecord shards{hint}); pass data_dir=PATH")
+
+
+def shard_lengths(data_dir: str, split: str) -> dict:
+    """{shard file name: episode count} from dataset_info.json's splits[].shardLengths (TFDS's
+    `-NNNNN-of-MMMMM` names only); {} when it does not say."""
+    try:
+        with open(os.path.join(data_dir, "dataset_info.json"), encoding="utf-8") as f:
+            splits = json.load(f).get("splits") or []
+        lengths = next((s.get("shardLengths") for s in splits if s.get("name") == split), None) or []
+        lengths = [int(n) for n in lengths]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    out = {}
+    for path in glob.glob(os.path.join(glob.escape(data_dir), f"*-{split}.tfrecord-*")):
+        m = re.search(r"-(\d+)-of-(\d+)$", path)
+        if m and int(m.group(2)) == len(lengths) and int(m.group(1)) < len(lengths):
+            out[os.path.basename(path)] = lengths[int(m.group(1))]
+    return out
+
+
+class EpisodeSkipLog(SkipLog):
+    """A SkipLog counting lost episodes, not messages: one message may stand for several
+    episodes (the rest of a truncated shard), so that totals say what was really lost."""
+
+    def __init__(self, on_error: str = "raise"):
+        super().__init__(on_error)
+        self.counts: list[int] = []
+
+    def handle(self, err: DataError, lost: int = 1) -> None:
+        super().handle(err)
+        self.counts.append(lost)
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def report(self, what: str = "episodes") -> str:
+        head = f"skipped {len(self)} {what} with bad data"
+        if len(self.items) != len(self):
+            head += f" ({len(self.items)} problems)"
+        return head + ("" if not self.items else ":\n  " + "\n  ".join(self.items[:20]) +
+                       (f"\n  ... and {len(self.items) - 20} more" if len(self.items) > 20 else ""))
 
 
 def rel2abs_gripper(rel: np.ndarray, threshold: float = 0.1) -> np.ndarray:
@@ -140,6 +203,29 @@ def write_tfrecord(path: str, records) -> None:
             f.write(head + masked(head) + bytes(r) + masked(bytes(r)))
 
 
+def _feature_paths(node, prefix: str = "") -> list[str]:
+    """Every leaf feature as a 'steps/observation/image' path (a Dataset feature holds its steps'
+    FeaturesDict in .feature)."""
+    if not hasattr(node, "keys") and hasattr(node, "feature"):
+        return _feature_paths(node.feature, prefix)
+    if not hasattr(node, "keys"):
+        return [prefix.rstrip("/")]
+    return [p for k in node.keys() for p in _feature_paths(node[k], f"{prefix}{k}/")]
+
+
+def _missing_feature(features, key: str, data_dir: str) -> ValueError:
+    import difflib
+
+    paths = _feature_paths(features)
+    close = difflib.get_close_matches(key, paths, n=1, cutoff=0.6)
+    parent = key.rsplit("/", 1)[0] + "/"
+    siblings = sorted(p.rsplit("/", 1)[-1] for p in paths if p.startswith(parent) and "/" not in p[len(parent):])
+    return ValueError(f"{data_dir}: the dataset has no feature '{key}'"
+                      + (f" (did you mean '{close[0]}'?)" if close else "")
+                      + (f"; {parent} holds {', '.join(siblings)}" if siblings else "")
+                      + " (check the dataset.rlds key mapping)")
+
+
 def _feature_spec(features, path: str):
     node = features
     for part in path.split("/"):
@@ -159,26 +245,23 @@ class RLDSReader:
     """
 
     def __init__(self, data_dir: str, mapping: RLDSMapping, image_size=None, on_error: str = "raise"):
-        data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else data_dir
-        if not data_dir or not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-            raise FileNotFoundError(
-                f"'{data_dir}' is not a TFDS builder directory (it needs dataset_info.json, features.json and "
-                "tfrecord shards, e.g. .../fractal20220817_data/0.1.0); pass data_dir=PATH")
+        data_dir = check_builder_dir(data_dir)
         import tensorflow_datasets as tfds  # no TensorFlow import on this path
 
-        self.data_dir, self.mapping, self.skips = data_dir, mapping, SkipLog(on_error)
+        self.data_dir, self.mapping, self.skips = data_dir, mapping, EpisodeSkipLog(on_error)
         self.info = tfds.builder_from_directory(data_dir).info
         self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         pattern = os.path.join(data_dir, f"*-{mapping.split}.tfrecord-*")
         self.files = sorted(glob.glob(pattern))
         if not self.files:
             raise FileNotFoundError(f"no tfrecord shards matching {pattern}")
+        self.shard_lengths = shard_lengths(data_dir, mapping.split)
         feats = self.info.features
         self.spec = {}
         for key in self._keys():
             f = _feature_spec(feats, key)
             if f is None:
-                raise ValueError(f"{data_dir}: the dataset has no feature '{key}' (check the rlds key mapping)")
+                raise _missing_feature(feats, key, data_dir)
             self.spec[key] = (tuple(f.shape), f.np_dtype)
         self.cameras = mapping.cameras
         self.native_shapes = {c: tuple(self.spec[c][0]) for c in self.cameras}
@@ -205,13 +288,39 @@ class RLDSReader:
         return (h, w * len(self.cameras), 3)
 
     def records(self, files=None):
-        """(file, key, raw bytes) for every record; key = '<shard file name>:<record index>'."""
+        """(file, key, raw bytes) for every record; key = '<shard file name>:<record index>'.
+
+        A shard that ends before the episode count dataset_info.json gives it (shardLengths) is
+        reported with every episode lost, not only the one record that failed to read."""
         for path in files or self.files:
+            seen, pending = 0, None  # the last bad record is held until we know if the file goes on
             for i, raw in read_tfrecord(path):
+                if pending is not None:
+                    self.skips.handle(pending)
+                    pending = None
+                seen = i + 1
                 if isinstance(raw, DataError):
-                    self.skips.handle(raw)
+                    pending = raw
                 else:
                     yield path, f"{os.path.basename(path)}:{i}", raw
+            self._end_of_shard(path, seen, pending)
+
+    def _end_of_shard(self, path: str, seen: int, pending: DataError | None) -> None:
+        name = os.path.basename(path)
+        expected = self.shard_lengths.get(name)
+        good = seen - (pending is not None)  # records read before the last one, if that failed
+        if expected is None or expected <= good + (pending is not None):
+            if pending is not None:
+                self.skips.handle(pending)
+            return
+        lost = expected - good
+        ended = (f"the shard ended after {good} of {expected} episodes (dataset_info.json shardLengths; "
+                 f"truncated or partly copied file): {lost} episodes lost")
+        if pending is not None:
+            self.skips.handle(DataError(f"{pending.problem}; {ended}", file=pending.file, episode=pending.episode,
+                                        field=pending.field), lost)
+        else:
+            self.skips.handle(DataError(ended, file=path, episode=f"{name}:{good}..{expected - 1}"), lost)
 
     def episodes(self, files=None, skip_keys=None):
         """Yield standardised episodes; keys in `skip_keys` are not decoded (resuming)."""

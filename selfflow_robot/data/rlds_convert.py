@@ -26,8 +26,8 @@ class _ForwardErrors:
     def __init__(self, queue):
         self.queue = queue
 
-    def handle(self, err: DataError) -> None:
-        self.queue.put(("error", _error_fields(err)))
+    def handle(self, err: DataError, lost: int = 1) -> None:
+        self.queue.put(("error", (_error_fields(err), lost)))
 
 
 def _worker(queue, data_dir, mapping: dict, image_size, files, skip_keys) -> None:
@@ -60,7 +60,8 @@ def _parallel_episodes(reader: RLDSReader, skip_keys: frozenset, workers: int):
             if kind == "episode":
                 yield payload
             elif kind == "error":
-                reader.skips.handle(DataError(**payload))
+                fields, lost = payload
+                reader.skips.handle(DataError(**fields), lost)
             elif kind == "done":
                 running -= 1
             else:

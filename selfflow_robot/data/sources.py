@@ -8,8 +8,10 @@ source: lerobot       a local LeRobotDataset folder (v2.x or v3.0) at `path`, co
 
 Converted stores live in `store_dir`, or by default under $SELFFLOW_DATA_CACHE
 (~/.cache/selfflow_robot/stores) in a folder named after the dataset and a hash of every
-setting that changes its contents. A conversion that is interrupted resumes on the next call
-(episode keys); `conversion.json` marks a finished one, so later calls only open the store.
+setting that changes its contents (on_error=skip included) and of the source files' names,
+sizes and mtimes (RLDS, LeRobot, video folders), so changed data gets a new store. A conversion that is interrupted
+resumes on the next call (episode keys); `conversion.json` marks a finished one, so later calls
+only open the store (and warn if it was built with skipped episodes).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 
 from .store import EpisodeStore, _try_lock, _write_json_atomic
 
@@ -24,9 +27,9 @@ from .store import EpisodeStore, _try_lock, _write_json_atomic
 _CONTENT_KEYS = {
     "metaworld": ("tasks", "episodes_per_task", "image_size", "camera", "action_repeat", "max_steps", "seed",
                   "keep_failures", "state_mode"),
-    "rlds": ("data_dir", "image_size", "max_episodes", "rlds"),
-    "video_folder": ("path", "image_size", "clip_frames", "frame_skip", "max_episodes"),
-    "lerobot": ("path", "image_size", "max_episodes", "camera", "action_key", "state_key"),
+    "rlds": ("data_dir", "image_size", "max_episodes", "rlds", "on_error"),
+    "video_folder": ("path", "image_size", "clip_frames", "frame_skip", "max_episodes", "on_error"),
+    "lerobot": ("path", "image_size", "max_episodes", "camera", "action_key", "state_key", "on_error"),
 }
 
 
@@ -59,13 +62,56 @@ def store_path(cfg) -> str:
     if source not in _CONTENT_KEYS:
         raise ValueError(f"unknown dataset source {source!r}; expected store, metaworld, rlds, video_folder or lerobot")
     content = {k: cfg.get(k) for k in _CONTENT_KEYS[source]}
+    # Defaults are left out, so that stores made before the option keep their path
     if content.get("state_mode", "proprio") in (None, "proprio"):
-        content.pop("state_mode", None)  # the default: stores collected before the option keep their path
+        content.pop("state_mode", None)
+    if content.get("on_error", "raise") in (None, "raise"):
+        content.pop("on_error", None)  # a skip store must not be reused by raise, nor the reverse
     for k in ("data_dir", "path"):
         if content.get(k):
             content[k] = os.path.abspath(os.path.expanduser(str(content[k])))
+    if source in ("rlds", "lerobot", "video_folder"):
+        content["files"] = source_fingerprint(cfg)
     digest = hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return os.path.join(cache_root(), f"{cfg.get('name') or source}-{digest}")
+
+
+def _files_fingerprint(root, recursive: bool, keep=lambda rel: True) -> str | None:
+    """A cheap identity of the files under root: relative name, size and mtime (nothing is read);
+    None if root is not a folder."""
+    root = os.path.expanduser(os.fspath(root)) if root else None
+    if not root or not os.path.isdir(root):
+        return None
+    entries = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if recursive else []
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            if not name.startswith(".") and keep(rel):
+                st = os.stat(os.path.join(folder, name))
+                entries.append([rel, st.st_size, st.st_mtime_ns])
+    return hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:12]
+
+
+def source_fingerprint(cfg) -> str | None:
+    """The identity of the files a store is converted from (RLDS: the builder directory's
+    dataset_info.json, features.json and shards; LeRobot and video folders: every file below
+    them, as `lerobot record --resume` adds episodes in place); None for simulated sources."""
+    source = cfg.get("source")
+    if source == "rlds":
+        return _files_fingerprint(cfg.get("data_dir"), recursive=False,
+                                  keep=lambda n: n in ("dataset_info.json", "features.json") or ".tfrecord-" in n)
+    if source in ("lerobot", "video_folder"):
+        return _files_fingerprint(cfg.get("path"), recursive=True)
+    return None
+
+
+def check_source(cfg) -> None:
+    """Errors a build would meet at once (data_dir missing or wrong), before a store folder is made."""
+    if cfg.get("source") == "rlds":
+        from .rlds import check_builder_dir
+
+        check_builder_dir(cfg.get("data_dir"), f"dataset {cfg.get('name') or 'rlds'}")
 
 
 def is_complete(path: str) -> bool:
@@ -90,9 +136,6 @@ def build_store(cfg, progress: bool | None = None) -> dict:
         from .rlds import RLDSMapping, RLDSReader
         from .rlds_convert import convert_rlds
 
-        if not cfg.get("data_dir"):
-            raise ValueError(f"dataset {cfg.get('name')} needs data_dir=PATH (the TFDS builder directory, "
-                             "e.g. .../fractal20220817_data/0.1.0)")
         reader = RLDSReader(cfg["data_dir"], RLDSMapping.from_config(cfg.get("rlds") or {}),
                             image_size=cfg.get("image_size"), on_error=cfg.get("on_error", "raise"))
         meta = {"source": cfg.get("name") or "rlds", "fps": cfg.get("fps"), "data_dir": os.path.abspath(cfg["data_dir"]),
@@ -123,15 +166,37 @@ def build_store(cfg, progress: bool | None = None) -> dict:
     if summary.get("skipped"):
         print(f"[selfflow_robot.data] {out}: skipped {summary['skipped']} episodes with bad data "
               "(listed in conversion.json)", file=sys.stderr)
-    _write_json_atomic(os.path.join(out, "conversion.json"), {"complete": True, "config": cfg, "summary": summary})
+    _write_json_atomic(os.path.join(out, "conversion.json"), {"complete": True, "config": cfg, "summary": summary,
+                                                              "source_fingerprint": source_fingerprint(cfg)})
     return summary
+
+
+def _check_built(path: str, cfg: dict) -> None:
+    """Warn (once per process and store, through `warnings`) about an existing store built with
+    skipped episodes, or one at an explicit store_dir whose source files changed since."""
+    try:
+        with open(os.path.join(path, "conversion.json"), encoding="utf-8") as f:
+            conv = json.load(f)
+    except (OSError, ValueError):
+        return
+    skipped = (conv.get("summary") or {}).get("skipped") or 0
+    if skipped:
+        warnings.warn(f"the store {path} was built with on_error=skip: {skipped} episodes were skipped "
+                      f"(listed under summary.skipped_items in {os.path.join(path, 'conversion.json')})",
+                      stacklevel=3)
+    built, now = conv.get("source_fingerprint"), source_fingerprint(cfg)
+    if cfg.get("store_dir") and built and now and built != now:
+        warnings.warn(f"the store {path} was converted from other files than those now at data_dir="
+                      f"{cfg.get('data_dir')} (names, sizes or times differ); delete it to convert again",
+                      stacklevel=3)
 
 
 def open_store(cfg, progress: bool | None = None) -> EpisodeStore:
     """The EpisodeStore of a dataset config, building it first if it is missing or unfinished."""
     plain = _plain(cfg)
-    path = store_path(plain)
+    path, built = store_path(plain), False
     if plain.get("source") != "store" and not is_complete(path):
+        check_source(plain)  # a wrong data_dir leaves no empty store folder behind
         # Several processes (DDP ranks, parallel jobs) may ask at once: one builds, the
         # others wait on the lock and then find the finished store.
         os.makedirs(path, exist_ok=True)
@@ -139,8 +204,11 @@ def open_store(cfg, progress: bool | None = None) -> EpisodeStore:
         try:
             if not is_complete(path):
                 build_store(plain, progress)
+                built = True  # build_store reported its skips itself
         finally:
             lock.close()
+    if not built:
+        _check_built(path, plain)
     return EpisodeStore(path)
 
 

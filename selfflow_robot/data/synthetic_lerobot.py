@@ -82,6 +82,7 @@ def _write_mp4(path: str, video: np.ndarray, codec: str = "libx264") -> None:
     import imageio.v2 as imageio
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder library logs its banner past ffmpeg's log level
     with imageio.get_writer(path, fps=FPS, codec=codec, macro_block_size=1, ffmpeg_log_level="error") as w:
         for f in video:
             w.append_data(f)

@@ -4,12 +4,15 @@ for tests and benchmarks (the real 111 GiB set cannot be downloaded everywhere).
 `fractal_episode(i)` is the single source of truth for the contents: the writer (run in a
 separate process because it imports TensorFlow, which must stay out of training and rendering
 processes) and the tests (which never import TF) both call it.
-`python -m selfflow_robot.data.synthetic_rt1 OUT_DIR NUM_EPISODES [STEPS] [photo]` writes
-OUT_DIR/fractal20220817_data/0.1.0/.
+`python -m selfflow_robot.data.synthetic_rt1 OUT_DIR NUM_EPISODES [STEPS] [plain|photo] [single|wrist]`
+writes OUT_DIR/fractal20220817_data/0.1.0/ (see --help for what happens when it exists).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -173,6 +176,55 @@ def write_fractal_rlds(out_dir: str, num_episodes: int = 3, steps: int = 10, pho
     return os.path.join(out_dir, "fractal20220817_data", "0.1.0")
 
 
+MARKER = "synthetic_rt1.json"  # in the builder dir: the settings it was written with
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m selfflow_robot.data.synthetic_rt1",
+        description="Write synthetic RT-1 (fractal20220817_data) RLDS data to OUT/fractal20220817_data/0.1.0 "
+                    "(imports TensorFlow: run it as its own process). If that folder exists: written by this "
+                    "tool with the same settings, it is kept; with other settings, it is deleted and written "
+                    "again; anything else there (no synthetic_rt1.json, e.g. the real data) is refused.")
+    p.add_argument("out", metavar="OUT", help="output folder (use OUT/fractal20220817_data/0.1.0 as data_dir)")
+    p.add_argument("episodes", metavar="N", type=_positive, help="number of episodes")
+    p.add_argument("steps", metavar="STEPS", type=_positive, nargs="?", default=10, help="steps per episode (10)")
+    p.add_argument("style", nargs="?", default="plain", choices=("plain", "photo"),
+                   help="plain: smooth frames; photo: textured frames, closer to real JPEG sizes (plain)")
+    p.add_argument("cameras", nargs="?", default="single", choices=("single", "wrist"),
+                   help="wrist: add a half-size steps/observation/wrist_image (single)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    settings = {"episodes": args.episodes, "steps": args.steps, "style": args.style, "cameras": args.cameras}
+    builder = os.path.join(args.out, "fractal20220817_data", "0.1.0")
+    marker = os.path.join(builder, MARKER)
+    if os.path.exists(builder):
+        try:
+            with open(marker, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            sys.exit(f"error: {builder} exists and was not written by this tool (no readable {MARKER}); "
+                     "choose another OUT or remove it")
+        if old == settings:
+            print(f"{builder} already holds this data ({settings}); kept")
+            return 0
+        print(f"{builder} holds other synthetic data ({old}); writing it again with {settings}")
+        shutil.rmtree(builder)  # TFDS would otherwise keep the old episodes
+    _write(args.out, args.episodes, args.steps, args.style == "photo", args.cameras == "wrist")
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(settings, f)
+    return 0
+
+
 if __name__ == "__main__":
-    _write(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 10,
-           len(sys.argv) > 4 and sys.argv[4] == "photo", len(sys.argv) > 5 and sys.argv[5] == "wrist")
+    sys.exit(main())
