@@ -217,6 +217,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
                            image_size=image_size, normalizer=normalizer, episodes=episodes)
 
     train_set = clips(train_eps)
+    log.info("data: %s: %d episodes (%d steps; %d train, %d validation), trained at %dx%d (stored %dx%d)",
+             store.path, len(store), store.num_steps, len(train_eps), len(val_eps), *image_size, *stored_hw)
     # no more loader processes than cores (torch warns about, and a small machine pays for, more)
     workers = min(int(cfg.trainer.num_workers), os.cpu_count() or 1)
     loader = make_loader(train_set, int(cfg.trainer.batch_size), num_workers=workers,
