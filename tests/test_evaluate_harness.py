@@ -218,10 +218,12 @@ def test_simpler_action_mode_follows_the_training_data(tmp_path, caplog):
     from selfflow_robot.policies.policy import metadata_from_config
 
     rt1 = {"model": {"name": "tiny"}, "dataset": {"source": "rlds", "rlds": {"gripper": "rel2abs"}},
-           "io": {"action_dim": 7}}
+           "io": {"action_dim": 7, "image_size": [64, 80]}}
     ckpt = _fake_checkpoint(tmp_path / "rt1", rt1)
-    assert match_training_env({"env": {"name": "simpler", "action_mode": None}, "policy": ckpt})["env"][
-        "action_mode"] == "eef_rpy_absgrip"
+    env = match_training_env({"env": {"name": "simpler", "action_mode": None}, "policy": ckpt})["env"]
+    assert env["action_mode"] == "eef_rpy_absgrip" and env["image_size"] == [64, 80]  # rendered at the trained size
+    assert match_training_env({"env": {"name": "simpler", "image_size": [256, 320]}, "policy": ckpt})["env"][
+        "image_size"] == [256, 320]
     assert match_training_env({"env": {"name": "simpler", "action_mode": "rt1"}, "policy": ckpt})["env"][
         "action_mode"] == "rt1"  # explicit values win
     assert metadata_from_config(rt1)["training_env"] == {"simpler": {"action_mode": "eef_rpy_absgrip"}}

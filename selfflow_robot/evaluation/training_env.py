@@ -8,7 +8,9 @@ exactly as the data was collected; explicit values always win.
 
 A SIMPLER policy's actions are in its training data's convention: RT-1 / OXE data standardised
 with an absolute gripper (rel2abs, 1 = open) and roll-pitch-yaw deltas is what Octo and OpenVLA
-output, SIMPLER's `eef_rpy_absgrip` action mode. A null `env.action_mode` is taken from the policy.
+output, SIMPLER's `eef_rpy_absgrip` action mode. A null `env.action_mode` is taken from the policy,
+and a null `env.image_size` is the policy's trained frame size (rendered frames are resized once,
+here, instead of travelling to a server at 512x640).
 Served policies send both in their metadata (`training_env`), so ws:// evaluation does the same.
 """
 from __future__ import annotations
@@ -89,17 +91,19 @@ def _served_metadata(cfg: dict) -> dict:
         return dict(client.metadata)
 
 
-def _policy_facts(cfg: dict) -> tuple[int | None, dict | None, dict | None]:
-    """(action_dim, training_env, checkpoint config) of a checkpoint or served policy; Nones when
-    the policy does not say (expert, random, an object, another server)."""
+def _policy_facts(cfg: dict) -> dict:
+    """action_dim, image_size (trained), views, training_env and (a checkpoint's) config of the
+    policy; empty when it does not say (expert, random, an object, another server)."""
     policy = cfg.get("policy")
     if isinstance(policy, str) and policy.startswith(("ws://", "wss://")):
         meta = _served_metadata(cfg)
-        return meta.get("action_dim"), meta.get("training_env"), None
+        return {k: meta.get(k) for k in ("action_dim", "image_size", "views", "training_env")}
     trained = _checkpoint_config(policy)
     if trained is None:
-        return None, None, None
-    return (trained.get("io") or {}).get("action_dim"), training_env(trained), trained
+        return {}
+    io = trained.get("io") or {}
+    return {"action_dim": io.get("action_dim"), "image_size": io.get("image_size"), "views": io.get("views"),
+            "training_env": training_env(trained), "trained": trained}
 
 
 def _check_action_dim(env_name: str, action_dim, policy) -> None:
@@ -127,10 +131,13 @@ def _fill_metaworld(env: dict, trained_env: dict | None, trained: dict | None, s
             env["include_state"] = bool((trained.get("io") or {}).get("state_dim")) if trained else True
 
 
-def _fill_simpler(env: dict, trained_env: dict | None, policy, said: bool) -> None:
+def _fill_simpler(env: dict, facts: dict, policy, said: bool) -> None:
+    if env.get("image_size") is None and facts.get("image_size") and len(facts.get("views") or []) < 2:
+        # rendered frames are resized to what the policy trained on here, not sent at 512x640
+        env["image_size"] = [int(x) for x in facts["image_size"]]
     if env.get("action_mode") is not None:
         return
-    mode = ((trained_env or {}).get("simpler") or {}).get("action_mode")
+    mode = ((facts.get("training_env") or {}).get("simpler") or {}).get("action_mode")
     if mode is None and said:
         log.warning("%s does not say which action convention it was trained in: env.action_mode=env "
                     "(Δxyz, axis-angle, the robot's own gripper); set env.action_mode=eef_rpy_absgrip for "
@@ -143,11 +150,11 @@ def match_training_env(cfg: dict) -> dict:
     action size the env cannot take."""
     env = cfg["env"]
     policy = cfg.get("policy")
-    action_dim, trained_env, trained = _policy_facts(cfg)
-    _check_action_dim(env.get("name"), action_dim, policy)
+    facts = _policy_facts(cfg)
+    _check_action_dim(env.get("name"), facts.get("action_dim"), policy)
     served = isinstance(policy, str) and policy.startswith(("ws://", "wss://"))
     if env.get("name") == "metaworld":
-        _fill_metaworld(env, trained_env, trained, served, policy)
+        _fill_metaworld(env, facts.get("training_env"), facts.get("trained"), served, policy)
     elif env.get("name") == "simpler":
-        _fill_simpler(env, trained_env, policy, said=served or trained is not None)
+        _fill_simpler(env, facts, policy, said=bool(facts))
     return cfg
