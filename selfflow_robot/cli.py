@@ -65,6 +65,9 @@ def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str
 
     short_warnings()
 
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print(command_help(config_name, verbs))
+        raise SystemExit(0)
     verb = _pop_verb(sys.argv, verbs)
     if verbs and verb is None and not any(a.startswith("-") for a in sys.argv[1:]):
         raise SystemExit(f"usage: python -m {sys.modules['__main__'].__spec__.name} "
@@ -174,14 +177,51 @@ def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def _groups_used(config_name: str) -> dict[str, str | None]:
+    """{group: default option} of the command's defaults list (not every group in configs/)."""
+    import yaml
+
+    text = (importlib.resources.files("selfflow_robot.configs") / f"{config_name}.yaml").read_text()
+    out = {}
+    for entry in (yaml.safe_load(text) or {}).get("defaults") or []:
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if not key.startswith("override "):
+                    out[key.removeprefix("optional ")] = value
+    return out
+
+
+def command_help(config_name: str, verbs: tuple[str, ...] = ()) -> str:
+    """`--help`: the groups this command composes (Hydra's own help lists every group of the
+    shared config folder, most of which a command never reads) and its config files with their
+    comments: the command's own, then each group's default option."""
+    root = importlib.resources.files("selfflow_robot.configs")
+    groups = _groups_used(config_name)
+    lines = [f"usage: python -m selfflow_robot.{config_name} " + (f"{{{'|'.join(verbs)}}} " if verbs else "")
+             + ("[group=option ...] " if groups else "") + "[key=value ...]", ""]
+    if groups:
+        lines.append("groups (group=option; the default in brackets):")
+        for group, default in groups.items():
+            options = sorted(f.name[:-5] for f in (root / group).iterdir() if f.name.endswith(".yaml"))
+            lines.append(f"  {group}: " + ", ".join(f"[{o}]" if o == default else o for o in options))
+        lines.append("")
+    lines += [f"options and defaults (configs/{config_name}.yaml):", "",
+              (root / f"{config_name}.yaml").read_text().rstrip(), ""]
+    for group, default in groups.items():
+        if default:
+            lines += [f"{group}={default} (configs/{group}/{default}.yaml; set its keys as {group}.KEY):", "",
+                      (root / group / f"{default}.yaml").read_text().rstrip(), ""]
+    lines.append("flags: --cfg job (print the composed config and exit), -m/--multirun (sweeps), "
+                 "HYDRA_FULL_ERROR=1 (tracebacks)")
+    return "\n".join(lines)
+
+
 def compose_argv(config_name: str, argv: list[str]) -> DictConfig:
     """compose() for commands that run other commands in-process (quickstart, study), which
     cannot sit inside @hydra.main; `--help` prints the config file, `--cfg job` the composed one."""
     short_warnings()
     if "--help" in argv or "-h" in argv:
-        text = (importlib.resources.files("selfflow_robot.configs") / f"{config_name}.yaml").read_text()
-        print(f"python -m selfflow_robot.{config_name} [key=value ...]; keys and defaults "
-              f"(configs/{config_name}.yaml):\n\n{text}")
+        print(command_help(config_name))
         raise SystemExit(0)
     show = "--cfg" in argv
     overrides = [a for i, a in enumerate(argv) if a != "--cfg" and not (i and argv[i - 1] == "--cfg")]

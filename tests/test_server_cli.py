@@ -69,6 +69,19 @@ def test_a_misspelt_option_is_one_line_with_a_suggestion(typo):
     assert r.stderr.strip() == "error: unknown option devise (did you mean device?); `--help` lists the options"
 
 
+def test_help_lists_only_the_groups_a_command_reads():
+    """Hydra's help listed every group of the shared configs/ folder (serve offered dataset=,
+    objective=, trainer=, ... none of which it reads) and dropped the configs' comments."""
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.serve", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m selfflow_robot.serve [key=value ...]")
+    assert "dataset" not in r.stdout and "# python -m selfflow_robot.serve policy=PATH" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.finetune", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "  dataset: bridge, lerobot, [metaworld], rt1, store, video_folder" in r.stdout
+    assert "env:" not in r.stdout and "model=s (configs/model/s.yaml; set its keys as model.KEY)" in r.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     # suggestions come from the dataset chosen on the command line, not the default (Meta-World) one
     (["dataset=rt1", "dataset.on_eror=skip"], "unknown option dataset.on_eror (did you mean dataset.on_error?)"),
