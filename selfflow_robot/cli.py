@@ -97,7 +97,7 @@ def reported_errors(interrupted: str = RESUME_HINT) -> Iterator[None]:
             raise
         raise SystemExit(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)") from None
     except KeyboardInterrupt as e:  # a command may say in the exception what it kept
-        print(f"\ninterrupted: {e or interrupted}", file=sys.stderr)
+        print(f"\ninterrupted: {str(e) or interrupted}", file=sys.stderr)
         raise SystemExit(130) from None
 
 
