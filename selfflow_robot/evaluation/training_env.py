@@ -92,18 +92,17 @@ def _served_metadata(cfg: dict) -> dict:
 
 
 def _policy_facts(cfg: dict) -> dict:
-    """action_dim, image_size (trained), views, training_env and (a checkpoint's) config of the
-    policy; empty when it does not say (expert, random, an object, another server)."""
+    """action_dim, state_dim, image_size (trained), views and training_env of a checkpoint or served
+    policy; empty when it does not say (expert, random, an object)."""
     policy = cfg.get("policy")
     if isinstance(policy, str) and policy.startswith(("ws://", "wss://")):
         meta = _served_metadata(cfg)
-        return {k: meta.get(k) for k in ("action_dim", "image_size", "views", "training_env")}
-    trained = _checkpoint_config(policy)
-    if trained is None:
-        return {}
-    io = trained.get("io") or {}
-    return {"action_dim": io.get("action_dim"), "image_size": io.get("image_size"), "views": io.get("views"),
-            "training_env": training_env(trained), "trained": trained}
+    else:
+        trained = _checkpoint_config(policy)
+        if trained is None:
+            return {}
+        meta = {**(trained.get("io") or {}), "training_env": training_env(trained)}
+    return {k: meta.get(k) for k in ("action_dim", "state_dim", "image_size", "views", "training_env")}
 
 
 def _check_action_dim(env_name: str, action_dim, policy) -> None:
@@ -113,9 +112,9 @@ def _check_action_dim(env_name: str, action_dim, policy) -> None:
                          f"{' or '.join(map(str, dims))}-d ones: it was trained for another robot or env")
 
 
-def _fill_metaworld(env: dict, trained_env: dict | None, trained: dict | None, served: bool, policy) -> None:
+def _fill_metaworld(env: dict, facts: dict, served: bool, policy) -> None:
     unset = [k for k in (*_METAWORLD_DEFAULTS, "include_state") if env.get(k) is None]
-    known = (trained_env or {}).get("metaworld")
+    known = (facts.get("training_env") or {}).get("metaworld") or {}
     if served and unset and not known:
         log.warning("%s does not say which Meta-World settings it was trained with (not a selfflow-robot "
                     "server, or an older one): %s use the defaults %s; set them (e.g. env.action_repeat=4) "
@@ -123,12 +122,10 @@ def _fill_metaworld(env: dict, trained_env: dict | None, trained: dict | None, s
                     {k: _METAWORLD_DEFAULTS.get(k, True) for k in unset})
     for key, default in _METAWORLD_DEFAULTS.items():
         if env.get(key) is None:
-            env[key] = (known or {}).get(key, default) if served else _trained_setting(trained, key, default)
+            env[key] = known.get(key, default)
     if env.get("include_state") is None:  # send state only to policies that condition on it
-        if known:
-            env["include_state"] = bool(known.get("include_state", True))
-        else:
-            env["include_state"] = bool((trained.get("io") or {}).get("state_dim")) if trained else True
+        said = known.get("include_state", facts.get("state_dim"))
+        env["include_state"] = True if said is None else bool(said)
 
 
 def _fill_simpler(env: dict, facts: dict, policy, said: bool) -> None:
@@ -152,9 +149,8 @@ def match_training_env(cfg: dict) -> dict:
     policy = cfg.get("policy")
     facts = _policy_facts(cfg)
     _check_action_dim(env.get("name"), facts.get("action_dim"), policy)
-    served = isinstance(policy, str) and policy.startswith(("ws://", "wss://"))
     if env.get("name") == "metaworld":
-        _fill_metaworld(env, facts.get("training_env"), facts.get("trained"), served, policy)
+        _fill_metaworld(env, facts, isinstance(policy, str) and policy.startswith(("ws://", "wss://")), policy)
     elif env.get("name") == "simpler":
         _fill_simpler(env, facts, policy, said=bool(facts))
     return cfg
