@@ -1,5 +1,6 @@
 """Video/image folders (action-free), the stats command, Hydra dataset configs, the bench."""
 import json
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,52 @@ def test_video_folder_errors(tmp_path):
     (only_bad / "x.mp4").write_bytes(b"junk")
     with pytest.raises(FileNotFoundError, match=str(only_bad)):
         convert_video_folder(str(only_bad), str(tmp_path / "o4"), on_error="skip", progress=False)
+
+
+def test_unreadable_video_is_named_in_one_line_without_the_ffmpeg_banner(tmp_path):
+    root = _folder(tmp_path)
+    (root / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError) as err:
+        convert_video_folder(str(root), str(tmp_path / "o"), image_size=(16, 16), progress=False)
+    msg = str(err.value)
+    assert "broken.mp4" in msg and "Invalid data found" in msg, msg  # the file and ffmpeg's reason
+    assert "\n" not in msg and "ffmpeg version" not in msg and "configuration:" not in msg, msg
+
+
+def test_truncated_faststart_mp4_is_corrupt_not_short(tmp_path):
+    """A faststart mp4 (moov atom first) cut in half decodes without error up to the cut."""
+    import imageio.v2 as imageio
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    rng = np.random.default_rng(0)  # noise: every frame takes about as many bytes
+    frames = [rng.integers(0, 256, (48, 64, 3), np.uint8) for _ in range(40)]
+    imageio.mimwrite(root / "whole.mp4", frames, fps=10, macro_block_size=16,
+                     output_params=["-movflags", "+faststart"])
+    data = (root / "whole.mp4").read_bytes()
+    assert data.index(b"moov") < 64  # right after ftyp
+    (root / "cut.mp4").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.mp4.*truncated: decoded \d+ of 40 frames"):
+        convert_video_folder(str(root), str(tmp_path / "o1"), image_size=(16, 16), clip_frames=8, progress=False)
+    s = convert_video_folder(str(root), str(tmp_path / "o2"), image_size=(16, 16), clip_frames=8, on_error="skip",
+                             progress=False)
+    assert s["files"] == 1 and s["skipped"] == 1 and "cut.mp4" in s["skipped_items"][0]  # whole.mp4 is kept
+    assert re.search(r"its first \d clip\(s\), decoded before this, are kept", s["skipped_items"][0])
+
+
+@pytest.mark.parametrize("name", ["video_folder", "lerobot"])
+def test_data_dir_mistakes_are_named_before_any_store_folder(tmp_path, monkeypatch, name):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SELFFLOW_DATA_CACHE", str(cache))
+    with pytest.raises(ValueError, match="data_dir is not set: point it at") as err:
+        open_store(compose("data", [f"dataset={name}"]).dataset)
+    assert "None" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"'{tmp_path / 'nope'}' does not exist")):
+        open_store(compose("data", [f"dataset={name}", f"data_dir={tmp_path / 'nope'}"]).dataset)
+    if name == "lerobot":  # a folder, but not a dataset's
+        with pytest.raises(FileNotFoundError, match="no meta/info.json"):
+            open_store(compose("data", [f"dataset={name}", f"data_dir={tmp_path}"]).dataset)
+    assert not cache.exists()  # no store folder, no .build.lock
 
 
 def test_video_folder_config(tmp_path):

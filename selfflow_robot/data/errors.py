@@ -1,6 +1,7 @@
 """Bad-data policy shared by every reader and writer: name the file, episode and field."""
 from __future__ import annotations
 
+import os
 import sys
 
 ON_ERROR = ("raise", "skip")
@@ -20,6 +21,19 @@ class DataError(ValueError):
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{', '.join(where)}: {problem}" if where else problem)
+
+
+def check_data_dir(path, dataset: str, what: str) -> str:
+    """The expanded folder a dataset reads (its data_dir), or an error saying that it is unset,
+    missing or not a folder; `what` says what it should hold."""
+    if not path:
+        raise ValueError(f"{dataset}: data_dir is not set: point it at {what} (data_dir=PATH or dataset.path=PATH)")
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{dataset}: data_dir '{path}' does not exist (expected {what})")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{dataset}: data_dir '{path}' is not a folder (expected {what})")
+    return path
 
 
 def check_on_error(on_error: str) -> str:

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from .errors import DataError, SkipLog
+from .errors import DataError, SkipLog, check_data_dir
 
 IMAGE_DTYPES = ("video", "image")
 
@@ -69,6 +69,14 @@ def _matrix(column, n: int, path: str, name: str) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, 1)
 
 
+def check_dataset_dir(root, dataset: str = "a LeRobotDataset") -> str:
+    """The expanded dataset folder, or an error saying that it is unset, missing or lacks meta/info.json."""
+    root = check_data_dir(root, dataset, "a LeRobotDataset folder, the one holding meta/info.json")
+    if not os.path.isfile(os.path.join(root, "meta", "info.json")):
+        raise FileNotFoundError(f"'{root}' is not a LeRobotDataset folder: no meta/info.json")
+    return root
+
+
 class _VideoCursor:
     """Frames of one mp4 in order; episodes of a v3 file are read front to back, so each file is
     decoded once. Asking for an earlier frame reopens the file."""
@@ -106,10 +114,8 @@ class LeRobotReader:
             import pyarrow  # noqa: F401
         except ImportError:
             raise ImportError("reading a LeRobotDataset needs pyarrow: pip install 'selfflow-robot[lerobot]'") from None
-        self.root = os.path.expanduser(str(root))
+        self.root = check_dataset_dir(root)
         info_path = os.path.join(self.root, "meta", "info.json")
-        if not os.path.isfile(info_path):
-            raise FileNotFoundError(f"'{self.root}' is not a LeRobotDataset folder: no meta/info.json")
         with open(info_path, encoding="utf-8") as f:
             self.info = json.load(f)
         self.version = str(self.info.get("codebase_version", "v2.1"))

@@ -107,11 +107,21 @@ def source_fingerprint(cfg) -> str | None:
 
 
 def check_source(cfg) -> None:
-    """Errors a build would meet at once (data_dir missing or wrong), before a store folder is made."""
-    if cfg.get("source") == "rlds":
+    """Errors a build would meet at once (data_dir unset, missing or wrong), before a store folder is made."""
+    source = cfg.get("source")
+    dataset = f"dataset {cfg.get('name') or source}"
+    if source == "rlds":
         from .rlds import check_builder_dir
 
-        check_builder_dir(cfg.get("data_dir"), f"dataset {cfg.get('name') or 'rlds'}")
+        check_builder_dir(cfg.get("data_dir"), dataset)
+    elif source == "video_folder":
+        from .video_folder import check_video_folder
+
+        check_video_folder(cfg.get("path"), dataset)
+    elif source == "lerobot":
+        from .lerobot import check_dataset_dir
+
+        check_dataset_dir(cfg.get("path"), dataset)
 
 
 def is_complete(path: str) -> bool:
@@ -153,8 +163,6 @@ def build_store(cfg, progress: bool | None = None) -> dict:
     elif source == "lerobot":
         from .lerobot import LeRobotReader, convert_lerobot
 
-        if not cfg.get("path"):
-            raise ValueError("dataset=lerobot needs the dataset folder (the one holding meta/info.json): data_dir=PATH")
         reader = LeRobotReader(cfg["path"], camera=cfg.get("camera"), action_key=cfg.get("action_key") or "action",
                                state_key=cfg.get("state_key", "auto"), image_size=cfg.get("image_size"),
                                on_error=cfg.get("on_error", "raise"))

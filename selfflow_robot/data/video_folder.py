@@ -3,15 +3,17 @@
 Videos (mp4, avi, mov, mkv, webm, gif; read with imageio/ffmpeg) are cut into clips of
 `clip_frames` frames (every `frame_skip`-th frame); each folder of images is one sequence in
 file-name order, cut the same way. Frames are centre-cropped to the target aspect ratio and
-resized, so nothing is stretched. Episodes have 0-d actions.
+resized, so nothing is stretched. Episodes have 0-d actions. A video that cannot be read, or
+that decodes to far fewer frames than its header declares (a file cut short), is bad data (on_error).
 """
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
-from .errors import DataError, SkipLog
+from .errors import DataError, SkipLog, check_data_dir
 
 VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -52,12 +54,47 @@ def list_sources(folder: str) -> list[tuple[str, str]]:
     return out
 
 
+def check_video_folder(folder, dataset: str = "a video folder") -> str:
+    """The expanded folder, or an error saying that it is unset, missing or not a folder."""
+    return check_data_dir(folder, dataset, "a folder of .mp4 videos or images")
+
+
+# A video that decodes to fewer frames than this share of what its header promises was cut
+# short (a faststart mp4 cut off after its moov atom decodes without error up to the cut).
+# The slack allows for rounded durations and an audio track that outlasts the video.
+_MIN_DECODED = 0.9
+_FFMPEG_BANNER = re.compile(r"(ffmpeg version|built with|configuration:|lib[a-z]+\s+\d+\.)")
+
+
+def _declared_frames(meta: dict) -> int | None:
+    """Frames in an ffmpeg-read video by its header (duration x fps); None when it gives no duration."""
+    fps, duration = meta.get("fps") or 0, meta.get("duration") or 0
+    n = fps * duration
+    return round(n) if 0 < n < float("inf") else None
+
+
+def _decoder_reason(err: Exception) -> str:
+    """An imageio/ffmpeg error in one line: its summary and ffmpeg's last log line, without the
+    version banner and build configuration that ffmpeg prints first."""
+    summary, _, log = str(err).partition("=== stderr ===")
+    reason = " ".join(summary.split()).rstrip(":")
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip() and not _FFMPEG_BANNER.match(ln.strip())]
+    if lines:
+        reason += ": " + re.sub(r"^\[[^]]*\]\s*", "", lines[-1])  # without its "[in#0 @ 0x...]" tag
+    return f"{type(err).__name__}: {reason}"
+
+
 def _frames(kind: str, path: str):
     if kind == "video":
         import imageio.v2 as imageio
 
         with imageio.get_reader(path) as reader:
-            yield from reader
+            n = 0
+            for n, frame in enumerate(reader, 1):
+                yield frame
+            declared = _declared_frames(reader.get_meta_data())
+            if declared and n < _MIN_DECODED * declared:
+                raise DataError(f"truncated: decoded {n} of {declared} frames", file=path, field="frames")
     else:
         from PIL import Image
 
@@ -74,9 +111,7 @@ def convert_video_folder(folder: str, out: str, image_size=(128, 128), clip_fram
 
     from .store import EpisodeWriter
 
-    folder = os.path.expanduser(str(folder))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"video folder '{folder}' does not exist")
+    folder = check_video_folder(folder)
     sources = list_sources(folder)
     skips = SkipLog(on_error)
     meta = dict(image_shape=[int(image_size[0]), int(image_size[1]), 3], action_dim=0, source="video_folder",
@@ -107,10 +142,11 @@ def convert_video_folder(folder: str, out: str, image_size=(128, 128), clip_fram
                 if k == 0:
                     raise DataError("no frames", file=path, field="frames")
                 readable += 1
-            except DataError as e:
-                skips.handle(e)
-            except Exception as e:  # imageio / PIL / ffmpeg errors for unreadable files
-                skips.handle(DataError(f"cannot read ({type(e).__name__}: {e})", file=path, field="frames"))
+            except Exception as e:  # DataError, or imageio / PIL / ffmpeg errors for unreadable files
+                problem = e.problem if isinstance(e, DataError) else f"cannot read ({_decoder_reason(e)})"
+                # the store cannot take back clips already written: say they stay
+                kept = f"; its first {k} clip(s), decoded before this, are kept" if k else ""
+                skips.handle(DataError(problem + kept, file=path, field="frames"))
         if readable == 0 and len(w) == 0:
             raise FileNotFoundError(f"video folder '{folder}' has no readable videos ({', '.join(VIDEO_EXT)}) "
                                     f"or images ({', '.join(IMAGE_EXT)})")
