@@ -114,6 +114,23 @@ def test_bad_config_is_named():
         build_model("huge")
 
 
+def test_init_mismatch_names_the_differing_setting(tmp_path):
+    """A patch size (or autoencoder) change keeps name/depth/width: the message names the setting."""
+    from selfflow_robot.models.loading import load_backbone
+    from selfflow_robot.train.checkpoint import save_tensors, write_json
+
+    pretrained = build_model("tiny", patch_size=16)
+    save_tensors(pretrained.state_dict(), tmp_path / "model.safetensors")
+    write_json(tmp_path / "config.json", {"model": pretrained.cfg.to_dict()})
+    with pytest.raises(ValueError) as err:
+        load_backbone(build_model("tiny", patch_size=8, action_dim=7), tmp_path)  # fine-tuning adds actions
+    header = str(err.value).splitlines()[0]
+    assert header.endswith("settings that differ (checkpoint vs this run): patch_size 16 vs 8):"), header
+    (tmp_path / "config.json").unlink()  # weights alone: the mismatched tensors still name the cause
+    with pytest.raises(ValueError, match=r"(?s)this run is tiny \(depth 2, width 64\)\):\n  \S+: checkpoint \("):
+        load_backbone(build_model("tiny", patch_size=8), tmp_path)
+
+
 def test_prefix_cache_equals_full_forward(model):
     """Conditioning never attends to generated tokens, so its keys/values can be cached."""
     x = inputs(model)

@@ -1,5 +1,6 @@
 """Objective math: DTS statistics, the teacher's input, and loss values against hand computation."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -185,6 +186,20 @@ def test_repa_loss(tmp_path):
     assert torch.allclose(loss, metrics["flow_video"] + metrics["flow_action"] + 0.5 * rep, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="weights"):
         build_objective(dict(kind="repa", encoder=dict(kind="conv", weights=str(tmp_path / "missing.safetensors"))), model.cfg)
+
+
+def test_repa_without_timm_says_how_to_install_it(tmp_path, monkeypatch):
+    from selfflow_robot.cli import reported_errors
+
+    save_file({}, str(tmp_path / "enc.safetensors"))
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    objective = dict(kind="repa", encoder=dict(kind="timm", name="vit_small_patch14_dinov2",
+                                               weights=str(tmp_path / "enc.safetensors")))
+    with pytest.raises(SystemExit) as exit_, reported_errors():
+        build_objective(objective, build_model("tiny").cfg)
+    assert str(exit_.value).splitlines()[0] == (
+        "error: timm is needed for objective=repa with a timm encoder: pip install timm")
 
 
 def test_bad_mask_ratio_is_named():

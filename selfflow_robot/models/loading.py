@@ -36,13 +36,32 @@ def load_backbone(model: SelfFlowDiT, path) -> list[str]:
     created = [k for k in own if k not in sd]
     problems += [f"  {k}: missing in checkpoint" for k in created if not k.startswith(NEW_LAYER_PREFIXES)]
     if problems:
-        c, saved = model.cfg, describe_model(file.parent)
+        c, saved, differ = model.cfg, describe_model(file.parent), _settings_that_differ(model, file.parent)
         raise ValueError(f"init={path}: {file} does not fit this model ({len(problems)} mismatches; "
                          + (f"the checkpoint is {saved}, " if saved else "")
-                         + f"this run is {c.name} (depth {c.depth}, width {c.width})):\n" + mismatch_report(problems))
+                         + f"this run is {c.name} (depth {c.depth}, width {c.width})"
+                         # a differing patch size or autoencoder leaves those descriptions equal
+                         + (f"; settings that differ (checkpoint vs this run): {', '.join(differ)}" if differ else "")
+                         + "):\n" + mismatch_report(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     _warn_if_prediction_differs(model, file.parent)
     return created
+
+
+# Fine-tuning adds action/state layers to an action-free backbone: a 0 on either side is expected.
+NEW_LAYER_SETTINGS = ("action_dim", "state_dim")
+
+
+def _settings_that_differ(model: SelfFlowDiT, ckpt) -> list[str]:
+    """"patch_size 16 vs 8" for each model setting saved with the checkpoint that this run changes."""
+    from ..train.checkpoint import read_checkpoint_config
+
+    try:
+        saved = read_checkpoint_config(ckpt).get("model") or {}
+    except (FileNotFoundError, ValueError, OSError):  # weights without a config: the tensor list says it all
+        return []
+    return [f"{k} {saved[k]} vs {v}" for k, v in model.cfg.to_dict().items()
+            if k in saved and saved[k] != v and not (k in NEW_LAYER_SETTINGS and 0 in (saved[k], v))]
 
 
 def _warn_if_prediction_differs(model: SelfFlowDiT, ckpt) -> None:

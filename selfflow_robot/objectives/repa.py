@@ -8,6 +8,7 @@ to match it with 1 - cosine per token.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -18,6 +19,16 @@ from .self_flow import SelfFlowObjective, cosine_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _encoder_library(kind: str):
+    """timm or torchvision: optional, only REPA with such an encoder imports them."""
+    try:
+        return importlib.import_module(kind)
+    except ModuleNotFoundError as e:  # the CLI prints an ImportError as one `error:` line
+        if e.name != kind:  # installed, but one of its own dependencies is missing: that error names it
+            raise
+        raise ImportError(f"{kind} is needed for objective=repa with a {kind} encoder: pip install {kind}") from e
 
 
 class ConvEncoder(nn.Module):
@@ -48,12 +59,9 @@ class FrozenEncoder(nn.Module):
         if kind == "conv":
             net = ConvEncoder(dim)
         elif kind == "timm":
-            import timm  # optional: only for REPA with a timm encoder
-
-            net = timm.create_model(name, pretrained=False, num_classes=0)
+            net = _encoder_library("timm").create_model(name, pretrained=False, num_classes=0)
         elif kind == "torchvision":
-            import torchvision  # optional: only for REPA with a torchvision encoder
-
+            torchvision = _encoder_library("torchvision")
             net = nn.Sequential(*list(torchvision.models.get_model(name, weights=None).children())[:-2])
         else:
             raise ValueError(f"objective.encoder.kind must be conv|timm|torchvision, got {kind!r}")
