@@ -37,8 +37,10 @@ def resolve_run_dir(cfg: DictConfig, job: str) -> Path:
     return Path(hydra_run_dir() or root / time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
-# What a run's weights, data and optimisation depend on: a resume takes these from the run.
-RUN_SECTIONS = ("model", "objective", "dataset", "clip", "data_dir", "use_state", "init", "trainer", "validation")
+# What a run's weights, data and optimisation depend on, and where it logs (a run started with
+# wandb off stays off): a resume takes these from the run.
+RUN_SECTIONS = ("model", "objective", "dataset", "clip", "data_dir", "use_state", "init", "trainer", "validation",
+                "logger")
 CONFIG_GROUPS = ("model", "objective", "dataset")
 
 
@@ -136,7 +138,7 @@ def _check_clip_fits(clip, store, finetune: bool) -> None:
 DEFAULT_CLIP_HEIGHT = 64
 
 
-def _clip_image_size(size, stored_hw, patch: int, n_views: int) -> tuple[int, int]:
+def _clip_image_size(size, stored_hw, patch: int, n_views: int, patch_name: str = "model.patch_size") -> tuple[int, int]:
     """The trained frame size. null: at most 64 pixels high with the stored frames' aspect ratio
     (RT-1's 4:5 trains at 64x80), so nothing is squashed; a size given whose aspect differs gets a
     warning, since a policy then squashes the robot's frames the same way."""
@@ -147,7 +149,7 @@ def _clip_image_size(size, stored_hw, patch: int, n_views: int) -> tuple[int, in
         return h, max(unit, round(h * sw / sh / unit) * unit)
     h, w = (int(x) for x in size)
     if h % patch or w % patch:
-        raise ValueError(f"clip.image_size={[h, w]} is not divisible by model.patch_size={patch}")
+        raise ValueError(f"clip.image_size={[h, w]} is not divisible by {patch_name}={patch}")
     if abs((h / w) / (sh / sw) - 1) > 0.1:
         warnings.warn(f"clip.image_size={[h, w]} squashes the stored {sh}x{sw} frames (aspect {h / w:.2f} vs "
                       f"{sh / sw:.2f}); clip.image_size=null keeps the data's aspect ratio", stacklevel=2)
@@ -164,12 +166,16 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     from .objectives import build_objective
     from .train import Trainer
     from .train.loader import make_loader
+    from .train.distributed import agree_on_path, init_distributed
     from .train.trainer import check_config
     from .validation import Validator, split_episodes
 
     accum = int(check_config(cfg.trainer).grad_accum_steps)  # refuses bad trainer keys before data loading
     finetune = job == "finetune"
-    run_dir = resolve_run_dir(cfg, job)
+    ranks = init_distributed(str(cfg.trainer.get("device", "auto")))
+    if not ranks.is_main:  # under torchrun rank 0 reports; the others speak only to warn
+        log.setLevel(logging.WARNING)
+    run_dir = agree_on_path(resolve_run_dir(cfg, job), ranks)
     resuming_from = resume_checkpoint(cfg, run_dir)
     if resuming_from is not None:
         cfg = with_run_settings(cfg, resuming_from)
@@ -191,11 +197,15 @@ def run_training(cfg: DictConfig, job: str) -> dict:
         mcfg.text_embed_dim = int(store.meta["embedding_dim"])
     views = list(store.meta.get("views") or [])
     stored_hw = store.meta["image_shape"][:2]
-    image_size = _clip_image_size(clip.image_size, stored_hw, mcfg.patch_size, len(views))
-    if len(views) > 1 and image_size[1] % (len(views) * mcfg.patch_size):  # no patch may straddle two views
+    # Pixels per token side: a patch of the autoencoder's latent covers `downsample` times more.
+    downsample = int((mcfg.autoencoder or {}).get("downsample", 1))
+    pixel_patch = mcfg.patch_size * downsample
+    patch_name = "model.patch_size" + (f" x the autoencoder's downsample {downsample}" if downsample > 1 else "")
+    image_size = _clip_image_size(clip.image_size, stored_hw, pixel_patch, len(views), patch_name)
+    if len(views) > 1 and image_size[1] % (len(views) * pixel_patch):  # no patch may straddle two views
         raise ValueError(f"the store tiles {len(views)} camera views side by side ({views}): clip.image_size="
-                         f"{list(image_size)} needs a width of {len(views)} x (a multiple of model.patch_size="
-                         f"{mcfg.patch_size})")
+                         f"{list(image_size)} needs a width of {len(views)} x (a multiple of {patch_name}="
+                         f"{pixel_patch})")
     patch_values = mcfg.patch_size**2 * mcfg.in_channels
     if mcfg.video_prediction == "v" and patch_values > mcfg.width:
         # Measured on the quickstart (768 into 128): velocity prediction never generated frames.
@@ -266,6 +276,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     if validator is not None:  # the trainer's final pass, unless it had nothing left to train
         done = validator.last is not None and validator.last[0] == trainer.step
         summary["validation"] = validator.last[1] if done else validator(trainer.ema_model, trainer.step)
+    if not trainer.dist.is_main:  # every rank holds the same summary; one prints it
+        return summary
     log.info("done: %s", summary)
     val = summary.get("validation") or {}
     print(f"run: {run_dir}\ncheckpoint: {summary.get('checkpoint')}\nmetrics: {summary.get('metrics_path')}"

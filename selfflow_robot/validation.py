@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .objectives.self_flow import ObjectiveConfig, SelfFlowObjective
 from .sampling import euler_sample
@@ -13,6 +14,17 @@ def split_episodes(n: int, fraction: float, seed: int = 0) -> tuple[list[int], l
     perm = torch.randperm(n, generator=g).tolist()
     n_val = min(n - 1, max(1, round(n * fraction))) if n > 1 and fraction > 0 else 0
     return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def global_means(totals: dict[str, list[float]], device=None) -> dict[str, float]:
+    """Each metric's mean over every rank's batches. Under torchrun each rank validates its own share
+    of the held-out clips; reporting rank 0's share alone would depend on the number of ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {k: sum(v) / len(v) for k, v in totals.items()}
+    keys = sorted(totals)  # every rank has the same metrics (same data fields, same model)
+    sums = torch.tensor([[sum(totals[k]), len(totals[k])] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return {k: float(total / count) for k, (total, count) in zip(keys, sums.tolist())}
 
 
 class Validator:
@@ -40,7 +52,7 @@ class Validator:
                 if model.action_head is not None and batch.get("actions") is not None and batch["actions"].shape[-1] > 0:
                     totals.setdefault("val_action_mse", []).append(self._action_mse(model, batch))
         model.train(was_training)
-        result = {k: sum(v) / len(v) for k, v in totals.items()}
+        result = global_means(totals, model.type_embed.device)
         self.last = (step, result)
         return result
 

@@ -117,3 +117,60 @@ def test_fsdp_resume_is_exact(tmp_path):
     for name in ("model.safetensors", "trainer_state/student.safetensors", "trainer_state/optimizer.safetensors"):
         a, b = final(run_dir / "straight", name), final(run_dir / "resumed", name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+MEANS_SCRIPT = textwrap.dedent("""
+    import json, os, torch.distributed as dist
+    from selfflow_robot.validation import global_means
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    totals = {"val_flow_loss": [1.0, 3.0] if rank == 0 else [8.0], "val_action_mse": [0.5] if rank == 0 else [1.5]}
+    with open(f"means_rank{rank}.json", "w") as f:  # not stdout: two ranks' lines can interleave
+        json.dump(global_means(totals), f)
+    dist.destroy_process_group()
+""")
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), *args]
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
+
+
+def test_validation_means_cover_every_rank(tmp_path):
+    """Each rank validates its own share of the held-out clips; the reported value is over all of them."""
+    script = tmp_path / "means.py"
+    script.write_text(MEANS_SCRIPT)
+    torchrun([str(script)], tmp_path)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"means_rank{rank}.json").read_text()) == {"val_action_mse": 1.0,
+                                                                                 "val_flow_loss": 4.0}
+
+
+@pytest.fixture(scope="module")
+def blob_store(tmp_path_factory):
+    from tests.data_fixtures import write_blob_store
+
+    return write_blob_store(tmp_path_factory.mktemp("data") / "store")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_finetune_command_under_torchrun(tmp_path, blob_store, parallel):
+    """The real fine-tuning command on two ranks. Its objective calls the model twice per step (joint,
+    then action-only samples: once per DDP forward is what DDP allows), validation samples actions
+    (root-level weights read outside forward under FSDP2), every rank writes into rank 0's run
+    directory, and one rank reports."""
+    out = torchrun(["-m", "selfflow_robot.finetune", "dataset=store", f"data_dir={blob_store}", "model=tiny",
+                    "trainer.batch_size=8", "trainer.num_workers=0", "trainer.steps=4", "trainer.log_every=2",
+                    "trainer.warmup_steps=1", "trainer.ema_decay=0.5", "validation.every=2", "logger.wandb=disabled",
+                    "logger.progress_bar=false", "clip.image_size=[32,32]", f"trainer.parallel={parallel}",
+                    # each rank its own Hydra directory, as when the ranks start a second apart
+                    "hydra.run.dir=outputs/rank${oc.env:RANK}"], tmp_path)
+    assert [line for line in out.stdout.splitlines() if line.startswith("run: ")] == [f"run: {tmp_path}/outputs/rank0"]
+    assert (out.stdout + out.stderr).count("data: ") == 1
+    assert (tmp_path / "outputs" / "rank0" / "checkpoints" / "latest").is_file()
+    assert not (tmp_path / "outputs" / "rank1" / "checkpoints").exists()
+    rows = [json.loads(line) for line in (tmp_path / "outputs" / "rank0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/val_action_mse" in r] == [2, 4]

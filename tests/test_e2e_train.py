@@ -69,6 +69,8 @@ def test_pretrain_lowers_loss_and_resume_is_exact(toy_store, tmp_path, teacher_f
         proc = run("pretrain", f"run_dir={bare}", "resume=true", "trainer.steps=20", "logger.progress_bar=false",
                    cwd=tmp_path)
         assert "as in" in proc.stdout + proc.stderr and "settings that differ" not in proc.stderr
+        resumed = json.load(open(os.path.join(bare, "checkpoints", "step_00000020", "config.json")))
+        assert resumed["logger"]["wandb"] == "disabled"  # the run's logging, not the default (wandb auto)
         third = losses(bare)
         for s in range(1, 21):
             assert third[s] == pytest.approx(first[s], rel=1e-5, abs=1e-6), s
@@ -232,6 +234,13 @@ def test_frozen_autoencoder_train_and_use(toy_store, tmp_path):
     pre = str(tmp_path / "pre")
     run("pretrain", "dataset=store", f"data_dir={toy_store}", *TINY, f"model.autoencoder={ae_dir}", "model.patch_size=2",
         "trainer.steps=3", f"run_dir={pre}", cwd=tmp_path)
+    # 36 pixels is a whole number of 4-pixel (downsample) latents, not of 2 x 4 = 8-pixel patches: refused up front
+    tiny = [a for a in TINY if not a.startswith("clip.image_size")]
+    proc = run("pretrain", "dataset=store", f"data_dir={toy_store}", *tiny, "clip.image_size=[32,36]",
+               f"model.autoencoder={ae_dir}", "model.patch_size=2", "trainer.steps=1", f"run_dir={tmp_path / 'odd'}",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "clip.image_size=[32, 36] is not divisible by model.patch_size x the autoencoder's downsample 4=8" in proc.stderr
     shutil.rmtree(ae_dir)  # the checkpoint carries the frozen weights: it loads without the directory
     model, config = load_checkpoint_model(pre)
     assert config["model"]["in_channels"] == 4 and config["model"]["autoencoder"]["downsample"] == 4

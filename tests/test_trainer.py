@@ -87,10 +87,21 @@ def test_resume_when_finished_or_missing(tmp_path):
     _, first = run(tmp_path, tiny_cfg(steps=4))
     _, again = run(tmp_path, tiny_cfg(steps=4), resume=True)  # nothing left to do
     assert again["final_step"] == 4 and again["checkpoint"] == first["checkpoint"]
+    assert isinstance(first["last_loss"], float) and again["last_loss"] is None  # not NaN: nothing trained
     _, fresh = run(tmp_path / "new", tiny_cfg(steps=2), resume=True)  # no checkpoint yet: start at 0
     assert fresh["final_step"] == 2
     with pytest.raises(FileNotFoundError):
         run(tmp_path / "x", tiny_cfg(steps=2), resume=str(tmp_path / "nowhere"))
+
+
+def test_resume_on_another_number_of_processes_warns(tmp_path):
+    run(tmp_path, tiny_cfg(steps=2))
+    state_file = tmp_path / "checkpoints" / "step_00000002" / "trainer_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2}))  # as if saved under torchrun with 2 ranks
+    with pytest.warns(UserWarning, match="saved by 2 process.* on 1: .*noise streams differ"):
+        _, summary = run(tmp_path, tiny_cfg(steps=4), resume=True)
+    assert summary["final_step"] == 4
 
 
 def test_nan_raises_without_touching_last_checkpoint(tmp_path):

@@ -84,6 +84,10 @@ class Modulation(NamedTuple):
 
 
 class SelfFlowDiT(nn.Module):
+    # Methods that read root-level weights outside forward (objectives, validation and samplers
+    # call them); FSDP2 gathers the weights for these as for forward.
+    FSDP_FORWARD_METHODS = ("encode_prefix", "modulation_schedule", "frames_to_tokens", "tokens_to_frames")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -286,7 +290,7 @@ class SelfFlowDiT(nn.Module):
         def rows(m):
             return m(emb).unsqueeze(1).expand(-1, batch, -1, -1).unbind(0)  # S x [B, 1, C]
 
-        blocks = [rows(b.adaLN_modulation) for b in self.blocks]
+        blocks = [rows(b.modulation) for b in self.blocks]
         video = rows(self.video_head.adaLN_modulation)
         action = rows(self.action_head.adaLN_modulation) if self.action_head is not None else [None] * len(video)
         return [Modulation([b[i] for b in blocks], video[i], action[i]) for i in range(len(video))]

@@ -132,6 +132,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """DiT block with adaLN-Zero; the conditioning arrives as K slot vectors plus a token index."""
 
+    # Methods that read the block's weights outside forward; FSDP2 gathers them for these too.
+    FSDP_FORWARD_METHODS = ("modulation",)
+
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -139,6 +142,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """The adaLN output for conditioning vectors (sampling computes a whole schedule ahead)."""
+        return self.adaLN_modulation(cond)
 
     def forward(self, x, cond_slots, select, rope, n_prefix: int = 0, past=None, kv_out=None, mod=None,
                 kv_only: bool = False):

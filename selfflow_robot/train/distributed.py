@@ -14,9 +14,9 @@ import torch.distributed as dist
 from torch import nn
 
 try:  # public path from torch 2.6
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 except ImportError:  # torch 2.4 / 2.5
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 
 @dataclass
@@ -55,6 +55,22 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def agree_on_path(path, info: DistInfo):
+    """Rank 0's path on every rank. Each torchrun process composes its own config, and a run
+    directory named after the start time can differ by a second between ranks."""
+    if not info.distributed:
+        return path
+    data = torch.zeros(4096, dtype=torch.uint8, device=info.device)
+    if info.is_main:
+        raw = str(path).encode()
+        if len(raw) > data.numel():
+            raise ValueError(f"run directory path longer than {data.numel()} bytes: {path}")
+        data[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(data, src=0)
+    raw = bytes(data.cpu().tolist()).rstrip(b"\0")
+    return type(path)(raw.decode())
 
 
 def barrier() -> None:
@@ -129,45 +145,53 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None, training: bool
         # (training only; the EMA teacher has no backward).
         fully_shard(block, mp_policy=mp, reshard_after_forward=not training or i < len(blocks) - 1)
     fully_shard(model, mp_policy=mp)
+    for module in (*blocks, model):
+        for name in getattr(module, "FSDP_FORWARD_METHODS", ()):
+            register_fsdp_forward_method(module, name)
     return model
 
 
-class _DDP(nn.parallel.DistributedDataParallel):
-    """DDP that forwards attribute lookups (model.cfg, model.encode(...)) to the module,
-    so objectives can treat it like the bare model."""
+class ObjectiveStep(nn.Module):
+    """One training forward: the objective applied to the student (and the EMA teacher).
 
-    def __getattr__(self, name):
-        if name == "module":  # not set yet (inside DDP.__init__): no recursion
-            return super().__getattr__(name)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
+    DDP reduces gradients once per call of the module it wraps, and an objective may call the model
+    more than once per step (joint samples, then action-only ones). So DDP wraps this step, not the
+    model. The objective is held in a tuple, so its own parameters (a projection head) are not
+    registered here. They stay outside DDP, and `all_reduce_grads` averages them."""
+
+    def __init__(self, model: nn.Module, objective):
+        super().__init__()
+        self.model = model
+        self._objective = (objective,)
+
+    def forward(self, ema_model, batch):
+        return self._objective[0](self.model, ema_model, batch)
 
 
 def parallelize(model: nn.Module, ema: nn.Module, mode: str, info: DistInfo, compile: bool,
                 param_dtype: torch.dtype | None, find_unused: bool = True,
-                activation_checkpointing: bool = False) -> tuple[nn.Module, nn.Module]:
-    """Returns (module the objective calls for the student, EMA module).
+                activation_checkpointing: bool = False, objective=None) -> tuple[nn.Module, nn.Module]:
+    """Returns (the step module, `loss, metrics = step(ema, batch)`; the EMA module).
 
-    `model` itself stays the bare module (FSDP2 shards in place, DDP wraps), so state-dict
-    keys never carry `module.` prefixes.
+    `model` itself stays the bare module (FSDP2 shards in place, DDP wraps the step), so state-dict
+    keys never carry `module.` prefixes, and objectives see the model's own attributes.
     """
     if activation_checkpointing and not apply_activation_checkpointing(model):
         raise ValueError("trainer.activation_checkpointing: the model has no blocks/layers ModuleList to checkpoint")
     if compile:
         apply_compile(model)
         apply_compile(ema)
+    step = ObjectiveStep(model, objective)
     if mode == "fsdp":
         apply_fsdp(model, param_dtype)
         apply_fsdp(ema, param_dtype, training=False)  # same sharding as the student: EMA update is shard-local
-        return model, ema
+        return step, ema
     if mode == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         # find_unused_parameters: objectives skip parts of the model in some steps (action-only
         # samples, absent conditioning); the graph walk it adds is cheap next to a DiT step.
-        return _DDP(model, device_ids=ids, find_unused_parameters=find_unused), ema
-    return model, ema
+        return nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=find_unused), ema
+    return step, ema
 
 
 @torch.no_grad()

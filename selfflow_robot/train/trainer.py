@@ -204,10 +204,11 @@ class Trainer:
             objective.prepare_teacher(self.ema_model, self.parallel)
         self.objective = objective
         self.train_module = _TrainModule(model, objective)
-        self.forward_model, self.ema_model = parallelize(
+        self.loss_module, self.ema_model = parallelize(
             model, self.ema_model, self.parallel, self.dist, bool(c.compile),
             torch.bfloat16 if precision == "bf16" else None, bool(c.ddp_find_unused_parameters),
-            bool(c.activation_checkpointing))
+            bool(c.activation_checkpointing), objective=objective)
+        self.forward_model = model  # the student as objectives see it (FSDP2 shards it in place)
         self.optimizer = build_optimizer(dict(self.train_module.named_children()), c, self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.objective_params = [p for p in _module_params(objective) if p.requires_grad]
@@ -288,11 +289,10 @@ class Trainer:
 
     def _grad_sync(self, sync: bool):
         """Gradient accumulation: DDP / FSDP2 communicate only in the last micro-batch's backward."""
-        model = self.forward_model
-        if hasattr(model, "no_sync"):  # DDP
-            return contextlib.nullcontext() if sync else model.no_sync()
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(sync)
+        if hasattr(self.loss_module, "no_sync"):  # DDP
+            return contextlib.nullcontext() if sync else self.loss_module.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
     def _train_step(self, *micro_batches) -> tuple[float, float, dict, bool]:
@@ -305,7 +305,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             with self._grad_sync(i == n - 1):
                 with self._step_context():
-                    loss, metrics = self.objective(self.forward_model, self.ema_model, batch)
+                    loss, metrics = self.loss_module(self.ema_model, batch)
                 (loss / n).backward()
             losses.append(loss.detach())
             rows.append(metrics)
@@ -431,7 +431,8 @@ class Trainer:
                 logger.plot(self.step)  # also after a crash: the curves up to it
                 logger.close()
         elapsed = max(time.perf_counter() - t_start, 1e-9)
-        return dict(final_step=self.step, last_loss=last_loss,
+        # None, not NaN, when this call trained no step (a resume already at trainer.steps)
+        return dict(final_step=self.step, last_loss=None if self.step == start_step else last_loss,
                     metrics_path=str(self.run_dir / "metrics.jsonl"),
                     curves_path=str(self.run_dir / "curves.png") if (self.run_dir / "curves.png").exists() else None,
                     checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
@@ -540,9 +541,13 @@ class Trainer:
         self._warn_config_changes(path)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.nan_skips, self.wandb_id = state.get("nan_skips", 0), state.get("wandb_run_id")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size and self.dist.is_main:
+            warnings.warn(f"resuming a run saved by {saved_world} process(es) on {self.dist.world_size}: the global "
+                          "batch and data order stay the same, but the per-rank noise streams differ, so the "
+                          "continuation is not the one the original run would have had", stacklevel=2)
         rng_file = state_dir / f"rng_rank{self.dist.rank}.json"
         if not rng_file.is_file():  # resumed with more ranks than saved: derive, do not reuse rank 0's
-            warnings.warn(f"{rng_file.name} missing (world size changed?): RNG streams will differ", stacklevel=2)
             seed_everything(int(self.cfg.seed) + self.dist.rank + 1000 * self.step)
         else:
             with open(rng_file) as f:
