@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import tempfile
 import time
@@ -70,8 +71,6 @@ def _time_steps(step, warmup: int, reps: int, device) -> float:
 
 def _profile(step, device, path: str, steps: int = 3, rows: int = 30) -> None:
     """Kernel-level time table of a few steps (torch.profiler), for finding where a step's time goes."""
-    import os
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -89,12 +88,42 @@ def _profile(step, device, path: str, steps: int = 3, rows: int = 30) -> None:
     print(f"profile: {path}", flush=True)
 
 
-def bench_train(cfg: DictConfig) -> list[dict]:
+def _train_setup(cfg: DictConfig, case, kind: str, device, run_dir: str):
+    """A Trainer for one objective on one case's synthetic batch."""
     import torch
 
     from .models import build_model
     from .objectives import build_objective
     from .train import Trainer
+
+    b = cfg.train
+    # Every Block shares one compiled-code cache: without a reset, earlier cases' and objectives'
+    # variants fill it (8 entries) and a later measurement silently ran eager (H100 job,
+    # 2026-11-26: the FP8 teacher at 1536 tokens).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    # Latent-like tokens as in SiT-XL/2 on SD-VAE latents: 2x2 patches of 4 channels = 16 dims.
+    model = build_model(cli.to_container(cfg.model), patch_size=2, in_channels=4, text="none")
+    # "self_flow_fp8": Self-Flow with the teacher's matmuls in FP8 (objective.teacher_fp8).
+    objective = build_objective({"kind": kind.removesuffix("_fp8"), "mask_ratio": float(b.mask_ratio),
+                                 "teacher_fp8": kind.endswith("_fp8")}, model.cfg)
+    batch = {"video_tokens": torch.randn(int(case.batch), int(case.frames), int(case.grid), int(case.grid),
+                                         model.patch_dim, device=device)}
+    tcfg = {"steps": 10**9, "batch_size": int(case.batch), "compile": bool(b.compile), "device": device.type,
+            "warmup_steps": 0, "checkpoint_every": 0, "log_every": 10**9, "num_workers": 0,
+            "attention": str(b.attention), "activation_checkpointing": bool(b.activation_checkpointing)}
+    trainer = Trainer(tcfg, model, objective, [batch], run_dir,
+                      logger_cfg={"wandb": "disabled", "jsonl": False, "progress_bar": False})
+    return trainer, objective, batch
+
+
+def _middle(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def bench_train(cfg: DictConfig) -> list[dict]:
+    import torch
+
     from .train.flops import measure_matmul_peak
 
     b = cfg.train
@@ -103,52 +132,61 @@ def bench_train(cfg: DictConfig) -> list[dict]:
     peak = measure_matmul_peak(str(device))
     emit({"bench": "matmul_peak", "device": _device_name(device), "tflops": peak / 1e12,
           "torch": torch.__version__}, b.out)
+    rounds = int(b.get("rounds", 1))
+    if rounds < 1:
+        raise ValueError(f"train.rounds must be >= 1, got {rounds}")
     results = []
     for case in b.cases:
         frames, grid, batch_size = int(case.frames), int(case.grid), int(case.batch)
-        step_s = {}
-        for kind in b.objectives:
-            # Every Block shares one compiled-code cache: without a reset, earlier cases' and objectives'
-            # variants fill it (8 entries) and a later measurement silently ran eager (H100 job,
-            # 2026-11-26: the FP8 teacher at 1536 tokens).
-            torch._dynamo.reset()
-            torch.manual_seed(0)
-            # Latent-like tokens as in SiT-XL/2 on SD-VAE latents: 2x2 patches of 4 channels = 16 dims.
-            model = build_model(cli.to_container(cfg.model), patch_size=2, in_channels=4, text="none")
-            # "self_flow_fp8": Self-Flow with the teacher's matmuls in FP8 (objective.teacher_fp8).
-            objective = build_objective({"kind": kind.removesuffix("_fp8"), "mask_ratio": float(b.mask_ratio),
-                                         "teacher_fp8": kind.endswith("_fp8")}, model.cfg)
-            batch = {"video_tokens": torch.randn(batch_size, frames, grid, grid, model.patch_dim, device=device)}
-            tcfg = {"steps": 10**9, "batch_size": batch_size, "compile": bool(b.compile), "device": device.type,
-                    "warmup_steps": 0, "checkpoint_every": 0, "log_every": 10**9, "num_workers": 0,
-                    "attention": str(b.attention), "activation_checkpointing": bool(b.activation_checkpointing)}
-            with tempfile.TemporaryDirectory() as tmp:
-                trainer = Trainer(tcfg, model, objective, [batch], tmp, logger_cfg={"wandb": "disabled", "jsonl": False,
-                                                                                   "progress_bar": False})
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                step_s[kind] = _time_steps(lambda: trainer._train_step(batch), int(b.warmup), int(b.reps), device)
+        # rounds > 1 alternates the objectives round by round, each trainer kept alive, so a slow
+        # spell of a shared machine hits every objective alike; the ratios come per round.
+        times: dict[str, list[float]] = {kind: [] for kind in b.objectives}
+        live: dict[str, tuple] = {}
+        tmp = tempfile.TemporaryDirectory()
+        for r in range(rounds):
+            for kind in b.objectives:
+                if kind not in live:
+                    live[kind] = _train_setup(cfg, case, kind, device, os.path.join(tmp.name, kind))
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                trainer, objective, batch = live[kind]
+                times[kind].append(_time_steps(lambda: trainer._train_step(batch), int(b.warmup) if r == 0 else 1,
+                                               int(b.reps), device))
+                if r < rounds - 1:
+                    continue
                 if b.profile:
                     _profile(lambda: trainer._train_step(batch), device, f"{b.profile}/train_{case.name}_{kind}.txt")
+                step_s = _middle(times[kind])
                 flops = objective.flops_per_sample(batch) * batch_size
                 n_tokens = frames * grid * grid
-                rec = {"bench": "train", "case": case.name, "objective": kind, "model": model.cfg.name,
+                rec = {"bench": "train", "case": case.name, "objective": kind, "model": trainer.model.cfg.name,
                        "device": _device_name(device), "batch": batch_size, "tokens": n_tokens,
                        "compiled": bool(b.compile), "attention": str(b.attention),
-                       "activation_checkpointing": bool(b.activation_checkpointing), "step_s": step_s[kind],
-                       "samples_per_s": batch_size / step_s[kind], "tokens_per_s": batch_size * n_tokens / step_s[kind],
-                       "tflops": flops / step_s[kind] / 1e12, "mfu": flops / step_s[kind] / peak,
-                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+                       "activation_checkpointing": bool(b.activation_checkpointing), "step_s": step_s,
+                       "samples_per_s": batch_size / step_s, "tokens_per_s": batch_size * n_tokens / step_s,
+                       "tflops": flops / step_s / 1e12, "mfu": flops / step_s / peak,
+                       # (with rounds > 1 every objective's trainer is alive: no per-objective peak)
+                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30
+                       if device.type == "cuda" and rounds == 1 else None}
+                if rounds > 1:
+                    rec.update(rounds=rounds, step_s_range=[min(times[kind]), max(times[kind])])
                 emit(rec, b.out)
                 results.append(rec)
-            del trainer, model, objective, batch
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        if "flow_matching" in step_s and len(step_s) > 1:  # e.g. selfflow_over_fm, dts_over_fm
+                del live[kind], trainer, objective, batch
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        tmp.cleanup()
+        if "flow_matching" in times and len(times) > 1:  # e.g. selfflow_over_fm, dts_over_fm
             ratio = {"bench": "train", "case": case.name}
-            ratio.update({f"{k.replace('self_flow', 'selfflow')}_over_fm": v / step_s["flow_matching"]
-                          for k, v in step_s.items() if k != "flow_matching"})
+            for k, ts in times.items():
+                if k == "flow_matching":
+                    continue
+                per_round = [t / fm for t, fm in zip(ts, times["flow_matching"])]
+                name = f"{k.replace('self_flow', 'selfflow')}_over_fm"
+                ratio[name] = _middle(per_round)
+                if rounds > 1:
+                    ratio[name + "_range"] = [min(per_round), max(per_round)]
             emit(ratio, b.out)
             results.append(ratio)
     return results

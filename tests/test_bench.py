@@ -25,6 +25,17 @@ def test_bench_train_reports_throughput_mfu_and_selfflow_overhead(tmp_path):
     assert all(ratio[f"{k}_over_fm"] > 0 for k in ("dts", "selfflow", "selfflow_fp8"))
 
 
+def test_bench_train_rounds_alternate_objectives_and_report_a_range(tmp_path):
+    rows = bench("train", "model=tiny", "train.compile=false", "train.warmup=1", "train.reps=1", "train.rounds=3",
+                 "train.objectives=[flow_matching,dts]", "train.cases=[{name: t, frames: 1, grid: 4, batch: 2}]",
+                 f"train.out={tmp_path / 'bench.jsonl'}", tmp_path=tmp_path)
+    for r in (r for r in rows if "samples_per_s" in r):  # the median round, within its range
+        assert r["rounds"] == 3 and r["step_s_range"][0] <= r["step_s"] <= r["step_s_range"][1]
+    ratio = next(r for r in rows if "dts_over_fm" in r)
+    lo, hi = ratio["dts_over_fm_range"]
+    assert 0 < lo <= ratio["dts_over_fm"] <= hi
+
+
 def test_bench_sample_reports_chunk_latency(tmp_path):
     rows = bench("sample", "model=tiny", "model.patch_size=16", "sample.image_size=[32,48]", "sample.compile=[false]",
                  "sample.warmup=1", "sample.reps=2", f"sample.out={tmp_path / 'bench.jsonl'}", tmp_path=tmp_path)
