@@ -21,8 +21,9 @@ CONFIG_DIR = str(importlib.resources.files("selfflow_robot.configs"))
 # ObservationError are ValueErrors): one line naming the problem, not a traceback.
 # A diverged run (trainer.NonFiniteError, a FloatingPointError) also ends in one line: it names the
 # non-finite values and the last good checkpoint. A missing optional package (ImportError) says how to install it.
+# A policy server that cannot be reached (ConnectionError) or refuses the key (PermissionError) names its URL.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, FloatingPointError,
-               ImportError)
+               ImportError, ConnectionError, PermissionError)
 # ${first_set:${run_dir},outputs/...}: Hydra's run dir is the run_dir given, else a fresh folder,
 # so a call with run_dir=... leaves no stray outputs/<command>/<time>/ behind.
 OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x not in (None, "")), None),
@@ -90,8 +91,13 @@ RESUME_HINT = ("finished work is kept (written checkpoints, evaluation records, 
 @contextlib.contextmanager
 def reported_errors(interrupted: str = RESUME_HINT) -> Iterator[None]:
     """Bad input ends with one `error: ...` line, Ctrl-C with one line and exit code 130."""
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         yield
+    except MissingMandatoryValue as e:  # a `???` key the command needs, e.g. policy=
+        key = getattr(e, "full_key", None) or "a required key"
+        raise SystemExit(f"error: {key} is not set: pass {key}=... (--help lists the options)") from None
     except USER_ERRORS as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

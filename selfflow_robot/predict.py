@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import cli
 
@@ -25,8 +25,9 @@ def rollout(model, io: dict, normalizer, store, episode: int, start: int, chunks
     size, stride, H = tuple(io["image_size"]), int(io["frame_stride"]), int(io["action_chunk"])
     n_ctx, n_fut = int(io["context_frames"]), int(io["future_frames"])
     length = store.episode_length(episode)
-    if not 0 <= start < length - 1:
-        raise ValueError(f"start={start}: episode {episode} has {length} steps, so start must be in 0..{length - 2}")
+    if not 0 <= start < length - stride:  # the first predicted frame is `stride` steps after start
+        raise ValueError(f"start={start}: episode {episode} has {length} steps and frames are {stride} apart, so "
+                         f"start must be in 0..{length - stride - 1}")
     actions = store.actions(episode)
     instruction = store.instruction(episode)
     frame = lambda i: resize_frame(store.frames(episode, np.array([min(i, length - 1)]))[0], size)  # noqa: E731
@@ -58,17 +59,31 @@ def main(cfg: DictConfig) -> dict:
     from .data import ActionNormalizer, EpisodeStore, open_store
     from .models import load_checkpoint_model
     from .train.checkpoint import resolve_checkpoint
+    from .train.distributed import pick_device
     from .video import check_video_path, label_panels, per_episode_path, upscale, write_video
 
     check_video_path(cfg.out)
+    for key in ("chunks", "steps"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"{key}={cfg[key]}: must be at least 1")
+    if OmegaConf.is_list(cfg.episode) and len(cfg.episode) == 0:
+        raise ValueError("episode=[] names no episode: give an index or a list such as [0,6,12]")
+    device = pick_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.policy)
-    model, config = load_checkpoint_model(ckpt, cfg.device)
+    model, config = load_checkpoint_model(ckpt, device)
     io = config.get("io")
     if not io or model.action_head is None:
         raise ValueError(f"{ckpt}: not a fine-tuned video-action model (no io section); predict needs actions")
     trained_store = (config.get("data") or {}).get("store")
     if cfg.get("dataset"):
         store = open_store(cfg.dataset)
+    elif cfg.get("data_dir"):  # other data of the training data's kind: the run's dataset config, this folder
+        dataset = OmegaConf.create(config["dataset"])
+        with open_dict(dataset):
+            dataset.data_dir = cfg.data_dir
+            if "path" in dataset:
+                dataset.path = cfg.data_dir
+        store = open_store(dataset)
     elif trained_store and os.path.isdir(trained_store):  # the very store the model was trained on
         store = EpisodeStore(trained_store)
     else:

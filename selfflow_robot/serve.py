@@ -33,6 +33,8 @@ def check_port_free(host: str, port: int) -> None:
     """Before the model loads (minutes on a GPU): a port in use is one clear line, not a bind error after."""
     if not port:
         return
+    if not 0 < port < 65536:
+        raise ValueError(f"port={port}: must be in 1..65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         # As the server itself binds: a port left in TIME_WAIT by a just-stopped server is free.
@@ -51,6 +53,8 @@ def main(cfg: DictConfig | dict):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     c = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     c = {k: v for k, v in c.items() if k != "hydra"}
+    if c.get("policy") in (None, "", "???"):
+        raise ValueError("policy is not set: pass policy=RUN_DIR or a checkpoint folder")
     if c.get("host") not in ("127.0.0.1", "localhost", "::1") and not c.get("api_key"):
         logging.warning("serving on %s without an api_key: anyone on the network can drive the robot", c.get("host"))
     check_port_free(c.get("host", "127.0.0.1"), int(c.get("port", 8000)))

@@ -159,11 +159,16 @@ _ABSENT = object()
 def _load(study_dir: str) -> tuple[list[dict], dict]:
     from omegaconf import OmegaConf
 
-    path = os.path.join(study_dir, "runs.json")
-    if not os.path.exists(path):
+    path, summary = os.path.join(study_dir, "runs.json"), os.path.join(study_dir, "study.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    elif os.path.exists(summary):  # a finished study's summary holds the same runs (published results keep only it)
+        with open(summary) as f:
+            saved = json.load(f)
+        runs = [{"finished_s": saved.get("wall_s"), **r} for r in saved["runs"]]  # its wall time, if runs lack one
+    else:
         raise FileNotFoundError(f"{path} not found: no arm of this study finished (or {study_dir} is not a study dir)")
-    with open(path) as f:
-        runs = json.load(f)
     return runs, OmegaConf.to_container(OmegaConf.load(os.path.join(study_dir, "study.yaml")), resolve=True)
 
 

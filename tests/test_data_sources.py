@@ -173,6 +173,10 @@ def test_bench_runs_on_tiny_settings(tmp_path):
                      "data.clips", "data.clips_resized", "data.clips_batched", "data.lerobot_convert"]
     assert all((r.get("frames_per_s") or r.get("clips_per_s")) > 0 for r in recs)
     assert len((tmp_path / "b.jsonl").read_text().splitlines()) == 8
+    # null skips the resized case; a work_dir that does not exist yet is made
+    recs = main({"data": {"rlds_episodes": 2, "rlds_steps": 5, "clips": 40, "batch_size": 8, "convert_workers": 1,
+                          "lerobot_episodes": 0, "resize_image_size": None, "work_dir": str(tmp_path / "new" / "w")}})
+    assert "data.clips_resized" not in [r["bench"] for r in recs] and (tmp_path / "new" / "w").is_dir()
 
 
 def test_show_command_writes_video_and_plot(tmp_path):

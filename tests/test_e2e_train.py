@@ -271,8 +271,14 @@ def test_world_model_rollout_video(toy_store, tmp_path):
     bad = run("predict", f"policy={ft}", "episode=[0,99]", f"out={tmp_path / 'bad.mp4'}", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "error: episode=99: the store has episodes 0..5" in bad.stderr
     assert not list(tmp_path.glob("bad*"))  # checked before episode 0 was rolled out
-    late = run("predict", f"policy={ft}", "start=500", cwd=tmp_path, check=False)
-    assert late.returncode != 0 and "start=500: episode 0 has 12 steps, so start must be in 0..10" in late.stderr
+    late = run("predict", f"policy={ft}", "start=10", cwd=tmp_path, check=False)  # step 12 is past the end
+    assert late.returncode == 1 and "error: start=10: episode 0 has 12 steps and frames are 2 apart, so start " \
+                                    "must be in 0..9" in late.stderr
+    edge = run("predict", f"policy={ft}", "start=9", "chunks=1", "steps=2", f"data_dir={toy_store}",
+               f"out={tmp_path / 'edge.gif'}", cwd=tmp_path)  # data_dir: another store of the same kind
+    assert "episode 0: wrote 1 frames" in edge.stdout
+    none = run("predict", f"policy={ft}", "chunks=0", cwd=tmp_path, check=False)
+    assert none.returncode == 1 and "error: chunks=0: must be at least 1" in none.stderr
     # 12 steps, chunks of 2 frames 2 steps apart (steps 2,4 | 6,8 | 10,12): step 12 has no recording
     long = run("predict", f"policy={ft}", f"out={tmp_path / 'long.gif'}", "chunks=50", "steps=2", cwd=tmp_path)
     assert "wrote 5 frames" in long.stdout and "the episode ended before the last chunk" in long.stdout

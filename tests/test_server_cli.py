@@ -171,3 +171,27 @@ def test_our_warnings_print_as_one_warning_line():
         warnings.formatwarning = saved
     assert ours == "warning: advice\n"
     assert "x.py:1: UserWarning: advice" in other  # everyone else's keep Python's format
+
+
+@pytest.mark.parametrize("args,message", [
+    (["selfflow_robot.serve"], "error: policy is not set: pass policy="),
+    (["selfflow_robot.predict"], "error: policy is not set: pass policy=..."),
+    (["selfflow_robot.curves"], "error: runs is not set: pass runs=..."),
+    (["selfflow_robot.serve", "policy=x", "port=-5"], "error: port=-5: must be in 1..65535"),
+    (["selfflow_robot.predict", "policy=x", "device=gpu"], "error: device=gpu: not a device; use auto, cpu, cuda"),
+])
+def test_missing_or_impossible_settings_are_one_line(args, message):
+    """A required key left unset, a port out of range, a device name torch does not know: one line."""
+    r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith(message) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_device_this_machine_lacks_is_named_before_loading(monkeypatch):
+    import torch
+
+    from selfflow_robot.train.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device=cuda: .*use device=cpu"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"

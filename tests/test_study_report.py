@@ -1,5 +1,6 @@
 """The study report from runs.json: whole seeds only, merging studies of other seeds, failed rollouts."""
 import json
+import os
 
 import pytest
 import yaml
@@ -136,3 +137,13 @@ def test_study_report_command_prints_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "selfflow_robot.study_report", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_a_published_study_with_only_its_summary_rebuilds(tmp_path):
+    """docs/results keeps study.json (which holds the runs), not runs.json."""
+    from selfflow_robot.study_report import rebuild
+
+    here = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "study_cpu")
+    assert not os.path.exists(os.path.join(here, "runs.json"))
+    rebuild([here], out=str(tmp_path / "r"))
+    assert "seeds [0, 1] of [0, 1]" in (tmp_path / "r" / "report.md").read_text()

@@ -34,7 +34,7 @@ def _settings(cfg) -> dict:
         from omegaconf import OmegaConf
 
         got = OmegaConf.to_container(got, resolve=True) if not isinstance(got, dict) else got
-        defaults.update({k: v for k, v in got.items() if v is not None})
+        defaults.update(got)  # a null is meant: work_dir null = a temporary folder, resize_image_size null = skip
     return defaults
 
 
@@ -51,6 +51,8 @@ def run(s: dict) -> list[dict]:
     torch.set_num_threads(1)
     cpu = cpu_name()
     recs = []
+    if s["work_dir"]:
+        os.makedirs(s["work_dir"], exist_ok=True)
     with tempfile.TemporaryDirectory(dir=s["work_dir"]) as tmp:
         builder = write_fractal_rlds(tmp, s["rlds_episodes"], s["rlds_steps"], photo=True)
         import importlib.resources

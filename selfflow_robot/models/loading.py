@@ -1,22 +1,22 @@
 """Build a model from a checkpoint directory: config.json + model.safetensors (EMA), no pickle."""
 from __future__ import annotations
 
-import torch
-
 from .config import model_config
 from .dit import SelfFlowDiT
 
 
 def load_checkpoint_model(path, device="cpu") -> tuple[SelfFlowDiT, dict]:
     from ..train.checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
+    from ..train.distributed import pick_device
 
+    device = pick_device(device)  # a device this machine lacks is named before any weights load
     ckpt = resolve_checkpoint(path)
     config = read_checkpoint_config(ckpt)
     if "model" not in config:
         raise ValueError(f"{ckpt / 'config.json'} has no 'model' section: not a selfflow-robot checkpoint")
     model = SelfFlowDiT(model_config(config["model"]))
     load_model_weights(model, ckpt / "model.safetensors", strict=True)
-    return model.to(torch.device(device)).eval().requires_grad_(False), config
+    return model.to(device).eval().requires_grad_(False), config
 
 
 # Layers a fine-tuned model may add on top of a pretrained backbone.

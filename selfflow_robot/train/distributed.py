@@ -36,9 +36,22 @@ class DistInfo:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """A device from a config value (auto, cpu, cuda, cuda:N, mps), or a ValueError saying why it
+    cannot be used on this machine (before anything is loaded onto it)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(str(name))
+    except RuntimeError:
+        raise ValueError(f"device={name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device={name}: {why} (torch {torch.__version__}); use device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name}: MPS is not available here; use device=cpu")
+    return dev
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
