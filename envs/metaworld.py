@@ -11,12 +11,15 @@ No torch import here: the env is also used by light evaluation processes.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import string
 import weakref
 from typing import Any, Callable
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# PyOpenGL (MuJoCo's EGL path) logs "No OpenGL_accelerate module" at INFO on every import.
+logging.getLogger("OpenGL.acceleratesupport").setLevel(logging.WARNING)
 
 import gymnasium as gym
 import numpy as np

@@ -272,3 +272,67 @@ def test_the_command_exits_non_zero_when_episodes_fail(tmp_path):
         server.stop()
     summary = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN
     assert summary["episodes"] == 0 and summary["mean_success"] is None
+
+
+def test_policy_kwargs_documented_overrides_compose():
+    """`policy_kwargs: {}` was a struct: `policy_kwargs.sampler_steps=1` and the documented
+    `policy_kwargs={sampler_steps: 5, execute_steps: 4}` were refused; nulls are not passed on."""
+    from selfflow_robot.cli import check_overrides, compose, to_container
+    from selfflow_robot.evaluation.policy_factory import policy_load_kwargs
+
+    def kwargs(overrides):
+        check_overrides("evaluate", overrides)  # the command line's own check (SystemExit on unknown keys)
+        return policy_load_kwargs(to_container(compose("evaluate", overrides)))
+
+    assert kwargs([]) == {}
+    assert kwargs(["policy_kwargs.sampler_steps=1"]) == {"sampler_steps": 1}
+    assert kwargs(["policy_kwargs={sampler_steps: 5, execute_steps: 4}"]) == {"sampler_steps": 5, "execute_steps": 4}
+    assert kwargs(["+policy_kwargs.sampler_steps=5", "+policy_kwargs.ensemble=true"]) == {"sampler_steps": 5,
+                                                                                          "ensemble": True}
+    assert kwargs(["policy_kwargs.normalized_clip=off"]) == {"normalized_clip": None}
+    with pytest.raises(SystemExit, match="did you mean policy_kwargs.sampler_steps"):
+        check_overrides("evaluate", ["policy_kwargs.sampler_step=5"])
+
+
+def test_resume_with_other_policy_kwargs_is_refused(tmp_path):
+    """Sampler steps / chunking / safety change the actions: one out_dir must not mix them. A run.json
+    written before policy_kwargs was recorded still resumes with the defaults."""
+    ckpt = _fake_checkpoint(tmp_path / "ck", {"dataset": {"source": "rlds"}, "io": {"action_dim": 7}})
+    out = tmp_path / "eval"
+    args = SIM + ["env.task=google_robot_move_near", "episodes_per_task=1", f"policy={ckpt}", f"out_dir={out}",
+                  "workers=0"]
+    cannot_load = (FileNotFoundError, ValueError)  # the fake checkpoint has no weights: past the run.json check
+    with pytest.raises(cannot_load, match="normalization"):
+        evaluate(args + ["+policy_kwargs.sampler_steps=5"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["policy_kwargs"] == {"sampler_steps": 5}
+    with pytest.raises(ValueError, match="different run .*differs in: policy_kwargs"):
+        evaluate(args + ["+policy_kwargs.sampler_steps=2"])
+    with pytest.raises(ValueError, match="different run .*differs in: policy_kwargs"):
+        evaluate(args)
+    del run["policy_kwargs"]  # an older run.json
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(cannot_load, match="normalization"):
+        evaluate(args)
+    assert json.loads((out / "run.json").read_text())["policy_kwargs"] == {}
+
+
+def test_bad_task_video_format_or_episode_count_fail_before_run_json(tmp_path):
+    """Found only inside workers, after run.json was written, these made the corrected command a
+    'different run'; episodes_per_task=0 silently ran 10 episodes, a negative count none."""
+    out = tmp_path / "eval"
+    base = SIM + ["policy=random", "workers=0", f"out_dir={out}", "max_episode_steps=1", "videos_per_task=0"]
+    with pytest.raises(ValueError, match="unknown SIMPLER task 'google_robot_pick_coke_cam'; "
+                                         "did you mean google_robot_pick_coke_can"):
+        evaluate(base + ["env.tasks=[google_robot_pick_coke_cam]", "env.episode_plan=prepackaged",
+                         "episodes_per_task=1"])
+    with pytest.raises(ValueError, match="video_format=avi"):
+        evaluate(base + ["env.task=google_robot_move_near", "video_format=avi", "episodes_per_task=1"])
+    for n in (0, -2):
+        for plan in ("official", "prepackaged"):
+            with pytest.raises(ValueError, match=f"episodes_per_task={n}"):
+                evaluate(base + ["env.task=google_robot_move_near", f"env.episode_plan={plan}",
+                                 f"episodes_per_task={n}"])
+    assert not out.exists()
+    s = evaluate(base + ["env.task=google_robot_move_near", "env.episode_plan=prepackaged", "video_format=GIF"])
+    assert s["episodes"] == 10  # null: the default

@@ -31,7 +31,7 @@ def test_expert_solves_reach_drawer_close_button_press(tmp_path):
     assert len(videos) == 3 and all((tmp_path / v).stat().st_size > 1000 for v in videos)
     import imageio.v2 as imageio
     frames = imageio.mimread(tmp_path / videos[0])
-    assert frames[0].shape[:2] == (48, 48) and len(frames) > 10
+    assert frames[0].shape[:2] == (288, 288) and len(frames) > 10  # 48x48 frames upscaled 6x to >= 256 px
     tp = s["throughput"]
     assert tp["episodes_run"] == 9 and tp["episodes_per_min"] > 0
 
@@ -106,3 +106,19 @@ def test_a_served_policy_says_how_it_was_trained(tmp_path, caplog):
                        "image_size": [64, 64], "state_mode": "full", "include_state": True}
     assert envs[1]["action_repeat"] == 1 and envs[1]["tasks"] == "mt10"  # an older server: defaults, and a warning
     assert "does not say which Meta-World settings" in caplog.text
+
+
+def test_a_mistyped_task_or_episode_count_fails_before_anything_is_written(tmp_path):
+    """reach-v2 used to fail inside every episode, after run.json was written (so the corrected
+    command was refused as 'a different run'); episodes_per_task=0 silently ran 10 episodes."""
+    out = tmp_path / "eval"
+    base = ["env=metaworld", "policy=expert", "workers=0", "max_episode_steps=2", "videos_per_task=0",
+            f"out_dir={out}", "progress=false"]
+    with pytest.raises(ValueError, match="unknown Meta-World task 'reach-v2'; did you mean reach-v3"):
+        evaluate(base + ["env.tasks=[reach-v2]", "episodes_per_task=1"])
+    for n in (0, -1):
+        with pytest.raises(ValueError, match=f"episodes_per_task={n}"):
+            evaluate(base + ["env.tasks=[reach-v3]", f"episodes_per_task={n}"])
+    assert not out.exists()
+    from selfflow_robot.evaluation.episodes import build_episodes
+    assert len(build_episodes({"env": {"name": "metaworld", "tasks": ["reach-v3"]}, "episodes_per_task": None})) == 10

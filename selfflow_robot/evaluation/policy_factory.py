@@ -61,6 +61,26 @@ def check_policy_env(spec, cfg: dict) -> None:
         raise ValueError("policy=expert is only available for env=metaworld (Meta-World's scripted experts)")
 
 
+def policy_load_kwargs(cfg: dict) -> dict:
+    """The `policy_kwargs` passed on to Policy.load: configs/evaluate.yaml declares the supported
+    keys with null defaults (so `policy_kwargs.sampler_steps=5` is a plain override); null means
+    Policy.load's own default and is dropped. `normalized_clip=off` turns the normalised clip off
+    (Policy.load's None, which a null cannot say)."""
+    out = {}
+    for key, value in dict(cfg.get("policy_kwargs") or {}).items():
+        if value is None:
+            continue
+        if key == "normalized_clip" and isinstance(value, str) and value.lower() in ("off", "none"):
+            value = None
+        out[key] = value
+    return out
+
+
+def uses_policy_kwargs(spec) -> bool:
+    """Only a checkpoint (Policy.load) reads policy_kwargs; expert, random and ws:// ignore them."""
+    return _is_checkpoint(spec)
+
+
 def policy_identity(spec) -> str:
     """What a results directory is tied to: the resolved checkpoint directory for a local policy
     (the same for `run`, `run/` or an absolute path; another after more training), else the spec."""
@@ -82,4 +102,4 @@ def make_policy(spec: str, cfg: dict):
         from selfflow_robot.policies.client import WebsocketClientPolicy
         return WebsocketClientPolicy(spec, api_key=cfg.get("api_key"), wait_for_server=float(cfg.get("wait_for_server", 0)))
     from selfflow_robot.policies import Policy
-    return Policy.load(spec, device=cfg.get("device", "cpu"), **dict(cfg.get("policy_kwargs") or {}))
+    return Policy.load(spec, device=cfg.get("device", "cpu"), **policy_load_kwargs(cfg))

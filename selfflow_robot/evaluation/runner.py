@@ -1,7 +1,9 @@
 """Orchestration: episode list -> shard -> skip finished -> run (workers) -> records -> summary."""
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -9,7 +11,7 @@ import traceback
 
 from ..fileio import write_json_atomic
 from .episodes import build_episodes, dist_info, shard
-from .policy_factory import check_policy_env, policy_identity
+from .policy_factory import check_policy_env, policy_identity, policy_load_kwargs, uses_policy_kwargs
 from .records import RecordWriter, done_marker, load_records, rank_file
 from .summary import summarize, to_markdown, write_summary
 from .training_env import match_training_env
@@ -18,22 +20,33 @@ from .worker import EpisodeRunner, worker_main
 _DEFAULT_SUCCESS = {"metaworld": "early_stop", "simpler": "final_step"}
 # Settings that change results: resuming into a directory made with others would mix runs.
 # "checkpoint": the resolved checkpoint (or the policy spec), see policy_identity.
-_FINGERPRINT_KEYS = ("checkpoint", "env", "max_episode_steps", "seed")
+# "policy_kwargs": the Policy.load options a checkpoint runs with (sampler steps, chunking, safety),
+# nulls dropped; {} for policies that ignore them. Left out on purpose: `device` (cpu vs cuda can
+# shift sampled actions slightly, but a run moved to another device should resume), workers and
+# threads (scheduling only), videos and progress.
+_FINGERPRINT_KEYS = ("checkpoint", "env", "max_episode_steps", "seed", "policy_kwargs")
+# Keys added after run.json files were first written, with the value an older file implies.
+_FINGERPRINT_DEFAULTS = {"policy_kwargs": {}}
+VIDEO_FORMATS = ("mp4", "gif")
 
 
-def _fingerprint(cfg: dict) -> dict:
-    return json.loads(json.dumps({k: cfg.get(k) for k in _FINGERPRINT_KEYS}, default=str))
+def _fingerprint(cfg: dict, policy_kwargs: dict | None = None) -> dict:
+    fp = {k: cfg.get(k) for k in _FINGERPRINT_KEYS}
+    fp["policy_kwargs"] = dict(policy_kwargs or {})
+    return json.loads(json.dumps(fp, default=str))
 
 
-def _check_run_file(cfg: dict, rank: int) -> None:
+def _check_run_file(cfg: dict, rank: int, policy_kwargs: dict | None = None) -> None:
     path = os.path.join(cfg["out_dir"], "run.json")
-    fp = _fingerprint(cfg)
+    fp = _fingerprint(cfg, policy_kwargs)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        old = {**_FINGERPRINT_DEFAULTS, **old}  # a run.json from before a key existed: its default
         if old != fp and cfg.get("resume", True):
-            raise ValueError(f"{cfg['out_dir']} holds results of a different run ({path}); use another out_dir "
-                             f"or resume=false to start over.\n old: {old}\n new: {fp}")
+            differ = ", ".join(k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k))
+            raise ValueError(f"{cfg['out_dir']} holds results of a different run ({path}; differs in: {differ}); "
+                             f"use another out_dir or resume=false to start over.\n old: {old}\n new: {fp}")
     if rank == 0:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         write_json_atomic(path, fp, indent=2)
@@ -98,9 +111,20 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
         raise RuntimeError(f"an evaluation worker could not start:\n{tb}")
 
 
+def check_video_format(fmt) -> str:
+    value = str(fmt).lower().lstrip(".")
+    if value not in VIDEO_FORMATS:
+        close = difflib.get_close_matches(value, VIDEO_FORMATS, n=1, cutoff=0.3)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"video_format={fmt}: not a video format this writer makes{hint}; "
+                         f"expected one of {', '.join(VIDEO_FORMATS)}")
+    return value
+
+
 def _preflight(cfg: dict) -> None:
-    """Fail in the parent, once, on what would otherwise fail in every worker."""
+    """Fail in the parent, once, on what would otherwise fail in every worker (before run.json)."""
     check_policy_env(cfg["policy"], cfg)
+    cfg["video_format"] = check_video_format(cfg.get("video_format") or "mp4")
     env_cfg = cfg["env"]
     if env_cfg["name"] == "simpler":
         from selfflow_robot.envs.simpler import load_backend
@@ -121,8 +145,14 @@ def evaluate(cfg: dict) -> dict:
     _preflight(cfg)
     # Before run.json is written: a missing checkpoint fails here, once, not in every worker.
     cfg["checkpoint"] = cfg["policy"] if policy_obj is not None else policy_identity(cfg["policy"])
+    # Unknown tasks and bad episode counts fail here too, before run.json is written.
     episodes = build_episodes(cfg)
-    _check_run_file(cfg, rank)
+    # nulls dropped; Policy.load reads them only for a checkpoint (make_policy drops the nulls itself)
+    policy_kwargs = policy_load_kwargs(cfg) if policy_obj is None and uses_policy_kwargs(cfg["policy"]) else {}
+    if not policy_kwargs and policy_load_kwargs(cfg):
+        logging.getLogger("selfflow_robot").warning("policy_kwargs %s are ignored: only policy=PATH (Policy.load) "
+                                                    "reads them", policy_load_kwargs(cfg))
+    _check_run_file(cfg, rank, policy_kwargs)
     if not cfg.get("resume", True):
         for p in (rank_file(out_dir, rank), done_marker(out_dir, rank)):
             if os.path.exists(p):

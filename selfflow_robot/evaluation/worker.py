@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import traceback
 
+import numpy as np
+
 from .env_factory import make_env
 from .policy_factory import make_policy
 from .rollout import run_episode
-from ..video import safe_name, write_video
+from ..video import safe_name, upscale, write_video
 
 
 def _limit_threads(cfg: dict) -> None:
@@ -45,6 +47,8 @@ class EpisodeRunner:
             name = f"{safe_name(ep['episode_id'])}_{'success' if rec['success'] else 'failure'}.{self.cfg.get('video_format', 'mp4')}"
             path = os.path.join(self.cfg["out_dir"], "videos", safe_name(ep["task"]), name)
             fps = int(self.cfg.get("video_fps") or env.metadata.get("render_fps", 10))
+            # a 64x64 policy's frames play as a postage stamp: upscale (nearest, integer factor) as predict does
+            frames = upscale(np.stack(frames), int(self.cfg.get("video_min_height") or 256))
             rec["video"] = os.path.relpath(write_video(path, frames, fps=min(fps, 30)), self.cfg["out_dir"])
         return rec
 
