@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from selfflow_robot.policies import ChunkConfig, SafetyConfig
-from selfflow_robot.policies.client import PolicyServerError, WebsocketClientPolicy
+from selfflow_robot.policies.client import PolicyServerError, WebsocketClientPolicy, check_url
 
 
 class FakeRobot:
@@ -70,6 +70,29 @@ class Watchdog(threading.Thread):
                 self.last = time.monotonic()  # hold once per missed deadline
 
 
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """argparse errors (exit code 2) naming the flag and its valid range, before anything connects."""
+    finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
+    checks = [("--hz", args.hz, finite(args.hz) and args.hz > 0, "a control rate in Hz > 0"),
+              ("--steps", args.steps, args.steps >= 0, "an integer >= 0"),
+              ("--refill-below", args.refill_below, 0 <= args.refill_below < 1,
+               "a fraction in [0, 1) (0 = synchronous inference)"),
+              ("--execute-steps", args.execute_steps, args.execute_steps is None or args.execute_steps >= 1,
+               "an integer >= 1"),
+              ("--max-delta", args.max_delta, args.max_delta is None or (finite(args.max_delta) and args.max_delta > 0),
+               "a per-step change > 0 in robot units"),
+              ("--deadline", args.deadline, finite(args.deadline) and args.deadline > 0, "seconds > 0"),
+              ("--reconnect-timeout", args.reconnect_timeout,
+               finite(args.reconnect_timeout) and args.reconnect_timeout >= 0, "seconds >= 0")]
+    for flag, value, ok, valid in checks:
+        if not ok:
+            ap.error(f"argument {flag}: must be {valid}, got {value:g}")
+    try:
+        check_url(args.url)
+    except ValueError as e:
+        ap.error(f"argument --url: {e}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="ws://127.0.0.1:8000")
@@ -77,20 +100,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--instruction", default="pick up the cube")
     ap.add_argument("--hz", type=float, default=10.0, help="control rate")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--refill-below", type=float, default=0.5, help="asynchronous inference threshold (0 = off)")
+    ap.add_argument("--refill-below", type=float, default=0.5, help="asynchronous inference threshold, in [0, 1) (0 = off)")
     ap.add_argument("--execute-steps", type=int, default=None, help="actions run per chunk (default: all)")
     ap.add_argument("--max-delta", type=float, default=None, help="per-step action change limit")
     ap.add_argument("--deadline", type=float, default=1.0, help="seconds without an action before holding")
     ap.add_argument("--reconnect-timeout", type=float, default=30.0,
                     help="seconds to keep reconnecting to a lost server (the robot holds meanwhile)")
     args = ap.parse_args(argv)
+    check_args(ap, args)
 
     try:
         policy = WebsocketClientPolicy(args.url, api_key=args.api_key, wait_for_server=30,
                                        chunk=ChunkConfig(execute_steps=args.execute_steps),
                                        safety=SafetyConfig(max_delta=args.max_delta) if args.max_delta else None,
                                        refill_below=args.refill_below or None)
-    except PermissionError as e:  # a wrong key: one line, not a traceback
+    except (PermissionError, ConnectionError, ValueError) as e:  # a wrong key, no server: one line, no traceback
         raise SystemExit(f"error: {e}") from None
     except OSError as e:
         raise SystemExit(f"error: cannot reach {args.url} ({e.strerror or e})") from None
@@ -110,6 +134,8 @@ def main(argv=None) -> dict:
         while step < args.steps:
             try:
                 action = policy.act(robot.observe())
+            except PermissionError as e:  # the key was changed under a reconnect: retrying cannot help
+                raise SystemExit(f"error: {e}; the robot holds") from None
             except (ConnectionError, TimeoutError, OSError) as e:  # the client reconnects on the next call
                 robot.hold()
                 if lost_since is None:

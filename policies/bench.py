@@ -9,10 +9,12 @@ main(cfg) reads the `policy_bench` section of cfg if there is one, else cfg itse
   action_dim 7, action_chunk 6, patch_size 16, out (JSON lines, appended).
 Overhead = client round trip - server-reported infer_ms, with an instant fake policy, so it is
 the cost of msgpack encoding, the websocket hop, validation, safety and the worker-thread hand-off.
-Standalone: python -m selfflow_robot.policies.bench [key=value ...]
+Standalone: python -m selfflow_robot.policies.bench [key=value ...] (--help lists the keys); an
+unknown key is refused, standalone or as policy_bench.KEY.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import platform
 import sys
@@ -21,6 +23,71 @@ import time
 import numpy as np
 
 from selfflow_robot.bench import cpu_name, emit
+
+
+# key: (default, meaning); main() reads these defaults, --help prints them
+KEYS = {
+    "checkpoint": (None, "checkpoint/run dir: also batch-1 Policy.infer latency of the real model"),
+    "policy": (None, "same as checkpoint"),
+    "random_model": (None, "a size (tiny/s/b/l/xl): the same latency with random weights"),
+    "image_size": ([256, 320], "camera image [H, W]"),
+    "iters": (200, "timed codec / loopback calls"),
+    "warmup": (20, "untimed calls first"),
+    "model_iters": (None, "timed model calls; null: max(3, iters // 10)"),
+    "device": ("auto", "auto (cuda if available), cpu, cuda, cuda:1, ..."),
+    "sampler_steps": (10, "denoising steps per chunk"),
+    "modes": (["action_first", "joint"], "sampling modes to time"),
+    "compile": ([False], "[false, true] also times the torch.compile (CUDA-graph) policy"),
+    "action_dim": (7, "action dim of the fake / random policy"),
+    "action_chunk": (6, "chunk length H of the fake / random policy"),
+    "patch_size": (16, "patch size of the random model"),
+    "out": (None, "append the result as a JSON line to this file"),
+}
+
+
+def check_keys(keys) -> None:
+    """A ValueError naming each unknown key (with the closest known one) instead of ignoring it."""
+    unknown = [str(k) for k in keys if k not in KEYS]
+    if unknown:
+        msgs = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, list(KEYS), n=1)
+            msgs.append(f"unknown key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError("policy bench: " + "; ".join(msgs) + f". Known keys: {', '.join(KEYS)}")
+
+
+def usage() -> str:
+    lines = ["usage: python -m selfflow_robot.policies.bench [key=value ...]", "",
+             __doc__.split("\n\n")[0], ""]
+    rows = [("key", "default", "meaning")] + [(k, json.dumps(d).replace(", ", ","), m) for k, (d, m) in KEYS.items()]
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    lines += [f"  {k:<{w0}}  {d:<{w1}}  {m}" for k, d, m in rows]
+    lines += ["", "e.g. python -m selfflow_robot.policies.bench random_model=xl 'compile=[false,true]' iters=100"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> dict:
+    """key=value arguments as main() takes them; SystemExit(2) with a message for anything else."""
+    args = {}
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if not eq or not key:
+            print(f"error: expected key=value, got {a!r} (python -m selfflow_robot.policies.bench --help "
+                  "lists the keys)", file=sys.stderr)
+            raise SystemExit(2)
+        args[key] = value
+    try:
+        check_keys(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for k in ("image_size", "modes", "compile"):
+        if k in args and args[k].startswith("["):
+            try:
+                args[k] = json.loads(args[k])
+            except json.JSONDecodeError:  # Hydra-style [a,b] without quotes
+                args[k] = [x.strip() for x in args[k].strip("[]").split(",") if x.strip()]
+    return args
 
 
 def _stats(ms: list[float]) -> dict:
@@ -35,6 +102,10 @@ def _get(cfg, key, default):
     except AttributeError:
         v = getattr(cfg, key, default)
     return default if v is None else v
+
+
+def _opt(cfg, key):
+    return _get(cfg, key, KEYS[key][0])
 
 
 def bench_codec(obs: dict, iters: int) -> dict:
@@ -112,22 +183,24 @@ def random_checkpoint(size: str, out_dir: str, image_size, action_dim: int, acti
 def main(cfg) -> dict:
     section = _get(cfg, "policy_bench", None)
     cfg = section if section is not None else cfg
-    h, w = (int(x) for x in _get(cfg, "image_size", [256, 320]))
-    iters, warmup = int(_get(cfg, "iters", 200)), int(_get(cfg, "warmup", 20))
+    if section is not None or isinstance(cfg, dict):  # not a whole Hydra config lacking the section
+        check_keys(list(cfg.keys()))
+    h, w = (int(x) for x in _opt(cfg, "image_size"))
+    iters, warmup = int(_opt(cfg, "iters")), int(_opt(cfg, "warmup"))
     rng = np.random.default_rng(0)
     obs = {"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "instruction": "pick coke can",
            "state": np.zeros(8, np.float32)}
-    action_dim, action_chunk = int(_get(cfg, "action_dim", 7)), int(_get(cfg, "action_chunk", 6))
+    action_dim, action_chunk = int(_opt(cfg, "action_dim")), int(_opt(cfg, "action_chunk"))
     result = {"cpu": cpu_name(), "python": platform.python_version(), "numpy": np.__version__,
               "image": [h, w, 3], "iters": iters,
               "codec": bench_codec(obs, iters),
               "loopback": bench_loopback(obs, iters, warmup, action_dim, action_chunk)}
-    path = _get(cfg, "checkpoint", None) or _get(cfg, "policy", None)
-    size = _get(cfg, "random_model", None)
+    path = _opt(cfg, "checkpoint") or _opt(cfg, "policy")
+    size = _opt(cfg, "random_model")
     if path or size:
         import tempfile
 
-        device = str(_get(cfg, "device", "auto"))
+        device = str(_opt(cfg, "device"))
         if device == "auto":
             import torch
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,33 +208,33 @@ def main(cfg) -> dict:
         if not path:
             tmp = tempfile.TemporaryDirectory()
             path = random_checkpoint(str(size), tmp.name, (h, w), action_dim, action_chunk,
-                                     int(_get(cfg, "patch_size", 16)))
+                                     int(_opt(cfg, "patch_size")))
             result["random_model"] = str(size)
-        modes = _get(cfg, "modes", ["action_first", "joint"])
+        modes = _opt(cfg, "modes")
         modes = [modes] if isinstance(modes, str) else list(modes)
         n = int(_get(cfg, "model_iters", max(3, iters // 10)))
-        compiles = _get(cfg, "compile", [False])
+        compiles = _opt(cfg, "compile")
         compiles = [compiles] if isinstance(compiles, (bool, str)) else list(compiles)
         compiles = [str(c).lower() in ("true", "1", "yes") for c in compiles]
         # compiled runs warm up longer: the first calls compile and record the CUDA graphs
         result["model"] = [bench_model(str(path), obs, n, max(min(warmup, 3), 5 if c else 0), device,
-                                       int(_get(cfg, "sampler_steps", 10)), str(m), c)
+                                       int(_opt(cfg, "sampler_steps")), str(m), c)
                            for c in compiles for m in modes]
         if device.startswith("cuda"):
             import torch
             result["gpu"] = torch.cuda.get_device_name()
         if tmp is not None:
             tmp.cleanup()
-    emit(result, _get(cfg, "out", None))
+    emit(result, _opt(cfg, "out"))
     return result
 
 
 if __name__ == "__main__":
-    args = dict(a.split("=", 1) for a in sys.argv[1:])
-    for k in ("image_size", "modes", "compile"):
-        if k in args and args[k].startswith("["):
-            try:
-                args[k] = json.loads(args[k])
-            except json.JSONDecodeError:  # Hydra-style [a,b] without quotes
-                args[k] = [x.strip() for x in args[k].strip("[]").split(",") if x.strip()]
-    main(args)
+    if any(a in ("-h", "--help", "help") for a in sys.argv[1:]):
+        print(usage())
+        raise SystemExit(0)
+    args = parse_args(sys.argv[1:])
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # a bad value or path: one line
+        raise SystemExit(f"error: {e}") from None

@@ -10,6 +10,8 @@ steps (or when no stored chunk covers the current step) a new chunk is requested
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,10 +25,19 @@ class ChunkConfig:
     ensemble_horizon: int | None = None  # most chunks that vote; None: all that cover the step
 
     def __post_init__(self):
-        if self.execute_steps is not None and int(self.execute_steps) < 1:
-            raise ValueError("execute_steps must be >= 1 or None")
-        if self.ensemble_horizon is not None and int(self.ensemble_horizon) < 1:
-            raise ValueError("ensemble_horizon must be >= 1 or None")
+        for name in ("execute_steps", "ensemble_horizon"):
+            v = getattr(self, name)
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+                setattr(self, name, v)
+            # a float would be truncated silently (2.5 -> 2), a string fail only at the first act()
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"chunk.{name} must be an integer >= 1 or None, got {v!r}")
+        if not isinstance(self.ensemble, (bool, np.bool_)):
+            raise ValueError(f"chunk.ensemble must be true or false, got {self.ensemble!r}")
+        k = self.ensemble_k
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k):
+            raise ValueError(f"chunk.ensemble_k must be a finite number, got {k!r}")
 
 
 class ActionChunker:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.exceptions import InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import connect
 
 from . import msgpack_numpy
@@ -39,6 +40,29 @@ class PolicyServerError(RuntimeError):
         self.kind, self.message = kind, message
 
 
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def check_url(url: str) -> str:
+    """`url` if it is ws://HOST[:PORT][/path] or wss://..., else a ValueError saying what to write."""
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme in ("ws", "wss") and parts.hostname:
+        try:
+            parts.port
+        except ValueError as e:
+            raise ValueError(f"policy server URL {url!r}: {e}; use ws://HOST:PORT") from None
+        return url
+    if parts.scheme in ("http", "https") and parts.netloc:
+        hint = ("wss://" if parts.scheme == "https" else "ws://") + parts.netloc + parts.path
+    elif "://" not in str(url) and str(url).strip():
+        hint = "ws://" + str(url).strip()
+    else:
+        hint = "ws://HOST:PORT"
+    raise ValueError(f"policy server URL {url!r} is not a websocket URL; use ws://HOST:PORT "
+                     f"(or wss:// behind TLS), e.g. {hint}")
+
+
 class WebsocketClientPolicy:
     def __init__(self, url: str = "ws://127.0.0.1:8000", api_key: str | None = None, timeout: float = 30.0,
                  chunk: ChunkConfig | None = None, safety: SafetyConfig | None = None,
@@ -53,7 +77,7 @@ class WebsocketClientPolicy:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy-client") if refill_below else None
         self._pending: tuple[Future, int] | None = None  # (request in flight, step of its observation)
         self.starved_steps = 0
-        self.url, self.timeout = url, float(timeout)
+        self.url, self.timeout = check_url(url), float(timeout)
         api_key = api_key if api_key is not None else os.environ.get("SELFFLOW_API_KEY")  # as the server reads it
         self._headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         self._packer = msgpack_numpy.Packer()
@@ -69,7 +93,8 @@ class WebsocketClientPolicy:
         self.last_timing: dict = {}
 
     def _connect(self, wait_for_server: float = 0.0) -> None:
-        deadline = time.monotonic() + wait_for_server
+        t0 = time.monotonic()
+        deadline = t0 + wait_for_server
         while True:
             try:
                 # __enter__ gives the connection on websockets 12..17+ (17.1 deprecates using
@@ -79,12 +104,27 @@ class WebsocketClientPolicy:
                 break
             except InvalidStatus as e:
                 code = getattr(getattr(e, "response", None), "status_code", None)
-                raise PermissionError(f"{self.url} refused the connection (HTTP {code}); check api_key") from e
-            except (OSError, TimeoutError):
+                if code in (401, 403):
+                    raise PermissionError(f"{self.url} refused the connection (HTTP {code}); check api_key "
+                                          "(or $SELFFLOW_API_KEY): it must match the server's") from e
+                raise ConnectionError(f"{self.url} answered HTTP {code} instead of opening a websocket; "
+                                      "is a policy server (python -m selfflow_robot.serve) running there?") from e
+            except InvalidURI as e:
+                raise ValueError(f"invalid policy server URL {self.url!r} ({e}); use ws://HOST:PORT") from e
+            except (OSError, TimeoutError) as e:  # refused, unknown host, no route, handshake timeout
                 if time.monotonic() >= deadline:
-                    raise
+                    waited = f" after trying for {time.monotonic() - t0:.1f} s" if wait_for_server > 0 else ""
+                    raise ConnectionError(f"could not reach the policy server at {self.url}{waited}: "
+                                          f"{_reason(e)}; is python -m selfflow_robot.serve running there?") from e
                 time.sleep(0.5)
-        self.metadata: dict = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
+            except WebSocketException as e:  # something answered, but not a websocket handshake
+                raise ConnectionError(f"{self.url} did not answer as a policy server ({e})") from e
+        try:
+            self.metadata: dict = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
+        except (OSError, TimeoutError, WebSocketException) as e:
+            self._drop()
+            raise ConnectionError(f"{self.url} accepted the connection but sent no metadata "
+                                  f"within {self.timeout:g} s ({_reason(e)})") from e
 
     def _drop(self) -> None:
         # After a timeout the late reply would be read as the answer to the next request,
@@ -107,7 +147,7 @@ class WebsocketClientPolicy:
             raise
         except WebSocketException as e:
             self._drop()
-            raise ConnectionError(f"policy server connection failed: {e}") from e
+            raise ConnectionError(f"connection to the policy server at {self.url} failed: {e}") from e
         if isinstance(reply, dict) and "error" in reply:
             err = reply["error"] if isinstance(reply["error"], dict) else {}
             raise PolicyServerError(str(err.get("type", "error")), str(err.get("message", reply["error"])))

@@ -99,13 +99,21 @@ def validate_obs(obs: Any, state_dim: int | None = None, embedding_dim: int | No
     return obs
 
 
+def _is_pretraining(ckpt: Path) -> bool:
+    try:
+        config = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("job") == "pretrain" or not (config.get("io") or (config.get("model") or {}).get("action_dim"))
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint dir, or a run dir (or its checkpoints/ dir) whose `latest` names one, as the
     trainer's latest_checkpoint reads them."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"policy path {p} does not exist")
-    if p.is_file() and p.name == "latest":  # RUN/checkpoints/latest itself: the pointer file
+    if p.is_file() and p.name in ("latest", *CHECKPOINT_FILES):  # the pointer file, or a file of the checkpoint
         p = p.parent
     latest = next((f for f in (p / "checkpoints" / "latest", p / "latest") if f.is_file()), None)
     if not (p / "config.json").exists() and latest is not None:
@@ -118,6 +126,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{p} holds no checkpoint (expected a checkpoint directory or a run directory with "
                                 "checkpoints/latest); a run writes its first one after trainer.checkpoint_every "
                                 "steps, or at its end")
+    if missing == ["normalization.json"] and _is_pretraining(p):
+        raise ValueError(f"{p} is a pretraining checkpoint (a backbone without action layers): fine-tune it first, "
+                         f"e.g. python -m selfflow_robot.finetune init={p} ...")
     if missing:
         raise FileNotFoundError(f"{p} is not a selfflow-robot policy checkpoint: missing {', '.join(missing)}")
     return p

@@ -11,11 +11,27 @@ arrives within k*dt belongs on the robot side.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
 HOLD_MODES = ("zeros", "last")
+
+
+def _show(v):
+    return list(v) if not isinstance(v, (str, bytes)) and hasattr(v, "__iter__") else v
+
+
+def _array(name: str, v) -> np.ndarray:
+    """A scalar or a flat list of numbers as float64, or a ValueError naming the field."""
+    try:
+        a = np.asarray(list(v) if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)) else v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"safety.{name} must be a number or a list of numbers, got {v!r}") from None
+    if a.ndim > 1 or isinstance(v, (bool, str, bytes)):
+        raise ValueError(f"safety.{name} must be a number or a list of numbers, got {v!r}")
+    return a
 
 
 @dataclass
@@ -29,14 +45,32 @@ class SafetyConfig:
 
     def __post_init__(self):
         if self.hold not in HOLD_MODES:
-            raise ValueError(f"hold must be one of {HOLD_MODES}, got {self.hold!r}")
-        if isinstance(self.normalized_clip, str) and self.normalized_clip != "auto":
-            raise ValueError("normalized_clip must be a number, 'auto' or None")
-        if self.max_delta is not None and np.any(np.asarray(self.max_delta, float) < 0):
-            raise ValueError("max_delta must be >= 0")
-        if self.action_low is not None and self.action_high is not None and \
-                np.any(np.asarray(self.action_low, float) > np.asarray(self.action_high, float)):
-            raise ValueError("action_low > action_high in some dimension")
+            raise ValueError(f"safety.hold must be one of {HOLD_MODES}, got {self.hold!r}")
+        clip = self.normalized_clip
+        if isinstance(clip, str):
+            if clip != "auto":
+                raise ValueError(f"safety.normalized_clip must be 'auto', null or a number > 0, got {clip!r}")
+        elif clip is not None:
+            # clip <= 0 would map every action to one value (e.g. -1: np.clip(x, 1, -1) = q01 everywhere)
+            if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not float(clip) > 0 \
+                    or not np.isfinite(float(clip)):
+                raise ValueError(f"safety.normalized_clip must be 'auto', null or a number > 0, got {clip!r}")
+        if self.max_delta is not None:
+            d = _array("max_delta", self.max_delta)
+            if np.any(np.isnan(d)) or np.any(d < 0):  # NaN would turn every limited action into NaN
+                raise ValueError(f"safety.max_delta must be >= 0 (scalar or one per dim), got {_show(self.max_delta)}")
+        low = None if self.action_low is None else _array("action_low", self.action_low)
+        high = None if self.action_high is None else _array("action_high", self.action_high)
+        for name, a in (("action_low", low), ("action_high", high)):
+            if a is not None and np.any(np.isnan(a)):
+                raise ValueError(f"safety.{name} contains NaN: {_show(getattr(self, name))}")
+        if low is not None and high is not None:
+            if low.ndim == high.ndim == 1 and low.shape != high.shape:
+                raise ValueError(f"safety.action_low has {low.shape[0]} entries but safety.action_high has "
+                                 f"{high.shape[0]}; give one bound per action dim in both")
+            if np.any(low > high):
+                raise ValueError(f"safety.action_low > safety.action_high in some dimension "
+                                 f"(low {_show(self.action_low)}, high {_show(self.action_high)})")
 
     def clip_value(self, mode: str | None) -> float | None:
         if self.normalized_clip == "auto":

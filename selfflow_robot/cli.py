@@ -9,6 +9,7 @@ An optional leading verb (`bench params model=xl`) is passed to main as cfg.verb
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.resources
 import os
 import sys
@@ -34,7 +35,9 @@ def _pop_verb(argv: list[str], verbs: tuple[str, ...]) -> str | None:
     if verbs and len(argv) > 1 and argv[1] in verbs:
         return argv.pop(1)
     if verbs and len(argv) > 1 and not argv[1].startswith("-") and "=" not in argv[1]:
-        raise SystemExit(f"unknown command '{argv[1]}'; expected one of: {', '.join(verbs)}")
+        close = difflib.get_close_matches(argv[1], verbs, n=1)
+        raise SystemExit(f"error: unknown command '{argv[1]}'" + (f" (did you mean {close[0]}?)" if close else "")
+                         + f"; expected one of: {', '.join(verbs)}")
     return None
 
 
@@ -71,8 +74,8 @@ def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str
         raise SystemExit(0)
     verb = _pop_verb(sys.argv, verbs)
     if verbs and verb is None and not any(a.startswith("-") for a in sys.argv[1:]):
-        raise SystemExit(f"usage: python -m {sys.modules['__main__'].__spec__.name} "
-                         f"{{{'|'.join(verbs)}}} [key=value ...]")
+        module = sys.modules["__main__"].__spec__.name.removesuffix(".__main__")  # `-m pkg` runs pkg.__main__
+        raise SystemExit(f"usage: python -m {module} {{{'|'.join(verbs)}}} [key=value ...]")
     if not any(a.startswith("-") for a in sys.argv[1:]):  # --help, --cfg, -m: Hydra's own handling
         check_overrides(config_name, [a for a in sys.argv[1:] if not a.lstrip("+~").startswith("hydra.")])
 
@@ -143,8 +146,6 @@ def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose once up front, so a misspelt key is one `error:` line with a suggestion (Hydra's own
     text suggests `+key=`, which would add the typo and ignore it), and `+new_key=` at the top
     level, which no command reads, is refused."""
-    import difflib
-
     from hydra.errors import HydraException
 
     base = compose(config_name)

@@ -51,6 +51,7 @@ def main(cfg: DictConfig | dict):
     from selfflow_robot.policies.server import PolicyServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per health check and connection
     c = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     c = {k: v for k, v in c.items() if k != "hydra"}
     if c.get("policy") in (None, "", "???"):

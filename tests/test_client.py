@@ -198,3 +198,54 @@ def test_async_client_reset_drops_the_chunk_in_flight_and_errors_surface(slow_se
             c.act({"image": IMG})
     with pytest.raises(ValueError, match="refill_below"):
         WebsocketClientPolicy(f"ws://127.0.0.1:{s.port}", refill_below=1.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_server_is_a_connection_error_naming_the_url():
+    """It was a bare `ConnectionRefusedError: [Errno 111]` without the URL."""
+    url = f"ws://127.0.0.1:{_free_port()}"
+    with pytest.raises(ConnectionError, match=re.escape(url) + ": .*Connection refused") as e:
+        WebsocketClientPolicy(url, timeout=1)
+    assert isinstance(e.value.__cause__, ConnectionRefusedError)
+    with pytest.raises(ConnectionError, match=re.escape(url) + r" after trying for \d+\.\d s"):
+        WebsocketClientPolicy(url, timeout=1, wait_for_server=0.3)
+
+
+def test_wrong_key_is_a_permission_error_naming_the_url(monkeypatch):
+    monkeypatch.delenv("SELFFLOW_API_KEY", raising=False)
+    s = PolicyServer(Policy(lambda o: np.zeros((1, 2), np.float32), {"action_dim": 2}), port=0, api_key="k")
+    s.start_in_thread()
+    url = f"ws://127.0.0.1:{s.port}"
+    try:
+        for key in (None, "wrong"):
+            with pytest.raises(PermissionError, match=re.escape(url) + r".*HTTP 401.*check api_key"):
+                WebsocketClientPolicy(url, api_key=key)
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("url, hint", [("http://127.0.0.1:8000", "ws://127.0.0.1:8000"),
+                                       ("127.0.0.1:8000", "ws://127.0.0.1:8000"),
+                                       ("https://gpu-box/policy", "wss://gpu-box/policy"),
+                                       ("ws://host:port", "ws://HOST:PORT")])
+def test_a_url_that_is_not_ws_says_how_to_write_it(url, hint):
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        WebsocketClientPolicy(url, timeout=1)
+
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "robot_client.py"
+
+
+@pytest.mark.parametrize("args, flag", [(["--hz", "0"], "--hz"), (["--refill-below", "1.5"], "--refill-below"),
+                                        (["--url", "http://127.0.0.1:8000"], "--url"),
+                                        (["--execute-steps", "0"], "--execute-steps")])
+def test_robot_client_example_refuses_bad_arguments(args, flag):
+    """--hz 0 was a ZeroDivisionError, --refill-below 1.5 a ValueError traceback (examples/robot_client.py)."""
+    r = subprocess.run([sys.executable, str(EXAMPLE), *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"error: argument {flag}: " in r.stderr and "Traceback" not in r.stderr, r.stderr
+

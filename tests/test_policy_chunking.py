@@ -82,3 +82,14 @@ def test_reset_and_errors():
         c.push(np.zeros((2, 3)))
     with pytest.raises(ValueError):
         ChunkConfig(execute_steps=0)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(ensemble_k="x"), "ensemble_k"), (dict(ensemble_k=float("nan")), "ensemble_k"),
+    (dict(execute_steps=2.5), "execute_steps"), (dict(execute_steps="2"), "execute_steps"),
+    (dict(ensemble_horizon=1.5), "ensemble_horizon"), (dict(ensemble="no"), "ensemble")])
+def test_config_types_are_checked_at_construction(kw, field):
+    """ensemble_k='x' failed only at the first act(); execute_steps=2.5 was truncated to 2."""
+    with pytest.raises(ValueError, match=f"chunk.{field} "):
+        ChunkConfig(**kw)
+    assert ChunkConfig(execute_steps=np.int64(2), ensemble_k=1).execute_steps == 2

@@ -154,6 +154,18 @@ def test_load_refuses_pretraining_checkpoint(tmp_path):
         Policy.load(ckpt)
 
 
+def test_a_pretraining_run_is_told_to_fine_tune_first(tmp_path):
+    """Pretraining writes no normalization.json: say what the checkpoint is, not which file it lacks."""
+    from selfflow_robot.policies.policy import resolve_checkpoint
+
+    ckpt = _write_ckpt(tmp_path / "pre", model={"name": "tiny", "action_dim": 0}, io={},
+                       files=("config.json", "model.safetensors"))
+    with pytest.raises(ValueError, match=r"is a pretraining checkpoint .*fine-tune it first.*finetune init="):
+        Policy.load(ckpt)
+    full = _write_ckpt(tmp_path / "ft")
+    assert resolve_checkpoint(full / "model.safetensors") == full  # a file of the checkpoint names its folder
+
+
 def test_load_bad_latest_and_unknown_option(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_9\n")

@@ -64,3 +64,24 @@ def test_dimension_mismatch():
         SafetyFilter(SafetyConfig(action_low=[0, 0]), 3)
     with pytest.raises(ValueError, match="hold_keep_dims"):
         SafetyFilter(SafetyConfig(hold_keep_dims=[5]), 3)
+
+
+@pytest.mark.parametrize("clip", [-1, -0.5, 0, float("nan"), True])
+def test_non_positive_normalized_clip_is_refused(clip):
+    """np.clip(x, 1, -1) maps every action to the lower bound (q01): a robot driven to one corner."""
+    with pytest.raises(ValueError, match="normalized_clip"):
+        SafetyConfig(normalized_clip=clip)
+    assert SafetyFilter(SafetyConfig(normalized_clip=0.5), 1, "q99").clip == 0.5
+
+
+def test_bounds_of_different_lengths_name_both_fields():
+    with pytest.raises(ValueError, match=r"action_low has 3 entries but safety\.action_high has 2"):
+        SafetyConfig(action_low=[-1, -1, -1], action_high=[1, 1])
+
+
+@pytest.mark.parametrize("kw", [dict(max_delta=float("nan")), dict(max_delta=[0.1, -0.1]),
+                                dict(max_delta="0.1"), dict(action_low=[float("nan")], action_high=[1.0])])
+def test_other_numeric_fields_are_checked(kw):
+    (field,) = [k for k in kw if k != "action_high"]
+    with pytest.raises(ValueError, match=field):
+        SafetyConfig(**kw)

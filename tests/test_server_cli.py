@@ -179,6 +179,7 @@ def test_our_warnings_print_as_one_warning_line():
     (["selfflow_robot.curves"], "error: runs is not set: pass runs=..."),
     (["selfflow_robot.serve", "policy=x", "port=-5"], "error: port=-5: must be in 1..65535"),
     (["selfflow_robot.predict", "policy=x", "device=gpu"], "error: device=gpu: not a device; use auto, cpu, cuda"),
+    (["selfflow_robot.data", "stat"], "error: unknown command 'stat' (did you mean stats?); expected one of"),
 ])
 def test_missing_or_impossible_settings_are_one_line(args, message):
     """A required key left unset, a port out of range, a device name torch does not know: one line."""
