@@ -16,6 +16,10 @@ def test_every_start_step_is_a_sample(store):
     ds = ClipDataset(store, context_frames=2, future_frames=2, action_chunk=3)
     assert len(ds) == 29
     assert ds.locate(0) == (0, 0) and ds.locate(10) == (1, 0) and ds.locate(28) == (2, 11)
+    # Without actions, the last frame_stride starts of each episode would have no future frame at all
+    video = ClipDataset(store, context_frames=2, future_frames=2, frame_stride=2, action_chunk=0)
+    assert len(video) == 29 - 3 * 2 and video.locate(8) == (1, 0)
+    assert all(video[i]["future_mask"].any() for i in range(len(video)))
 
 
 def test_clip_indices_padding_and_masks(store):

@@ -26,8 +26,11 @@ class ClipDataset(torch.utils.data.Dataset):
                  frame_stride: int = 1, action_chunk: int = 6, image_size=None,
                  normalizer: ActionNormalizer | None = None, episodes=None):
         self.store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
-        if context_frames < 1 or future_frames < 0 or frame_stride < 1 or action_chunk < 0:
-            raise ValueError("need context_frames >= 1, future_frames >= 0, frame_stride >= 1, action_chunk >= 0")
+        bad = [f"clip.{k}={v} (must be >= {low})" for k, v, low in (
+            ("context_frames", context_frames, 1), ("future_frames", future_frames, 0),
+            ("frame_stride", frame_stride, 1), ("action_chunk", action_chunk, 0)) if v < low]
+        if bad:
+            raise ValueError(", ".join(bad))
         self.n, self.m, self.s, self.h = int(context_frames), int(future_frames), int(frame_stride), int(action_chunk)
         native = tuple(self.store.meta["image_shape"][:2])
         self.image_size = native if image_size is None else (int(image_size[0]), int(image_size[1]))
@@ -36,7 +39,10 @@ class ClipDataset(torch.utils.data.Dataset):
         self.episodes = np.arange(len(self.store)) if episodes is None else np.asarray(episodes, dtype=np.int64)
         lengths = self.store.lengths[self.episodes]
         # Every start step of every episode is a sample; flat index -> (episode, start) by bisection.
-        self._cum = np.concatenate([[0], np.cumsum(lengths)])
+        # Without actions (pretraining), a start whose every future frame lies past the episode's
+        # end supervises nothing: the last `frame_stride` steps are not samples then.
+        starts = lengths if self.h > 0 or self.m == 0 else np.maximum(lengths - self.s, 0)
+        self._cum = np.concatenate([[0], np.cumsum(starts)])
         self.action_dim = int(self.store.meta["action_dim"])
 
     def __len__(self) -> int:

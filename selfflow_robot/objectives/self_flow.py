@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -212,8 +213,15 @@ class SelfFlowObjective(nn.Module):
         At least one sample stays in the joint pass."""
         x = batch_size * self.cfg.action_only_fraction
         n = int(x)
-        if x > n and torch.rand(()).item() < x - n:  # CPU draw only when rounding is needed
-            n += 1
+        if x > n:  # a CPU draw only when rounding is needed
+            u = torch.rand(())
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # Every rank must make the same model calls (FSDP2 all-gathers per call): rank 0's
+                # draw decides. Every rank still draws, so the RNG streams advance alike.
+                u = u.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+                dist.broadcast(u, src=0)
+            if u.item() < x - n:
+                n += 1
         return min(n, batch_size - 1)
 
     def forward(self, model, ema_model, batch: dict):
@@ -227,10 +235,13 @@ class SelfFlowObjective(nn.Module):
         loss = torch.zeros((), device=model.type_embed.device)
         for name, weight in (("video", 1.0), ("action", self.cfg.action_weight)):
             s, n = sums[name]
-            if torch.is_tensor(n) and n > 0:
-                term = s / n
+            if torch.is_tensor(n):
+                # Added even when no token was valid (n = 0, s = 0): the loss then keeps the graph and
+                # backward gives zero gradients, where a constant loss would fail.
+                term = s / n.clamp_min(1)
                 loss = loss + weight * term
-                metrics[f"flow_{name}"] = term.detach()
+                if n > 0:
+                    metrics[f"flow_{name}"] = term.detach()
         if rep is not None:
             loss = loss + self.cfg.rep_weight * rep
             metrics["rep"] = rep.detach()
