@@ -170,7 +170,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     from .train.trainer import check_config
     from .validation import Validator, split_episodes
 
-    accum = int(check_config(cfg.trainer).grad_accum_steps)  # refuses bad trainer keys before data loading
+    check_config(cfg.trainer)  # refuses bad trainer keys before data loading
     finetune = job == "finetune"
     ranks = init_distributed(str(cfg.trainer.get("device", "auto")))
     if not ranks.is_main:  # under torchrun rank 0 reports; the others speak only to warn
@@ -179,6 +179,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     resuming_from = resume_checkpoint(cfg, run_dir)
     if resuming_from is not None:
         cfg = with_run_settings(cfg, resuming_from)
+    accum = int(check_config(cfg.trainer).grad_accum_steps)  # after a resume took the run's trainer settings
     store = open_dataset(cfg)
     clip = cfg.clip
     action_dim = int(store.meta["action_dim"]) if finetune else 0
@@ -187,8 +188,12 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     if finetune and int(clip.action_chunk) < 1:
         raise ValueError(f"clip.action_chunk={clip.action_chunk}: a video-action model needs at least one action "
                          "per chunk (to train video alone, use pretrain)")
+    if int(clip.future_frames) < 1:  # the video stream is what pretraining learns and fine-tuning keeps
+        raise ValueError(f"clip.future_frames={clip.future_frames}: the model generates at least one future frame")
     _check_clip_fits(clip, store, finetune)
     state_dim = int(store.meta.get("state_dim") or 0) if finetune and cfg.get("use_state") else 0
+    if finetune and cfg.get("use_state") and not state_dim:
+        warnings.warn(f"use_state=true but the store {store.path} records no state: the policy takes none", stacklevel=2)
     mcfg = model_config(to_container(cfg.model), action_dim=action_dim, state_dim=state_dim,
                         frame_stride=int(clip.frame_stride))
     if mcfg.text == "embedding" and not store.meta.get("embedding_dim"):

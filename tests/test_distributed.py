@@ -156,16 +156,18 @@ def blob_store(tmp_path_factory):
     return write_blob_store(tmp_path_factory.mktemp("data") / "store")
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_finetune_command_under_torchrun(tmp_path, blob_store, parallel):
+@pytest.mark.parametrize("parallel,accum", [("ddp", 1), ("fsdp", 2)])
+def test_finetune_command_under_torchrun(tmp_path, blob_store, parallel, accum):
     """The real fine-tuning command on two ranks. Its objective calls the model twice per step (joint,
     then action-only samples: once per DDP forward is what DDP allows), validation samples actions
     (root-level weights read outside forward under FSDP2), every rank writes into rank 0's run
-    directory, and one rank reports."""
+    directory, and one rank reports. Micro-batches of 2 (fsdp, accum 2) round the action-only share
+    (2 x 0.25) at random: the ranks must agree, or their FSDP2 all-gathers stop matching."""
     out = torchrun(["-m", "selfflow_robot.finetune", "dataset=store", f"data_dir={blob_store}", "model=tiny",
                     "trainer.batch_size=8", "trainer.num_workers=0", "trainer.steps=4", "trainer.log_every=2",
                     "trainer.warmup_steps=1", "trainer.ema_decay=0.5", "validation.every=2", "logger.wandb=disabled",
                     "logger.progress_bar=false", "clip.image_size=[32,32]", f"trainer.parallel={parallel}",
+                    f"trainer.grad_accum_steps={accum}",
                     # each rank its own Hydra directory, as when the ranks start a second apart
                     "hydra.run.dir=outputs/rank${oc.env:RANK}"], tmp_path)
     assert [line for line in out.stdout.splitlines() if line.startswith("run: ")] == [f"run: {tmp_path}/outputs/rank0"]

@@ -282,3 +282,21 @@ def test_world_model_rollout_video(toy_store, tmp_path):
     # 12 steps, chunks of 2 frames 2 steps apart (steps 2,4 | 6,8 | 10,12): step 12 has no recording
     long = run("predict", f"policy={ft}", f"out={tmp_path / 'long.gif'}", "chunks=50", "steps=2", cwd=tmp_path)
     assert "wrote 5 frames" in long.stdout and "the episode ended before the last chunk" in long.stdout
+
+
+def test_accumulation_resume_and_tiny_micro_batches(toy_store, tmp_path):
+    """Micro-batches of 1 under accumulation: some lack a loss term (no valid future frame or only
+    given actions), which the logged metrics must survive; a bare resume keeps the run's
+    accumulation; frames-free clips are refused."""
+    ft = str(tmp_path / "ft")
+    common = ["dataset=store", f"data_dir={toy_store}", *TINY, "trainer.grad_accum_steps=8",
+              "objective.forward_dynamics_fraction=0.5", "objective.action_only_fraction=0"]
+    run("finetune", *common, "trainer.steps=4", f"run_dir={ft}", cwd=tmp_path)
+    run("finetune", f"run_dir={ft}", "resume=true", "trainer.steps=5", "logger.progress_bar=false", cwd=tmp_path)
+    assert max(losses(ft)) == 5
+    pre = str(tmp_path / "pre")  # batch 1: a clip without any future frame left no gradient to take
+    run("pretrain", "dataset=store", f"data_dir={toy_store}", *[a for a in TINY if "batch_size" not in a],
+        "trainer.batch_size=1", "objective=flow_matching", "trainer.steps=12", f"run_dir={pre}", cwd=tmp_path)
+    proc = run("finetune", "dataset=store", f"data_dir={toy_store}", *TINY, "clip.future_frames=0",
+               f"run_dir={tmp_path / 'none'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "error: clip.future_frames=0: the model generates at least one" in proc.stderr

@@ -306,6 +306,13 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
     resumed, _ = run(split, cfg, objective, data=make_loader(ToyData(), 8, 0, grad_accum_steps=2), resume=True)
     for a, b in zip(big.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # 3 steps in whole batches of 8, then on in micro-batches of 4 (e.g. moved to a smaller GPU): the
+    # saved position counts batches of 8 and is converted, so no sample is read twice or skipped
+    switched = tmp_path / "switched"
+    run(switched, tiny_cfg(steps=3), objective)
+    resumed, _ = run(switched, cfg, objective, data=make_loader(ToyData(), 8, 0, grad_accum_steps=2), resume=True)
+    for a, b in zip(big.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="grad_accum_steps=2"):  # the loader must split batches to match
         run(tmp_path / "bad", cfg, objective, data=make_loader(ToyData(), 8, 0))
     with pytest.raises(ValueError, match="divisible"):

@@ -7,6 +7,7 @@ transformer block is compiled on its own (short compile times, clean state-dict 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,11 @@ def resolve_parallel(mode: str, info: DistInfo) -> str:
     if mode not in ("none", "ddp", "fsdp"):
         raise ValueError(f"trainer.parallel must be auto|none|ddp|fsdp, got {mode!r}")
     if mode == "ddp" and not info.distributed or mode == "fsdp" and not dist.is_initialized():
-        return "none"  # one process: nothing to synchronise (FSDP2 also runs on a 1-process group)
+        # one process: nothing to synchronise (FSDP2 also runs on a 1-process group, under torchrun)
+        if not dist.is_initialized():
+            warnings.warn(f"trainer.parallel={mode} outside torchrun: training in one process without it "
+                          "(torchrun --nproc_per_node N -m ... starts the processes)", stacklevel=3)
+        return "none"
     if mode == "none" and info.distributed:
         raise ValueError("parallel=none under torchrun with WORLD_SIZE>1 would train diverging replicas")
     return mode

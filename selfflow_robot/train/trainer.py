@@ -253,6 +253,27 @@ class Trainer:
                 next(it)
         return it
 
+    def _micro_batch(self) -> int | None:
+        """Samples per loader batch on this rank (the unit of batch_in_epoch), when the loader says."""
+        sampler = getattr(self.data, "sampler", None)
+        return int(sampler.batch_size) if isinstance(sampler, ResumableSampler) else None
+
+    def _resume_position(self, state: dict) -> int:
+        """batch_in_epoch in this run's loader batches. It counts per-rank micro-batches, so a
+        resume with other grad_accum_steps or ranks converts it through the samples consumed,
+        which would otherwise replay or skip data."""
+        batches, saved, now = int(state["batch_in_epoch"]), state.get("micro_batch"), self._micro_batch()
+        world, saved_world = self.dist.world_size, int(state.get("world_size", 1))
+        if saved is None or now is None or (saved, saved_world) == (now, world):
+            return batches
+        samples = batches * int(saved) * saved_world  # of this epoch, over all ranks
+        converted, rest = divmod(samples, now * world)
+        if rest and self.dist.is_main:
+            warnings.warn(f"resuming with {now} x {world} samples per loader batch (saved: {saved} x {saved_world}): "
+                          f"{samples} samples of this epoch were consumed, not a whole number of batches; "
+                          f"{rest} are read again", stacklevel=3)
+        return converted
+
     def _close_iter(self) -> None:
         it, self._iter = self._iter, None  # the next fit() reopens at (epoch, batch_in_epoch)
         shutdown = getattr(it, "_shutdown_workers", None)
@@ -311,7 +332,10 @@ class Trainer:
             rows.append(metrics)
         if n > 1:
             loss = torch.stack(losses).mean()
-            metrics = {k: sum(_mean_metric(r[k]) for r in rows) / n for k in rows[0]}
+            # a micro-batch may lack a term (no valid future frame, only given actions): each key is
+            # the mean over the micro-batches that report it
+            keys = dict.fromkeys(k for r in rows for k in r)
+            metrics = {k: sum(_mean_metric(r[k]) for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
         all_reduce_grads(self.objective_params, self.dist.world_size)
         grad_norm = clip_grad_norm(self.params, float(c.grad_clip or 0), self.dist.world_size)
         # One small tensor, one sync: global mean loss and the (already global) grad norm.
@@ -491,6 +515,7 @@ class Trainer:
             ckpt.write_json(state_dir / "optimizer.json", rest)
             ckpt.write_json(state_dir / "state.json", dict(
                 step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, nan_skips=self.nan_skips,
+                micro_batch=self._micro_batch(),
                 wandb_run_id=self.wandb_id, world_size=self.dist.world_size, parallel=self.parallel,
                 precision=self.precision, format_version=1))
             ckpt.write_json(tmp / "config.json", self.config)
@@ -539,7 +564,8 @@ class Trainer:
         with open(state_dir / "state.json") as f:
             state = json.load(f)
         self._warn_config_changes(path)
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = self._resume_position(state)
         self.nan_skips, self.wandb_id = state.get("nan_skips", 0), state.get("wandb_run_id")
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.dist.world_size and self.dist.is_main:
