@@ -180,16 +180,19 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     if resuming_from is not None:
         cfg = with_run_settings(cfg, resuming_from)
     accum = int(check_config(cfg.trainer).grad_accum_steps)  # after a resume took the run's trainer settings
-    store = open_dataset(cfg)
     clip = cfg.clip
+    # settings refused before the data (a conversion can take long) and the model are built
+    if int(cfg.get("validation", {}).get("sampler_steps", 10)) < 1:
+        raise ValueError(f"validation.sampler_steps={cfg.validation.sampler_steps}: must be at least 1")
+    if int(clip.future_frames) < 1:  # the video stream is what pretraining learns and fine-tuning keeps
+        raise ValueError(f"clip.future_frames={clip.future_frames}: the model generates at least one future frame")
+    store = open_dataset(cfg)
     action_dim = int(store.meta["action_dim"]) if finetune else 0
     if finetune and action_dim == 0:
         raise ValueError(f"dataset {cfg.dataset.get('name')} has no actions; fine-tuning needs an action-labelled store")
     if finetune and int(clip.action_chunk) < 1:
         raise ValueError(f"clip.action_chunk={clip.action_chunk}: a video-action model needs at least one action "
                          "per chunk (to train video alone, use pretrain)")
-    if int(clip.future_frames) < 1:  # the video stream is what pretraining learns and fine-tuning keeps
-        raise ValueError(f"clip.future_frames={clip.future_frames}: the model generates at least one future frame")
     _check_clip_fits(clip, store, finetune)
     state_dim = int(store.meta.get("state_dim") or 0) if finetune and cfg.get("use_state") else 0
     if finetune and cfg.get("use_state") and not state_dim:
@@ -249,9 +252,12 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     validator = None
     if val_eps:
-        micro = int(cfg.trainer.batch_size) // accum  # what fits in memory
-        val_loader = make_loader(clips(val_eps), min(micro, 32), num_workers=0, seed=1,
-                                 shuffle=True, drop_last=False)
+        # The same clips in the same batches whatever the accumulation or the number of ranks, so
+        # runs that differ only in those report comparable numbers (no gradients: it fits where
+        # a training micro-batch does)
+        batch, world = int(cfg.trainer.batch_size), ranks.world_size
+        val_loader = make_loader(clips(val_eps), batch if batch <= 32 else max(world, 32 // world * world),
+                                 num_workers=0, seed=1, shuffle=True, drop_last=False)
         v = cfg.get("validation", {})
         validator = Validator(val_loader, int(v.get("batches", 4)), mcfg, objective.cfg.context_noise_max,
                               sampler_steps=int(v.get("sampler_steps", 10)))

@@ -131,6 +131,17 @@ def test_init_mismatch_names_the_differing_setting(tmp_path):
         load_backbone(build_model("tiny", patch_size=8), tmp_path)
 
 
+def test_init_from_a_fine_tuned_run_says_its_action_layers_are_left_out(tmp_path):
+    from selfflow_robot.models.loading import load_backbone
+    from selfflow_robot.train.checkpoint import save_tensors, write_json
+
+    tuned = build_model("tiny", action_dim=7)
+    save_tensors(tuned.state_dict(), tmp_path / "model.safetensors")
+    write_json(tmp_path / "config.json", {"model": tuned.cfg.to_dict()})
+    with pytest.warns(UserWarning, match=r"this model has no action_embed, action_head; the checkpoint's are left out"):
+        load_backbone(build_model("tiny"), tmp_path)  # pretraining: no action stream
+
+
 def test_prefix_cache_equals_full_forward(model):
     """Conditioning never attends to generated tokens, so its keys/values can be cached."""
     x = inputs(model)

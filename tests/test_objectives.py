@@ -186,6 +186,8 @@ def test_repa_loss(tmp_path):
     assert torch.allclose(loss, metrics["flow_video"] + metrics["flow_action"] + 0.5 * rep, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="weights"):
         build_objective(dict(kind="repa", encoder=dict(kind="conv", weights=str(tmp_path / "missing.safetensors"))), model.cfg)
+    with pytest.raises(ValueError, match=r"do not fit objective.encoder .*dim=64.*size mismatch.*set objective.encoder.dim"):
+        build_objective(dict(kind="repa", encoder=dict(kind="conv", weights=str(tmp_path / "enc.safetensors"))), model.cfg)
 
 
 def test_repa_without_timm_says_how_to_install_it(tmp_path, monkeypatch):

@@ -34,6 +34,12 @@ def load_backbone(model: SelfFlowDiT, path) -> list[str]:
                 for k, v in sd.items() if k in own and v.shape != own[k].shape]
     problems += [f"  {k}: not in this model" for k in sd if k not in own and not k.startswith(NEW_LAYER_PREFIXES)]
     created = [k for k in own if k not in sd]
+    dropped = sorted({k.split(".")[0] for k in sd if k not in own and k.startswith(NEW_LAYER_PREFIXES)})
+    if dropped:  # e.g. pretraining initialised from a fine-tuned run: its action layers have no place here
+        import warnings
+
+        warnings.warn(f"init={path}: this model has no {', '.join(dropped)}; the checkpoint's are left out",
+                      stacklevel=2)
     problems += [f"  {k}: missing in checkpoint" for k in created if not k.startswith(NEW_LAYER_PREFIXES)]
     if problems:
         c, saved, differ = model.cfg, describe_model(file.parent), _settings_that_differ(model, file.parent)

@@ -67,7 +67,13 @@ class FrozenEncoder(nn.Module):
             raise ValueError(f"objective.encoder.kind must be conv|timm|torchvision, got {kind!r}")
         from ..train.checkpoint import read_safetensors
 
-        missing, unexpected = net.load_state_dict(read_safetensors(weights), strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(read_safetensors(weights), strict=False)
+        except RuntimeError as e:  # shapes differ: another width (conv: objective.encoder.dim) or model name
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise ValueError(f"REPA encoder weights {weights} do not fit objective.encoder (kind={kind}, "
+                             f"name={name}, dim={dim}): {first}" + (" — set objective.encoder.dim to the width the "
+                             "conv encoder was trained with" if kind == "conv" else "")) from None
         if missing:
             raise ValueError(f"REPA encoder weights {weights} lack parameters: {missing[:5]}")
         self.kind, self.net, self.resolution = kind, net.eval().requires_grad_(False), resolution
