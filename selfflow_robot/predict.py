@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> dict:
     from .models import load_checkpoint_model
     from .train.checkpoint import resolve_checkpoint
     from .train.distributed import pick_device
-    from .video import check_video_path, label_panels, per_episode_path, upscale, write_video
+    from .video import MIN_HEIGHT, check_video_path, label_panels, per_episode_path, upscale, write_video
 
     check_video_path(cfg.out)
     for key in ("chunks", "steps"):
@@ -99,7 +99,7 @@ def main(cfg: DictConfig) -> dict:
     for episode in episodes:
         pred, real = rollout(model, io, normalizer, store, episode, int(cfg.start), int(cfg.chunks),
                              int(cfg.steps), int(cfg.seed), str(cfg.sampler))
-        frames = upscale(np.concatenate([pred, real], axis=2), int(cfg.get("min_height", 256)))
+        frames = upscale(np.concatenate([pred, real], axis=2), int(cfg.get("min_height") or MIN_HEIGHT))
         out = write_video(per_episode_path(cfg.out, episode, len(episodes) > 1),
                           label_panels(frames, ["prediction", "recorded"]), fps)
         scores[episode] = psnr(pred, real)

@@ -20,7 +20,10 @@ def per_episode_path(out: str, episode: int, several: bool) -> str:
     return f"{stem}_ep{episode}{ext}"
 
 
-def upscale(frames: np.ndarray, min_height: int) -> np.ndarray:
+MIN_HEIGHT = 256  # videos people watch: small policy frames are upscaled to at least this
+
+
+def upscale(frames: np.ndarray, min_height: int = MIN_HEIGHT) -> np.ndarray:
     """Nearest-neighbour upscale by the smallest integer factor that reaches min_height
     (64x64 store frames play as a postage stamp otherwise); pixels stay exact."""
     k = max(1, -(-min_height // frames.shape[1]))

@@ -342,7 +342,7 @@ def test_activation_checkpointing_same_gradients_less_saved_memory(tmp_path):
 
         torch.manual_seed(1)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = objective(trainer.forward_model, trainer.ema_model, make_batch())
+            loss, _ = objective(trainer.model, trainer.ema_model, make_batch())
         loss.backward()
         assert set(model.state_dict()) == keys
         return {n: p.grad.clone() for n, p in trainer.train_module.named_parameters() if p.grad is not None}, sum(saved)

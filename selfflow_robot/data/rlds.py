@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DataError, SkipLog
+from .errors import DataError, SkipLog, check_data_dir
 
 GRIPPER_MODES = ("none", "rel2abs", "invert")
 _EXAMPLE_DIR = ".../fractal20220817_data/0.1.0"
@@ -31,11 +31,7 @@ _EXAMPLE_DIR = ".../fractal20220817_data/0.1.0"
 def check_builder_dir(data_dir, dataset: str = "an RLDS dataset") -> str:
     """The expanded TFDS builder directory, or an error saying what is wrong with `data_dir`
     (missing, or a parent folder: then the version folder(s) inside it are named)."""
-    if not data_dir:
-        raise ValueError(f"{dataset} needs data_dir=PATH (the TFDS builder directory, e.g. {_EXAMPLE_DIR})")
-    path = os.path.expanduser(os.fspath(data_dir))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data_dir '{path}' does not exist (the TFDS builder directory, e.g. {_EXAMPLE_DIR})")
+    path = check_data_dir(data_dir, dataset, f"the TFDS builder directory, e.g. {_EXAMPLE_DIR}")
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
         return path
     # The dataset folder (fractal20220817_data) or the folder above it (synthetic_rt1's OUT)

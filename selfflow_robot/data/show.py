@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from .store import EpisodeStore
+from ..video import MIN_HEIGHT, upscale, write_video
 
 
 def plot_episode(path: str, actions: np.ndarray, state: np.ndarray | None, title: str,
@@ -51,11 +52,9 @@ def plot_episode(path: str, actions: np.ndarray, state: np.ndarray | None, title
 
 
 def show_episode(store: EpisodeStore, episode: int, out: str, fps: float | None = None,
-                 min_height: int = 256) -> dict:
+                 min_height: int = MIN_HEIGHT) -> dict:
     """Writes the episode's video to `out` and its action plot to `<stem>_actions.png`; returns
     what was written (one JSON-able record)."""
-    from selfflow_robot.video import upscale, write_video
-
     if not 0 <= episode < len(store):
         raise IndexError(f"episode={episode}: the store {store.path} has episodes 0..{len(store) - 1}")
     ep = store.episode(episode)

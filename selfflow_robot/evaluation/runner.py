@@ -148,10 +148,11 @@ def evaluate(cfg: dict) -> dict:
     # Unknown tasks and bad episode counts fail here too, before run.json is written.
     episodes = build_episodes(cfg)
     # nulls dropped; Policy.load reads them only for a checkpoint (make_policy drops the nulls itself)
-    policy_kwargs = policy_load_kwargs(cfg) if policy_obj is None and uses_policy_kwargs(cfg["policy"]) else {}
-    if not policy_kwargs and policy_load_kwargs(cfg):
+    given = policy_load_kwargs(cfg)
+    policy_kwargs = given if policy_obj is None and uses_policy_kwargs(cfg["policy"]) else {}
+    if given and not policy_kwargs:
         logging.getLogger("selfflow_robot").warning("policy_kwargs %s are ignored: only policy=PATH (Policy.load) "
-                                                    "reads them", policy_load_kwargs(cfg))
+                                                    "reads them", given)
     _check_run_file(cfg, rank, policy_kwargs)
     if not cfg.get("resume", True):
         for p in (rank_file(out_dir, rank), done_marker(out_dir, rank)):

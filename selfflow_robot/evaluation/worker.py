@@ -48,7 +48,7 @@ class EpisodeRunner:
             path = os.path.join(self.cfg["out_dir"], "videos", safe_name(ep["task"]), name)
             fps = int(self.cfg.get("video_fps") or env.metadata.get("render_fps", 10))
             # a 64x64 policy's frames play as a postage stamp: upscale (nearest, integer factor) as predict does
-            frames = upscale(np.stack(frames), int(self.cfg.get("video_min_height") or 256))
+            frames = upscale(np.stack(frames))
             rec["video"] = os.path.relpath(write_video(path, frames, fps=min(fps, 30)), self.cfg["out_dir"])
         return rec
 

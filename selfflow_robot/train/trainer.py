@@ -208,7 +208,6 @@ class Trainer:
             model, self.ema_model, self.parallel, self.dist, bool(c.compile),
             torch.bfloat16 if precision == "bf16" else None, bool(c.ddp_find_unused_parameters),
             bool(c.activation_checkpointing), objective=objective)
-        self.forward_model = model  # the student as objectives see it (FSDP2 shards it in place)
         self.optimizer = build_optimizer(dict(self.train_module.named_children()), c, self.device)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.objective_params = [p for p in _module_params(objective) if p.requires_grad]
