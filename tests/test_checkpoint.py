@@ -180,3 +180,50 @@ def test_weight_files_are_as_readable_as_the_json_beside_them(run_dir):
     json_mode = (step / "config.json").stat().st_mode & 0o777
     for f in [step / "model.safetensors", *(step / "trainer_state").glob("*.safetensors")]:
         assert f.stat().st_mode & 0o777 == json_mode, f.name
+
+
+def _publish(run_dir, step, keep_last):
+    tmp = ck.tmp_dir_for(run_dir, step)
+    tmp.mkdir(parents=True)
+    ck.save_tensors({"w": torch.full((2,), float(step))}, tmp / "model.safetensors")
+    (tmp / "config.json").write_text("{}")
+    return ck.commit(run_dir, tmp, step, keep_last)
+
+
+def _visible_dirs_all_load(run_dir):
+    root = Path(run_dir) / "checkpoints"
+    visible = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert all((p / "model.safetensors").is_file() for p in visible), sorted(p.name for p in visible)
+    return sorted(p.name for p in visible)
+
+
+def test_a_kill_while_pruning_leaves_no_visible_half_deleted_checkpoint(tmp_path, monkeypatch):
+    _publish(tmp_path, 1, keep_last=1)
+    real_rmtree = ck.shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):  # deletes the weights, then the process dies
+        if (Path(path) / "model.safetensors").exists():
+            (Path(path) / "model.safetensors").unlink()
+            raise KeyboardInterrupt("killed while pruning")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        _publish(tmp_path, 2, keep_last=1)
+    monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+    assert _visible_dirs_all_load(tmp_path) == ["step_00000002"]
+    _publish(tmp_path, 3, keep_last=1)  # the next save removes the hidden leftover too
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+
+
+def test_kills_between_save_and_prune_do_not_pile_up(tmp_path):
+    def trainer(keep_last):
+        torch.manual_seed(0)
+        return Trainer(tiny_cfg(steps=4, checkpoint_every=1, keep_last=keep_last), ToyModel(), ToyObjective(),
+                       make_loader(ToyData(), 8), tmp_path, logger_cfg=LOGGER, resume=True)
+
+    trainer(0).fit()  # as if each save's prune had been killed: 4 checkpoints
+    (tmp_path / "checkpoints" / "step_00000009").mkdir()  # left half-deleted by an older version
+    assert [p.name for p in ck.list_checkpoints(tmp_path)][-1] == "step_00000004"
+    trainer(2)  # resuming prunes what the killed runs left
+    assert _visible_dirs_all_load(tmp_path) == ["step_00000003", "step_00000004"]

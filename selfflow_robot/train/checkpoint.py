@@ -12,6 +12,10 @@
     state.json               step, data position, nan skips, wandb run id, world size
     rng_rank<r>.json         python / numpy / torch (CPU + CUDA) RNG state of each rank
 <run_dir>/checkpoints/latest text file naming the newest complete checkpoint directory
+
+A visible step_* directory is always complete: it appears by one rename of a fully written hidden
+.tmp_ directory, and pruning renames it to a hidden .trash_ name before deleting it, so a kill at
+any moment leaves only hidden leftovers, which the next save (or a resume) removes.
 """
 from __future__ import annotations
 
@@ -92,7 +96,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)]
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name)
+             and (p / "model.safetensors").is_file()]  # half-deleted dirs of older versions are not checkpoints
     return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
 
 
@@ -109,6 +114,9 @@ def latest_checkpoint(path: str | Path) -> Path | None:
             target = root / latest.read_text().strip()
             if (target / "model.safetensors").is_file():
                 return target
+            found = list_checkpoints(root.parent) if root.name == "checkpoints" else []
+            if found:  # `latest` names a pruned or missing dir: the newest complete one still loads
+                return found[-1]
     return None
 
 
@@ -271,11 +279,31 @@ def commit(run_dir: str | Path, tmp: Path, step: int, keep_last: int | None) -> 
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
-    if keep_last and keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep_last, keep=final)
     return final
+
+
+def prune(run_dir: str | Path, keep_last: int | None, keep: Path | None = None) -> None:
+    """Delete hidden leftovers of killed saves/prunes, then all but the newest `keep_last`
+    checkpoints (0/None: keep all) and never `keep` nor the one `latest` names.
+    Each doomed dir is first renamed to a hidden name, so none is ever visible half-deleted."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith((".trash_", ".old_", ".tmp_")):  # no save runs while we prune
+            shutil.rmtree(p, ignore_errors=True)
+    # dirs named step_* but incomplete (left visible by versions that deleted in place)
+    doomed = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and not (p / "model.safetensors").exists()]
+    if keep_last and keep_last > 0:
+        latest = latest_checkpoint(root)
+        doomed += [p for p in list_checkpoints(run_dir)[:-keep_last] if p not in (keep, latest)]
+    for old in doomed:
+        trash = root / (".trash_" + old.name)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(old, trash)
+        _fsync_dir(root)  # the rename is durable before any file of the dir goes
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

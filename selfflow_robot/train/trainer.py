@@ -223,6 +223,8 @@ class Trainer:
             found = ckpt.latest_checkpoint(self.run_dir if resume is True else resume)
             if found is not None:
                 self.load_checkpoint(found)
+                if self.dist.is_main:  # kills between a save and its prune must not pile up checkpoints
+                    ckpt.prune(self.run_dir, int(c.keep_last or 0), keep=found)
             elif resume is not True:
                 raise FileNotFoundError(f"resume={resume!r}: no checkpoint there")
             elif self.dist.is_main:
