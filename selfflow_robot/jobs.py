@@ -161,6 +161,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     import torch
 
     from .data import ActionNormalizer, ClipDataset
+    from .data.errors import DataError
     from .models import build_model, model_config
     from .models.loading import load_backbone
     from .objectives import build_objective
@@ -228,6 +229,11 @@ def run_training(cfg: DictConfig, job: str) -> dict:
         norm_cfg = cfg.dataset.get("normalization") or {}
         normalizer = ActionNormalizer.from_store(store, mode=norm_cfg.get("mode", "q99"), mask=norm_cfg.get("mask"),
                                                  episodes=train_eps)
+        if val_eps:  # a NaN there would only show as val_flow_loss nan: name it, as in a training episode
+            try:
+                store.stats(val_eps)
+            except DataError as e:
+                raise DataError(f"held-out validation episode: {e}") from None
 
     def clips(episodes):
         return ClipDataset(store, context_frames=clip.context_frames, future_frames=clip.future_frames,
