@@ -28,7 +28,14 @@ class Stats:
         missing = [k for k in need if k not in d]
         if missing:
             raise ValueError(f"normalization '{what}' lacks {missing} needed by mode '{mode}'")
-        arrays = {k: np.asarray(d[k], dtype=np.float64) for k in need}
+        if not isinstance(d, dict):
+            raise ValueError(f"normalization '{what}' must be a mapping of statistics, got {d!r}")
+        arrays = {}
+        for k in need:
+            try:
+                arrays[k] = np.asarray(d[k], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"normalization '{what}.{k}' must be a list of numbers, got {d[k]!r}") from None
         dims = {a.shape for a in arrays.values()}
         if len(dims) != 1 or len(next(iter(dims))) != 1:
             raise ValueError(f"normalization '{what}' statistics must be 1-D of equal length, got {dims}")
@@ -83,11 +90,11 @@ class Normalizer:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Normalizer":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
+                d = json.loads(f.read().decode("utf-8"))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (garbage bytes)
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
         try:
             return cls(d)
         except ValueError as e:

@@ -144,6 +144,33 @@ def _first(d: dict, paths: list[str], default=None):
     return default
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)
+
+
+def _is_names(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# What each io entry of config.json must be (None: the run did not record it).
+_IO_TYPES = {"action_chunk": (_is_int, "an integer"), "context_frames": (_is_int, "an integer"),
+             "future_frames": (_is_int, "an integer"), "frame_stride": (_is_int, "an integer"),
+             "state_dim": (_is_int, "an integer"), "image_size": (_is_size, "[height, width]"),
+             "data_image_size": (_is_size, "[height, width]"), "text": (lambda v: isinstance(v, str), "a string"),
+             "fps": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+             "action_names": (_is_names, "a list of names"), "views": (_is_names, "a list of camera names")}
+
+
+def _check_io_types(meta: dict, source: str) -> None:
+    for k, (ok, want) in _IO_TYPES.items():
+        if meta.get(k) is not None and not ok(meta[k]):
+            raise ValueError(f"{source}: io.{k} must be {want}, got {meta[k]!r}")
+
+
 def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
     """Policy metadata from a run config: fine-tuning writes an `io` section (image_size,
     context/future frames, action_chunk, action_dim, state_dim, fps, action_names)."""
@@ -151,13 +178,16 @@ def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
         raise ValueError(f"{source}: no 'model' section; not a selfflow-robot run config")
     io = cfg.get("io") if isinstance(cfg.get("io"), dict) else {}
     action_dim = io.get("action_dim") or cfg["model"].get("action_dim") or 0
-    if int(action_dim) <= 0 or not io:
+    if not _is_int(action_dim):
+        raise ValueError(f"{source}: io.action_dim must be an integer, got {action_dim!r}")
+    if action_dim <= 0 or not io:
         raise ValueError(f"{source}: no 'io' section with action_dim > 0, so the model has no action head "
                          "(a pretraining checkpoint?); fine-tune it on robot episodes first")
-    meta = {"model": cfg["model"].get("name"), "action_dim": int(action_dim)}
+    meta = {"model": cfg["model"].get("name"), "action_dim": action_dim}
     for k in ("action_chunk", "image_size", "context_frames", "future_frames", "frame_stride", "state_dim",
               "fps", "text", "action_names", "views", "data_image_size"):
         meta[k] = io.get(k)
+    _check_io_types(meta, source)
     if meta["text"] == "embedding":  # the instruction arrives as a precomputed vector (RT-1's 512-d)
         meta["instruction_embedding_dim"] = int(cfg["model"].get("text_embed_dim") or 512)
     from selfflow_robot.evaluation.training_env import training_env
@@ -291,11 +321,11 @@ class Policy:
         chunk = dataclasses.replace(chunk or ChunkConfig(), **{k: v for k, v in overrides.items() if k in chunk_fields})
         safety = dataclasses.replace(safety or SafetyConfig(),
                                      **{k: v for k, v in overrides.items() if k in safety_fields})
-        with open(ckpt / "config.json", encoding="utf-8") as f:
+        with open(ckpt / "config.json", "rb") as f:
             try:
-                cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{ckpt / 'config.json'}: not valid JSON ({e})") from e
+                cfg = json.loads(f.read().decode("utf-8"))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (garbage bytes)
+                raise ValueError(f"{ckpt / 'config.json'}: not valid JSON ({e})") from None
         metadata = metadata_from_config(cfg, str(ckpt / "config.json"))
         normalization = Normalizer.from_json(ckpt / "normalization.json").raw
 

@@ -343,3 +343,44 @@ def test_extra_cameras_may_go_by_their_short_names():
     with pytest.raises(ObservationError, match="lacks camera 'steps/observation/wrist_image'"):
         validate_obs({"image": img, "images": {"wrist": img}}, views=["steps/observation/image",
                                                                      "steps/observation/wrist_image"])
+
+
+def _set(path, value):
+    def edit(ckpt):
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cur = cfg
+        for k in path[:-1]:
+            cur = cur[k]
+        cur[path[-1]] = value
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+@pytest.mark.parametrize("damage, match", [
+    (_set(["model", "depth"], "two"), r"config.json: model.depth: expected int, got 'two'"),
+    (_set(["model", "qk_norm"], "yes"), r"config.json: model.qk_norm: expected bool"),
+    (_set(["io", "action_chunk"], "four"), r"config.json: io.action_chunk must be an integer, got 'four'"),
+    (_set(["io", "image_size"], 32), r"config.json: io.image_size must be \[height, width\]"),
+    (lambda c: (c / "config.json").write_bytes(b"\xff\xfe\x00garbage"), r"config.json: not valid JSON"),
+    (lambda c: (c / "normalization.json").write_bytes(b"\xff\xfe\x00garbage"), r"normalization.json: not valid JSON"),
+    (lambda c: (c / "normalization.json").write_text('{"action": {"q01": "a", "q99": [1, 1, 1]}}'),
+     r"normalization.json: normalization 'action.q01' must be a list of numbers"),
+])
+def test_a_damaged_checkpoint_file_is_named_with_its_key(tmp_path, damage, match):
+    """Wrong types and garbage bytes are one ValueError naming the file and key (serve and evaluate
+    print it as one line), never a TypeError from deep in the model code."""
+    from safetensors.torch import save_file
+
+    from selfflow_robot.models import build_model, load_checkpoint_model
+
+    model = build_model("tiny", action_dim=3)
+    io = {"action_dim": 3, "action_chunk": 4, "image_size": [32, 32], "context_frames": 1, "future_frames": 1,
+          "frame_stride": 1, "state_dim": None, "fps": 3, "text": "bytes"}
+    ckpt = _write_ckpt(tmp_path / "ckpt", model=model.cfg.to_dict(), io=io)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    damage(ckpt)
+    with pytest.raises(ValueError, match=match):
+        Policy.load(ckpt, sampler_steps=1)
+    if "model" in match or "config.json: not" in match:  # the trainer-side loader too
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint_model(ckpt)

@@ -82,7 +82,25 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model config keys: {unknown}")
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                _check_type(f"model.{f.name}", d[f.name], str(f.type))
         return cls(**d)
+
+
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict[str, Any]": (dict,)}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """A saved or typed value of the wrong type ("two" for a depth) is named here, not as a
+    TypeError deep inside the model code."""
+    parts = [p.strip() for p in annotation.split("|")]
+    if value is None and "None" in parts or "Any" in parts:
+        return
+    kinds = [k for p in parts for k in _KINDS.get(p, ())]
+    if kinds and (not isinstance(value, tuple(kinds)) or isinstance(value, bool) and bool not in kinds):
+        want = " or ".join(p if p != "dict[str, Any]" else "a mapping" for p in parts)
+        raise ValueError(f"{key}: expected {want}, got {value!r}")
 
 
 # depth, width, heads (SiT/DiT sizes; xl = SiT-XL/2: 28 blocks, 1152 wide, 16 heads, ~675M params).

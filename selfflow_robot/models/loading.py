@@ -14,7 +14,11 @@ def load_checkpoint_model(path, device="cpu") -> tuple[SelfFlowDiT, dict]:
     config = read_checkpoint_config(ckpt)
     if "model" not in config:
         raise ValueError(f"{ckpt / 'config.json'} has no 'model' section: not a selfflow-robot checkpoint")
-    model = SelfFlowDiT(model_config(config["model"]))
+    try:
+        mcfg = model_config(config["model"])
+    except (ValueError, TypeError) as e:  # a wrong value or type in the saved model section
+        raise ValueError(f"{ckpt / 'config.json'}: {e}") from None
+    model = SelfFlowDiT(mcfg)
     load_model_weights(model, ckpt / "model.safetensors", strict=True)
     return model.to(device).eval().requires_grad_(False), config
 

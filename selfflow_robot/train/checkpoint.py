@@ -131,8 +131,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_checkpoint_config(path: str | Path) -> dict:
     """The resolved run config saved with a checkpoint (path: checkpoint or run dir)."""
     ckpt = resolve_checkpoint(path)
-    with open(ckpt / "config.json") as f:
-        return json.load(f)
+    with open(ckpt / "config.json", "rb") as f:
+        try:
+            config = json.loads(f.read().decode("utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (garbage bytes)
+            raise ValueError(f"{ckpt / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{ckpt / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 # ---------------------------------------------------------------- model weights
