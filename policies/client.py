@@ -90,6 +90,8 @@ class WebsocketClientPolicy:
         # deltas to the actions actually executed (they depend on ensembling done here).
         self.safety = SafetyFilter(safety, int(self.action_dim)) if safety is not None else None
         self.last_action: np.ndarray | None = None
+        self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
+        self._chunk_safety: dict = {}
         self.last_timing: dict = {}
 
     def _connect(self, wait_for_server: float = 0.0) -> None:
@@ -160,6 +162,8 @@ class WebsocketClientPolicy:
         self.instruction = instruction  # also sent with each observation, so a reconnect keeps the task
         self.chunker.reset()
         self.last_action = None
+        self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
+        self._chunk_safety: dict = {}
 
     def infer(self, obs: dict) -> dict:
         """One round trip: {"actions": float32 [H, A], "server_timing": {...}, "safety": {...}}."""
@@ -173,12 +177,15 @@ class WebsocketClientPolicy:
     def act(self, obs: dict) -> np.ndarray:
         if self.refill_below is None:
             if self.chunker.needs_chunk():
-                self.chunker.push(self.infer(obs)["actions"])
+                self._push(self.infer(obs))
         else:
             self._act_async(obs)
         a = self.chunker.pop()
+        step = {"hold": False, "clipped": False, "delta_limited": False}
         if self.safety is not None:
-            a, _ = self.safety.step(a, self.last_action)
+            a, step = self.safety.step(a, self.last_action)
+        # the server's flags for the chunk this step came from (evaluate counts held/clipped steps)
+        self.last_safety = {k: bool(v or self._chunk_safety.get(k)) for k, v in step.items()}
         self.last_action = a
         return a
 
@@ -203,7 +210,12 @@ class WebsocketClientPolicy:
         future, start = self._pending
         self._pending = None
         # raises what the request raised (timeout, server error)
-        self.chunker.push(future.result()["actions"], start=start)
+        self._push(future.result(), start=start)
+
+    def _push(self, reply: dict, start: int | None = None) -> None:
+        self.chunker.push(reply["actions"], start=start)
+        flags = reply.get("safety")
+        self._chunk_safety = dict(flags) if isinstance(flags, dict) else {}
 
     def _settle(self) -> None:
         if self._pending is not None:

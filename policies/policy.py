@@ -144,6 +144,11 @@ def _first(d: dict, paths: list[str], default=None):
     return default
 
 
+def merge_safety(chunk: dict | None, step: dict) -> dict:
+    """One executed step's safety flags: its own, or'ed with those of the chunk it was taken from."""
+    return {k: bool(v or (chunk or {}).get(k)) for k, v in step.items()}
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -231,6 +236,7 @@ class Policy:
             self.predict_fn.reset()  # e.g. the sampler's frame history
         self.last_action: np.ndarray | None = None
         self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
+        self._chunk_safety: dict = dict(self.last_safety)  # flags of the chunk the steps come from
 
     def example_observation(self, image: np.ndarray | None = None) -> dict:
         """A valid observation for this policy (zeros at the trained image size unless `image` is
@@ -296,8 +302,12 @@ class Policy:
 
     def act(self, obs: dict) -> np.ndarray:
         if self.chunker.needs_chunk():
-            self.chunker.push(self.infer(obs)["actions"])
-        a, self.last_safety = self.safety.step(self.chunker.pop(), self.last_action)
+            reply = self.infer(obs)
+            self.chunker.push(reply["actions"])
+            self._chunk_safety = reply["safety"]
+        a, step = self.safety.step(self.chunker.pop(), self.last_action)
+        # a step from a held chunk is held too, though its (hold) action is finite by now
+        self.last_safety = merge_safety(self._chunk_safety, step)
         self.last_action = a
         return a
 

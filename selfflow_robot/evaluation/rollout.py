@@ -22,12 +22,18 @@ def run_episode(env, policy, ep: dict, success_mode: str, record_frames: bool = 
     policy.reset(instruction)
     frames = [obs["image"]] if record_frames else []
     steps, ever, success, instructions = 0, False, False, [instruction]
+    held = clipped = 0
+    reports_safety = hasattr(policy, "last_safety")  # Policy and the ws:// client; expert/random do not
     while True:
         if obs["instruction"] != instruction:  # SIMPLER's apple task switches subtask mid-episode
             instruction = obs["instruction"]
             instructions.append(instruction)
             policy.reset(instruction)
         action = np.asarray(policy.act(obs), dtype=np.float32)
+        if reports_safety:  # the safety layer's verdict on this step (a NaN model is held every step)
+            flags = policy.last_safety or {}
+            held += bool(flags.get("hold"))
+            clipped += bool(flags.get("clipped"))
         obs, _, terminated, truncated, info = env.step(action)
         steps += 1
         if record_frames:
@@ -44,6 +50,8 @@ def run_episode(env, policy, ep: dict, success_mode: str, record_frames: bool = 
     rec = {k: ep[k] for k in ("key", "task", "subtask", "variant", "episode_id", "seed")}
     rec.update(success=success, steps=steps, instruction=instructions[0], success_mode=success_mode,
                wall_s=round(time.perf_counter() - t0, 3))
+    if reports_safety:
+        rec.update(held_steps=held, clipped_steps=clipped)
     if len(instructions) > 1:
         rec["instructions"] = instructions
     if "episode_stats" in info:

@@ -13,7 +13,7 @@ from ..fileio import write_json_atomic
 from .episodes import build_episodes, dist_info, shard
 from .policy_factory import check_policy_env, policy_identity, policy_load_kwargs, uses_policy_kwargs
 from .records import RecordWriter, done_marker, load_records, rank_file
-from .summary import summarize, to_markdown, write_summary
+from .summary import safety_warning, summarize, to_markdown, write_summary
 from .training_env import match_training_env
 from .worker import EpisodeRunner, worker_main
 
@@ -207,4 +207,6 @@ def evaluate(cfg: dict) -> dict:
         summary["files"] = write_summary(summary, out_dir)
         if cfg.get("progress", True):
             print(to_markdown(summary))
+        if safety_warning(summary):  # also with progress=false: a 0% that is no verdict on the policy
+            logging.getLogger("selfflow_robot").warning(safety_warning(summary))
     return summary

@@ -30,8 +30,29 @@ def per_task(records: list[dict]) -> dict[str, dict]:
     for task, rs in by.items():
         k, n = sum(bool(r["success"]) for r in rs), len(rs)
         out[task] = {"episodes": n, "successes": k, "success_rate": k / n, "ci95": list(wilson(k, n)),
-                     "mean_steps": float(np.mean([r["steps"] for r in rs]))}
+                     "mean_steps": float(np.mean([r["steps"] for r in rs])), **safety_counts(rs)}
     return out
+
+
+def safety_counts(records: list[dict]) -> dict:
+    """Steps the policy's safety layer held (non-finite actions) or clipped, of all steps; empty for
+    policies that do not report it (expert, random, records from before it was counted)."""
+    rs = [r for r in records if "held_steps" in r]
+    if not rs:
+        return {}
+    return {"steps": int(sum(r["steps"] for r in rs)), "held_steps": int(sum(r["held_steps"] for r in rs)),
+            "clipped_steps": int(sum(r.get("clipped_steps", 0) for r in rs))}
+
+
+def safety_warning(s: dict) -> str | None:
+    """A sentence when the safety layer held steps: a 0% that is the safety layer's doing, not the policy's."""
+    c = s.get("safety") or {}
+    if not c.get("held_steps"):
+        return None
+    tasks = ", ".join(f"{t} {v['held_steps']}/{v['steps']}" for t, v in sorted(s["tasks"].items()) if v.get("held_steps"))
+    return (f"the safety layer held {c['held_steps']} of {c['steps']} steps ({tasks}): the policy output non-finite "
+            f"actions (NaN or inf weights, a diverged checkpoint?), so the robot stood still and those episodes "
+            f"say nothing about the policy")
 
 
 def summarize(records: list[dict], cfg: dict, expected: int, throughput: dict | None = None) -> dict:
@@ -45,6 +66,9 @@ def summarize(records: list[dict], cfg: dict, expected: int, throughput: dict | 
         "tasks": tasks, "mean_success": float(np.mean([t["success_rate"] for t in tasks.values()])) if tasks else None,
         "throughput": throughput or {},
     }
+    counts = safety_counts(records)
+    if counts:
+        summary["safety"] = counts
     if env_cfg["name"] == "simpler":
         summary["simpler"] = simpler_section(records, env_cfg)
     return summary
@@ -71,15 +95,21 @@ def _pct(x: float) -> str:
 
 
 def to_markdown(s: dict) -> str:
-    ckpt = s.get("checkpoint")
+    ckpt, safety = s.get("checkpoint"), s.get("safety")
     lines = [f"# Evaluation: {s['env']} / policy={s['policy']}", "",
              *([f"checkpoint: `{ckpt}`", ""] if ckpt and ckpt != s["policy"] else []),
              f"success mode: `{s['success_mode']}`; episodes: {s['episodes']}/{s['episodes_expected']}", "",
-             "| task | episodes | success % | 95% CI | mean steps |", "|---|---|---|---|---|"]
+             "| task | episodes | success % | 95% CI | mean steps |" + (" held steps | clipped steps |" if safety else ""),
+             "|---|---|---|---|---|" + ("---|---|" if safety else "")]
     for task, t in sorted(s["tasks"].items()):
         lo, hi = t["ci95"]
-        lines.append(f"| {task} | {t['episodes']} | {_pct(t['success_rate'])} | {_pct(lo)}-{_pct(hi)} | {t['mean_steps']:.1f} |")
-    lines.append(f"| **mean over tasks** | {s['episodes']} | {_pct(s['mean_success'])} | | |")
+        lines.append(f"| {task} | {t['episodes']} | {_pct(t['success_rate'])} | {_pct(lo)}-{_pct(hi)} | {t['mean_steps']:.1f} |"
+                     + (f" {t.get('held_steps', 0)} | {t.get('clipped_steps', 0)} |" if safety else ""))
+    lines.append(f"| **mean over tasks** | {s['episodes']} | {_pct(s['mean_success'])} | | |"
+                 + (f" {safety['held_steps']} of {safety['steps']} | {safety['clipped_steps']} of {safety['steps']} |"
+                    if safety else ""))
+    if safety_warning(s):
+        lines += ["", f"**warning:** {safety_warning(s)}"]
     sim = s.get("simpler")
     if sim:
         lines += ["", f"## SIMPLER ({sim['setting']}, plan: {sim['episode_plan']})", "",
@@ -111,10 +141,15 @@ def write_summary(s: dict, out_dir: str) -> dict:
         f.write(to_markdown(s))
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["task", "episodes", "successes", "success_rate", "ci95_low", "ci95_high", "mean_steps"])
+        w.writerow(["task", "episodes", "successes", "success_rate", "ci95_low", "ci95_high", "mean_steps",
+                    "steps", "held_steps", "clipped_steps"])
         for task, t in sorted(s["tasks"].items()):
             w.writerow([task, t["episodes"], t["successes"], f"{t['success_rate']:.4f}", f"{t['ci95'][0]:.4f}",
-                        f"{t['ci95'][1]:.4f}", f"{t['mean_steps']:.2f}"])
+                        f"{t['ci95'][1]:.4f}", f"{t['mean_steps']:.2f}",
+                        *(t.get(k, "") for k in ("steps", "held_steps", "clipped_steps"))])
+        if s.get("safety"):
+            w.writerow(["total", s["episodes"], "", "", "", "", "",
+                        *(s["safety"][k] for k in ("steps", "held_steps", "clipped_steps"))])
     if s["tasks"]:
         paths["png"] = bar_chart(s, os.path.join(out_dir, "success.png"))
     return paths
