@@ -48,6 +48,20 @@ def _error(kind: str, message: str) -> dict:
     return {"error": {"type": kind, "message": message[:2000]}}
 
 
+def _decode_problem(e: Exception) -> str:
+    """msgpack's errors in words: several carry no message at all (StackError, FormatError)."""
+    import msgpack
+
+    if isinstance(e, msgpack.StackError):
+        return ("StackError: lists/maps nested deeper than msgpack's limit (1024 levels); "
+                "send a flat observation dict of arrays")
+    if isinstance(e, msgpack.FormatError):
+        return "FormatError: not msgpack data (a byte no msgpack message starts with)"
+    if isinstance(e, msgpack.ExtraData):
+        return "ExtraData: more bytes after one complete message; send one message per frame"
+    return f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} (a malformed message)"
+
+
 def _flat(keys: dict, prefix: str = "") -> list[tuple[str, str]]:
     """{"images": {"wrist": "observation/wrist_image"}} -> [("images.wrist", "observation/wrist_image")]."""
     out = []
@@ -135,7 +149,7 @@ class PolicyServer:
         try:
             req = msgpack_numpy.unpackb(message)
         except Exception as e:  # msgpack raises assorted errors on garbage; never let them kill the loop
-            return _Reply(_error("bad_request", f"cannot decode msgpack message: {type(e).__name__}: {e}"))
+            return _Reply(_error("bad_request", f"cannot decode msgpack message: {_decode_problem(e)}"))
         if isinstance(req, dict) and "type" not in req:  # openpi-client: the observation itself
             if not all(isinstance(k, str) for k in req):
                 return _Reply(_error("bad_request", "observation keys must be strings"), openpi=True)

@@ -305,3 +305,17 @@ def test_openpi_keys_are_configurable():
         ws.close()
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("payload, words", [
+    (b"\x91" * 2000 + b"\xc0", "nested deeper than msgpack's limit"),  # [[[...]]] 2000 levels
+    (b"\xc1", "not msgpack data"),
+    (mn.packb({"type": "infer"}) + b"\x01", "more bytes after one complete message"),
+])
+def test_a_malformed_message_is_explained_in_words(server, payload, words):
+    ws, _ = _raw(server.port)
+    try:
+        r = _ask(ws, payload)
+        assert r["error"]["type"] == "bad_request" and words in r["error"]["message"], r
+    finally:
+        ws.close()
