@@ -197,6 +197,8 @@ class MetaWorldEnv(gym.Env):
         raw, _ = self._env.reset()
         self._raw_obs = np.asarray(raw, dtype=np.float64)
         self._t = 0
+        if getattr(self, "gym_max_episode_steps", None):  # gym.make(..., max_episode_steps=N): N is the limit
+            self.max_episode_steps = self.gym_max_episode_steps
         return self._obs(), {"success": False, "task": self.task}
 
     def step(self, action):

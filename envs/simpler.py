@@ -161,12 +161,22 @@ class SimplerGym(gym.Env):
         self._env = gym.make(full_id, max_episode_steps=max_steps, **kw)
         self._env_key = key
 
+    def _step_limit(self, task_default: int) -> int:
+        """Steps per episode: max_episode_steps= given to this class, else Gymnasium's own
+        (gym.make(ID, max_episode_steps=N) records N in self.spec; its TimeLimit alone could only
+        cut episodes shorter), else the task's (the paper's 80/113/200/60/120). reset's info says which."""
+        gym_limit = getattr(self, "gym_max_episode_steps", None)  # set by envs.EpisodeLimitFromMake
+        limit = self.max_episode_steps or gym_limit or task_default
+        self._limit_info = {"max_episode_steps": int(limit), "max_episode_steps_from":
+                            "max_episode_steps" if self.max_episode_steps else "gym.make" if gym_limit else "task"}
+        return int(limit)
+
     def _build_for(self, options: dict) -> dict:
         """Build (or keep) the env for the next episode; return the reset options for it."""
         t = self.spec_task
         if self.plan is None:
             kw = dict(obs_mode="rgbd", prepackaged_config=True, **t.env_kwargs())
-            self._make(t.env_id, kw, self.max_episode_steps or t.max_episode_steps)
+            self._make(t.env_id, kw, self._step_limit(t.max_episode_steps))
             self._episode = {"task": self.task, "subtask": self.task, "variant": "prepackaged", "episode_id": None}
             return {k: v for k, v in options.items() if k != "episode_idx"}
         idx = int(options.get("episode_idx", self._next_idx))
@@ -174,7 +184,7 @@ class SimplerGym(gym.Env):
             raise IndexError(f"episode_idx {idx} out of range for a plan of {len(self.plan)} episodes")
         self._next_idx = (idx + 1) % len(self.plan)
         entry = self.plan[idx]
-        self._make(entry["env_id"], entry["build"], self.max_episode_steps or entry["max_episode_steps"])
+        self._make(entry["env_id"], entry["build"], self._step_limit(entry["max_episode_steps"]))
         self._episode = {k: entry[k] for k in ("task", "subtask", "variant", "episode_id")}
         reset_opts = json.loads(json.dumps(entry["options"]))
         reset_opts.update({k: v for k, v in options.items() if k != "episode_idx"})
@@ -220,6 +230,7 @@ class SimplerGym(gym.Env):
         obs = self._observe(raw_obs)
         info = self._info(raw_info)
         info["episode_success"] = False
+        info.update(self._limit_info)
         return obs, info
 
     def request_terminate(self) -> None:

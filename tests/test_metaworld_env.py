@@ -69,3 +69,8 @@ def test_gym_registration():
     obs, _ = env.reset(seed=0)
     assert obs["state"].shape == (39,) and obs["image"].shape == (24, 24, 3)
     env.close()
+    # Gymnasium's own max_episode_steps is the episode limit, also above the env's 500
+    env = gym.make("selfflow/MetaWorld-v0", task="reach-v3", image_size=(8, 8), max_episode_steps=501)
+    env.reset(seed=0)
+    assert env.unwrapped.max_episode_steps == 501
+    env.close()

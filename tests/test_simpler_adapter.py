@@ -192,3 +192,23 @@ def test_integer_downscale_averages_blocks():
     out = _resize(img, (2, 3))
     assert out.shape == (2, 3, 3) and out[0, 0, 0] == 50 and out[1, 2, 0] == 0
     assert _resize(img, (3, 5)).shape == (3, 5, 3)
+
+
+def test_gymnasium_max_episode_steps_is_the_episode_limit():
+    """gym.make(..., max_episode_steps=N) ended episodes at the task's 60/80 before: its TimeLimit
+    can only cut shorter than the adapter's own limit."""
+    import gymnasium as gym
+
+    import selfflow_robot.envs  # noqa: F401  registers selfflow/Simpler-v0
+
+    env = gym.make("selfflow/Simpler-v0", task=WIDOWX_TASK, backend="fake_simpler_env", max_episode_steps=65)
+    _, info = env.reset(seed=0)
+    assert (info["max_episode_steps"], info["max_episode_steps_from"]) == (65, "gym.make")
+    steps, done = 0, False
+    while not done:
+        _, _, term, trunc, _ = env.step(np.zeros(7, np.float32))
+        steps, done = steps + 1, term or trunc
+    assert steps == 65  # not the task's 60
+    env.close()
+    _, info = make(WIDOWX_TASK).reset(seed=0)
+    assert (info["max_episode_steps"], info["max_episode_steps_from"]) == (60, "task")
