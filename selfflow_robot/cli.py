@@ -76,8 +76,9 @@ def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str
     if verbs and verb is None and not any(a.startswith("-") for a in sys.argv[1:]):
         module = sys.modules["__main__"].__spec__.name.removesuffix(".__main__")  # `-m pkg` runs pkg.__main__
         raise SystemExit(f"usage: python -m {module} {{{'|'.join(verbs)}}} [key=value ...]")
-    if not any(a.startswith("-") for a in sys.argv[1:]):  # --help, --cfg, -m: Hydra's own handling
-        check_overrides(config_name, [a for a in sys.argv[1:] if not a.lstrip("+~").startswith("hydra.")])
+    overrides = _overrides_to_check(sys.argv[1:])
+    if overrides is not None:  # also under -m and --cfg: Hydra itself accepts any +key
+        check_overrides(config_name, [a for a in overrides if not a.lstrip("+~").startswith("hydra.")])
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
     def _entry(cfg: DictConfig) -> None:
@@ -85,6 +86,40 @@ def run(config_name: str, main: Callable[[DictConfig], object], verbs: tuple[str
             main(_with_verb(cfg, verb))
 
     _entry()
+
+
+# Hydra's flags: those followed by a value, and those that only print (nothing to check then).
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--experimental-rerun")
+_OTHER_CONFIG = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+_PRINT_ONLY = ("--info", "-i", "--shell-completion", "-sc", "--hydra-help", "--version")
+
+
+def _overrides_to_check(args: list[str]) -> list[str] | None:
+    """The key=value overrides among Hydra's flags, with each sweep (-m a=1,2) reduced to its first
+    value, so the keys are checked as in a single run; None where another config or only
+    Hydra's own output is asked for."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in _OTHER_CONFIG or name in _PRINT_ONLY:
+            return None
+        if name in _FLAGS_WITH_VALUE:
+            skip = "=" not in a
+        elif not a.startswith("-"):
+            out.append(a)
+    if not any(a in ("-m", "--multirun") for a in args):
+        return out
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(out)
+    except Exception:  # Hydra reports a malformed override itself
+        return None
+    return [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+            for o in parsed]
 
 
 RESUME_HINT = ("finished work is kept (written checkpoints, evaluation records, stored episodes); "
@@ -181,7 +216,61 @@ def check_overrides(config_name: str, overrides: list[str]) -> DictConfig:
     unknown = sorted(set(cfg) - set(base))
     if unknown:
         raise SystemExit(f"error: unknown option {unknown[0]}{hint(unknown[0])}; `--help` lists the options")
+    added = [k for k in _added_keys(overrides) if "." in k and k not in keys and not _read_if_added(k)]
+    if added:  # +section.key=: Hydra adds it, and nothing would read it
+        key = added[0]
+        parent, leaf = key.rsplit(".", 1)
+        siblings = [k[len(parent) + 1:] for k in keys if k.startswith(parent + ".") and "." not in k[len(parent) + 1:]]
+        close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+        elsewhere = _group_options_reading(config_name, key, OmegaConf.select(chosen, key.split(".")[0] + ".name"))
+        raise SystemExit(f"error: unknown option {key}" + (f" (did you mean {parent}.{close[0]}?)" if close else "")
+                         + f"; nothing reads it" + (f" with {elsewhere[0]} (only {elsewhere[1]} read it)" if elsewhere else "")
+                         + " (`--help` lists the options)")
     return cfg
+
+
+def _group_options_reading(config_name: str, key: str, chosen: str | None) -> tuple[str, str] | None:
+    """("dataset=store", "dataset=lerobot, dataset=rlds") when other options of the key's group
+    have the key (e.g. dataset.on_error), else None."""
+    import yaml
+
+    group, rest = key.split(".", 1)
+    if group not in _groups_used(config_name) or not chosen:
+        return None
+    root = importlib.resources.files("selfflow_robot.configs") / group
+    having = []
+    for f in sorted(root.iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml") and f.name[:-5] != chosen:
+            node = yaml.safe_load(f.read_text()) or {}
+            for part in rest.split("."):
+                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+            if node is not KeyError:
+                having.append(f"{group}={f.name[:-5]}")
+    return (f"{group}={chosen}", ", ".join(having)) if having else None
+
+
+# Sections where +KEY= may add what the config files leave out: free-form maps, and sections whose
+# reader checks the keys itself with a suggestion (the trainer, the logger, bench's policy_bench,
+# Policy.load's options).
+_OPEN_SECTIONS = ("hydra", "openpi_keys", "trainer", "logger", "policy_bench", "policy_kwargs")
+
+
+def _added_keys(overrides: list[str]) -> list[str]:
+    return [o.split("=", 1)[0].lstrip("+") for o in overrides if o.startswith("+") and "=" in o]
+
+
+def _read_if_added(key: str) -> bool:
+    """Whether something reads `key` although the composed config lacks it."""
+    section, _, rest = key.partition(".")
+    if section in _OPEN_SECTIONS:
+        return True
+    if section == "model":  # any ModelConfig field (e.g. +model.qk_norm=true)
+        import dataclasses
+
+        from selfflow_robot.models.config import ModelConfig
+
+        return rest in {f.name for f in dataclasses.fields(ModelConfig)}
+    return False
 
 
 def _groups_used(config_name: str) -> dict[str, str | None]:

@@ -196,3 +196,32 @@ def test_a_device_this_machine_lacks_is_named_before_loading(monkeypatch):
     with pytest.raises(ValueError, match=r"device=cuda: .*use device=cpu"):
         pick_device("cuda")
     assert pick_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["dataset=lerobot", "+dataset.epsiodes=3"], "unknown option dataset.epsiodes (did you mean dataset.max_episodes?)"),
+    (["dataset=store", "+dataset.on_error=skip"],
+     "unknown option dataset.on_error; nothing reads it with dataset=store (only dataset=bridge, dataset=lerobot"),
+    (["+clip.image_sise=[32,32]"], "unknown option clip.image_sise (did you mean clip.image_size?)"),
+])
+def test_an_added_key_that_nothing_reads_is_refused(args, message):
+    from selfflow_robot.cli import check_overrides
+
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        check_overrides("finetune", args)
+    assert check_overrides("finetune", ["model=tiny", "+model.student_layer=1"]).model.student_layer == 1  # a field
+
+
+@pytest.mark.parametrize("flags", [["-m", "port=1,2"], ["--cfg", "job"], ["--cfg=job", "--resolve"]])
+def test_keys_are_checked_under_multirun_and_cfg_too(flags):
+    r = subprocess.run([sys.executable, "-m", "selfflow_robot.serve", *flags, "policy=x", "+devise=cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: unknown option devise (did you mean device?)")
+
+
+def test_overrides_to_check_skips_hydra_flags_and_takes_a_sweeps_first_value():
+    from selfflow_robot.cli import _overrides_to_check
+
+    assert _overrides_to_check(["-m", "a=1,2", "+b.c=x", "--cfg", "job"]) == ["a=1", "+b.c=x"]
+    assert _overrides_to_check(["--cfg", "job", "a=1,2"]) == ["a=1,2"]  # not a sweep without -m: Hydra says so
+    assert _overrides_to_check(["--config-name", "other", "a=1"]) is None
