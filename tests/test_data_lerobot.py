@@ -171,3 +171,27 @@ def test_a_lerobot_folder_changed_in_place_is_converted_again(tmp_path, monkeypa
     second = open_store(cfg)
     assert len(second) == len(LENGTHS) + 1 and second.path != first.path
     assert open_store(cfg).path == second.path  # unchanged files: the same store, not a rebuild
+
+
+def test_a_truncated_mp4_is_named_without_ffmpegs_banner(tmp_path):
+    root = write_v30(str(tmp_path / "ds"), episodes_per_file=1)
+    bad = Path(root) / "videos/observation.images.top/chunk-000/file-002.mp4"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(DataError) as e:
+        list(LeRobotReader(root).episodes())
+    msg = str(e.value)
+    assert msg.startswith(f"file {bad}, episode 2, field 'observation.images.top': cannot decode the video (")
+    assert "truncated" in msg and "ffmpeg version" not in msg and "configuration" not in msg and "\n" not in msg
+
+
+def test_a_camera_of_another_aspect_ratio_is_stretched_with_one_warning(tmp_path, caplog):
+    root = write_v30(str(tmp_path / "ds"))  # 64x80 frames
+    with caplog.at_level("WARNING", logger="selfflow_robot"):
+        eps = list(LeRobotReader(root, image_size=(32, 32)).episodes())
+    assert eps[0]["images"].shape[1:] == (32, 32, 3)
+    warnings = [r.getMessage() for r in caplog.records if "stretched" in r.getMessage()]
+    assert len(warnings) == 1 and "64x80" in warnings[0] and "[32, 40]" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="selfflow_robot"):
+        list(LeRobotReader(root, image_size=(32, 40)).episodes())  # same aspect: no word
+    assert not [r for r in caplog.records if "stretched" in r.getMessage()]

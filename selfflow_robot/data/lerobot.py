@@ -23,7 +23,9 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
+import re
 
 import numpy as np
 
@@ -75,6 +77,16 @@ def check_dataset_dir(root, dataset: str = "a LeRobotDataset") -> str:
     if not os.path.isfile(os.path.join(root, "meta", "info.json")):
         raise FileNotFoundError(f"'{root}' is not a LeRobotDataset folder: no meta/info.json")
     return root
+
+
+def _decode_failure(e: Exception) -> str:
+    """ffmpeg's complaint without its banner (version, build configuration, library versions):
+    imageio puts ffmpeg's whole stderr into the exception."""
+    head, _, err = str(e).partition("=== stderr ===")
+    lines = [re.sub(r"^\[[^]]*\]\s*", "", ln.strip()) for ln in err.splitlines()
+             if ln.strip() and not ln.startswith(("ffmpeg version", "  built with", "  configuration:", "  lib"))]
+    reason = "; ".join(dict.fromkeys(lines[:2])) or (head.strip().splitlines() or [type(e).__name__])[0]
+    return f"cannot decode the video ({reason}): truncated, or not an mp4?"
 
 
 class _VideoCursor:
@@ -269,14 +281,27 @@ class LeRobotReader:
 
     def _frame(self, image) -> np.ndarray:
         """Resized to image_size without cropping, as a policy resizes the robot's live camera image,
-        so training and deployment see the same picture (as the RT-1 reader does)."""
+        so training and deployment see the same picture (as the RT-1 reader does). A camera of
+        another aspect ratio is stretched: said once per frame size."""
         image = np.ascontiguousarray(np.asarray(image)[..., :3])
         if not self.image_size or image.shape[:2] == self.image_size:
             return image
+        self._check_aspect(image.shape[:2])
         from PIL import Image
 
         h, w = self.image_size
         return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    def _check_aspect(self, hw: tuple) -> None:
+        warned = self.__dict__.setdefault("_aspect_warned", set())
+        (h, w), (th, tw) = hw, self.image_size
+        if hw in warned or abs((h / w) / (th / tw) - 1) <= 0.1:
+            return
+        warned.add(hw)
+        logging.getLogger("selfflow_robot").warning(
+            "%s: camera frames of %dx%d (aspect %.2f) are stretched to dataset.image_size=[%d, %d] (aspect %.2f); "
+            "set dataset.image_size to the camera's aspect (e.g. [%d, %d]) or null for the native size",
+            self.root, h, w, h / w, th, tw, th / tw, th, int(round(th * w / h)))
 
     def _decode(self, ep: dict, rows: dict, cursors: dict) -> np.ndarray:
         """Every camera's frames for the episode's rows, tiled side by side."""
@@ -309,7 +334,13 @@ class LeRobotReader:
             raise DataError("no fps in meta/info.json to find frames by timestamp", field="fps")
         # The frame on screen at each row's timestamp (LeRobot's own lookup, to the nearest frame).
         index = [int(round((start + float(t)) * self.video_fps[cam])) for t in rows["timestamp"]]
-        return np.stack([self._frame(cursor.get(path, i)) for i in index])
+        try:
+            return np.stack([self._frame(cursor.get(path, i)) for i in index])
+        except DataError:
+            raise
+        except Exception as e:  # the mp4, not the data parquet, is what could not be read
+            cursor.close()
+            raise DataError(_decode_failure(e), file=path, episode=episode, field=cam) from None
 
     def episodes(self, skip_keys=frozenset(), max_episodes: int | None = None):
         cursors, done = {c: _VideoCursor() for c in self.cameras}, 0
