@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 import time
 import traceback
 
@@ -69,6 +70,18 @@ def _run_inline(cfg, todo, on_record, on_error, policy=None):
         runner.close()
 
 
+def say_once(kind: str, message, said: set) -> None:
+    """A worker's log line ("log": (logger, level, text)) or formatted warning ("warning": text),
+    unless another worker said the same: each loads the same policy and warns alike."""
+    if (kind, message) in said:
+        return
+    said.add((kind, message))
+    if kind == "log":
+        logging.getLogger(message[0]).log(message[1], message[2])
+    else:
+        sys.stderr.write(message)
+
+
 def _run_workers(cfg, todo, n_workers, on_record, on_error):
     ctx = mp.get_context("spawn")
     jobs, results = ctx.Queue(), ctx.Queue()
@@ -78,7 +91,7 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
     for p in procs:
         jobs.put(None)
         p.start()
-    alive, fatal = n_workers, None
+    alive, fatal, said = n_workers, None, set()
     try:
         while alive:
             try:
@@ -87,7 +100,9 @@ def _run_workers(cfg, todo, n_workers, on_record, on_error):
                 if not any(p.is_alive() for p in procs) and results.empty():
                     raise RuntimeError("all evaluation workers died; see their stderr above")
                 continue
-            if kind == "record":
+            if kind in ("log", "warning"):
+                say_once(kind, a, said)
+            elif kind == "record":
                 on_record(a)
             elif kind == "error":
                 on_error(a, b)
@@ -174,11 +189,15 @@ def evaluate(cfg: dict) -> dict:
         bar.update(1)
         bar.set_postfix_str(f"success {stats['success']}/{stats['ok']} ({100 * stats['success'] / stats['ok']:.0f}%)")
 
+    failures: set[str] = set()
+
     def on_error(key, tb):
         stats["errors"] += 1
         with open(errors_path, "a") as f:
             f.write(json.dumps({"key": key, "traceback": tb}) + "\n")
-        bar.write(f"episode {key} failed (retried on resume):\n{tb.strip().splitlines()[-1]}")
+        line = tb.strip().splitlines()[-1]
+        bar.write(f"episode {key} failed (retried on resume)" + (": the same error" if line in failures else f":\n{line}"))
+        failures.add(line)
 
     t0 = time.perf_counter()
     n_workers = 0 if policy_obj is not None else min(int(cfg.get("workers", 0)), len(todo))

@@ -61,8 +61,35 @@ class EpisodeRunner:
             close()
 
 
+def _forward_messages(results) -> None:
+    """A worker's warnings and log lines go to the parent, which prints each distinct one once:
+    every worker loads the same policy, so N workers would otherwise print each line N times."""
+    import logging
+    import warnings
+
+    from ..cli import short_warnings
+
+    short_warnings()
+
+    class ToParent(logging.Handler):
+        def emit(self, record):
+            try:
+                results.put(("log", (record.name, record.levelno, record.getMessage()), None))
+            except Exception:  # a message must never cost an episode
+                pass
+
+    logging.getLogger().addHandler(ToParent())
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        results.put(("warning", warnings.formatwarning(message, category, filename, lineno, line), None))
+
+    warnings.showwarning = show
+
+
 def worker_main(cfg: dict, jobs, results) -> None:
-    """Process entry: run episodes from `jobs` until None; report ("record"|"error"|"fatal", ...)."""
+    """Process entry: run episodes from `jobs` until None; report ("record"|"error"|"fatal", ...),
+    and its warnings and log lines ("warning"|"log", ...)."""
+    _forward_messages(results)
     try:
         runner = EpisodeRunner(cfg)
     except Exception as e:
