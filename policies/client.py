@@ -185,7 +185,7 @@ class WebsocketClientPolicy:
         if self.safety is not None:
             a, step = self.safety.step(a, self.last_action)
         # the server's flags for the chunk this step came from (evaluate counts held/clipped steps)
-        self.last_safety = {k: bool(v or self._chunk_safety.get(k)) for k, v in step.items()}
+        self.last_safety = {k: bool(v or k in ("hold", "clipped") and self._chunk_safety.get(k)) for k, v in step.items()}
         self.last_action = a
         return a
 

@@ -145,8 +145,9 @@ def _first(d: dict, paths: list[str], default=None):
 
 
 def merge_safety(chunk: dict | None, step: dict) -> dict:
-    """One executed step's safety flags: its own, or'ed with those of the chunk it was taken from."""
-    return {k: bool(v or (chunk or {}).get(k)) for k, v in step.items()}
+    """One executed step's safety flags: its own, with the hold and clip of the chunk it was taken
+    from (delta_limited stays the step's own: the chunk limits its rows against each other)."""
+    return {k: bool(v or k in ("hold", "clipped") and (chunk or {}).get(k)) for k, v in step.items()}
 
 
 def _is_int(v) -> bool:
