@@ -1,0 +1,83 @@
+"""What a new user meets on the headline path: the memory check before training, a progress bar
+that moves every step, and what Ctrl-C says it kept."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_toys import LOGGER, ToyData, ToyModel, ToyObjective, tiny_cfg  # noqa: E402
+
+from selfflow_robot.train import Trainer, make_loader  # noqa: E402
+from selfflow_robot.train.memory import Estimate, TooLarge, explain  # noqa: E402
+
+
+def test_progress_bar_moves_every_step_before_the_first_log(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    seen = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def update(self, n=1):
+            seen.append(self.n + n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    cfg = tiny_cfg(steps=5, log_every=50, checkpoint_every=0)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, ToyModel(), ToyObjective(), make_loader(ToyData(), 8, 0, seed=0), tmp_path,
+                      logger_cfg={**LOGGER, "progress_bar": True})
+    trainer.fit()
+    assert seen == [1, 2, 3, 4, 5]  # not one jump to 5 at the first log step
+
+
+def test_the_memory_error_says_what_fits():
+    gib = 2**30
+    est = Estimate(static=gib // 2, per_sample=200 * 2**20, micro_batch=256, processes=1, available=20 * gib,
+                   device="cpu")
+    assert not est.fits and est.max_micro_batch() == 89  # (0.9 * 20 - 0.5) GiB / 200 MiB
+    line = explain(est, 256, 1, 1)
+    assert "\n" not in line and "50.5 GiB" in line and "20.0 GiB is available" in line
+    assert "trainer.grad_accum_steps=4 (the same batch in micro-batches of 64)" in line
+    assert "trainer.batch_size=89" in line and "activation_checkpointing" not in line
+    small = Estimate(static=gib // 2, per_sample=10 * 2**20, micro_batch=256, processes=1, available=20 * gib,
+                     device="cpu")
+    assert "trainer.activation_checkpointing=true" in explain(est, 256, 1, 1, checkpointed=small)
+    tiny = Estimate(static=30 * gib, per_sample=1, micro_batch=1, processes=1, available=20 * gib, device="cpu")
+    assert "not even one sample fits" in explain(tiny, 8, 1, 1)
+    assert Estimate(1, 1, 1, 1, available=0, device="cpu").fits  # unknown memory: never refused
+
+
+def test_ctrl_c_says_what_the_run_has_on_disk(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from selfflow_robot import jobs
+    from selfflow_robot.cli import reported_errors
+
+    cfg = OmegaConf.create({"trainer": {"checkpoint_every": 5000}})
+
+    def stopped(cfg, job, where):
+        where["run_dir"] = tmp_path
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "_run_training", stopped)
+    with pytest.raises(SystemExit) as exit_, reported_errors():
+        jobs.run_training(cfg, "finetune")
+    assert exit_.value.code == 130
+    with pytest.raises(KeyboardInterrupt) as e:
+        jobs.run_training(cfg, "finetune")
+    said = str(e.value)
+    assert "no checkpoint was written yet" in said and "step 5000" in said and "resume=true" not in said
+
+    # after a checkpoint: its path and the command that continues
+    step = tmp_path / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000010")
+    with pytest.raises(KeyboardInterrupt) as e:
+        jobs.run_training(cfg, "finetune")
+    assert str(step) in str(e.value) and f"run_dir={tmp_path} resume=true" in str(e.value)
+    assert "before training started" in jobs.interrupted_message(None, cfg)
