@@ -81,3 +81,34 @@ def test_ctrl_c_says_what_the_run_has_on_disk(tmp_path, monkeypatch):
         jobs.run_training(cfg, "finetune")
     assert str(step) in str(e.value) and f"run_dir={tmp_path} resume=true" in str(e.value)
     assert "before training started" in jobs.interrupted_message(None, cfg)
+
+
+def test_evaluate_defaults_to_a_folder_per_policy_and_settings(tmp_path, monkeypatch):
+    """A second run with other tasks is not refused as 'a different run': it gets its own folder,
+    and the same command again resumes its own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "simpler_double"))
+    from selfflow_robot.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    common = ["env=simpler", "env.backend=fake_simpler_env", "env.image_size=[16,20]", "progress=false",
+              "policy=random", "workers=0", "episodes_per_task=1", "max_episode_steps=2", "videos_per_task=0"]
+    first = evaluate(common + ["env.task=google_robot_move_near"])
+    second = evaluate(common + ["env.task=google_robot_pick_coke_can"])
+    again = evaluate(common + ["env.task=google_robot_move_near"])
+    assert first["out_dir"] != second["out_dir"] and again["out_dir"] == first["out_dir"]
+    root = tmp_path / "outputs" / "eval" / "simpler"
+    assert sorted(p.name for p in root.iterdir() if p.name != "hydra") == \
+        sorted(Path(s["out_dir"]).name for s in (first, second))
+    assert Path(first["out_dir"]).name.startswith("random-")
+    assert again["throughput"]["episodes_run"] == 0  # resumed: nothing left to run
+
+
+def test_default_eval_folder_names_the_checkpoint():
+    from selfflow_robot.evaluation.runner import default_out_dir
+
+    cfg = {"checkpoint": "/x/outputs/finetune/2026-12-07_01-00-00/checkpoints/step_00002000", "env": {"name": "metaworld"},
+           "max_episode_steps": None, "seed": 1000}
+    path = default_out_dir(cfg)
+    assert path.startswith("outputs/eval/metaworld/2026-12-07_01-00-00-step_00002000-")
+    assert default_out_dir({**cfg, "seed": 1}) != path
+    assert "ws-gpu-8000-" in default_out_dir({**cfg, "checkpoint": "ws://gpu:8000"})
