@@ -112,3 +112,43 @@ def test_default_eval_folder_names_the_checkpoint():
     assert path.startswith("outputs/eval/metaworld/2026-12-07_01-00-00-step_00002000-")
     assert default_out_dir({**cfg, "seed": 1}) != path
     assert "ws-gpu-8000-" in default_out_dir({**cfg, "checkpoint": "ws://gpu:8000"})
+
+
+def use_like(text: str):
+    """Stands in for a robot's sentence encoder (RT-1's USE): a 4-d vector from the words."""
+    return [float(len(text)), float(text.count(" ")), 1.0, 0.0]
+
+
+def test_an_embedding_policy_takes_a_pluggable_text_encoder():
+    import numpy as np
+
+    from selfflow_robot.policies import Policy
+    from selfflow_robot.policies.policy import ObservationError
+
+    seen = []
+
+    def predict(obs):
+        seen.append(obs["instruction_embedding"])
+        return np.zeros((2, 3), np.float32)
+
+    meta = {"action_dim": 3, "text": "embedding", "instruction_embedding_dim": 4}
+    img = np.zeros((8, 10, 3), np.uint8)
+    with pytest.raises(ObservationError, match="text_encoder='module:function'"):  # a sentence alone: say how
+        Policy(predict, meta).infer({"image": img, "instruction": "pick coke can"})
+    p = Policy(predict, meta, text_encoder="tests.test_headline_path:use_like")
+    p.infer({"image": img, "instruction": "pick coke can"})
+    np.testing.assert_array_equal(seen[-1], [13, 2, 1, 0])
+    p.reset("open drawer")
+    p.infer({"image": img})  # the reset's instruction
+    np.testing.assert_array_equal(seen[-1], [11, 1, 1, 0])
+    given = np.ones(4, np.float32)
+    p.infer({"image": img, "instruction": "x", "instruction_embedding": given})  # the robot's own vector wins
+    np.testing.assert_array_equal(seen[-1], given)
+    with pytest.raises(ValueError, match="returned 2 values"):
+        Policy(predict, meta, text_encoder=lambda t: [0.0, 1.0]).infer({"image": img, "instruction": "go"})
+    with pytest.raises(ValueError, match="has no 'nope'"):
+        Policy(predict, meta, text_encoder="tests.test_headline_path:nope")
+    with pytest.raises(ValueError, match="module:function"):
+        Policy(predict, meta, text_encoder="no_colon")
+    with pytest.raises(ValueError, match="needs no encoder"):
+        Policy(predict, {"action_dim": 3, "text": "bytes"}, text_encoder=use_like)
