@@ -152,3 +152,25 @@ def test_an_embedding_policy_takes_a_pluggable_text_encoder():
         Policy(predict, meta, text_encoder="no_colon")
     with pytest.raises(ValueError, match="needs no encoder"):
         Policy(predict, {"action_dim": 3, "text": "bytes"}, text_encoder=use_like)
+
+
+def test_finetune_refuses_a_run_that_cannot_fit_before_its_first_step(tmp_path, monkeypatch):
+    from selfflow_robot import jobs
+    from selfflow_robot.cli import compose
+    from selfflow_robot.train import memory
+    from tests.data_fixtures import write_blob_store
+
+    store = write_blob_store(tmp_path / "store")
+    args = ["dataset=store", f"data_dir={store}", "model=tiny", "trainer.batch_size=8", "trainer.num_workers=0",
+            "trainer.steps=1", "trainer.warmup_steps=0", "trainer.ema_decay=0.5", "clip.image_size=[32,32]",
+            "logger.wandb=disabled", "logger.progress_bar=false", "validation.fraction=0"]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**20)  # a 1 MiB machine
+    with pytest.raises(TooLarge, match=r"trainer.batch_size=8 needs ~.* GiB of cpu memory .* not even one sample"):
+        jobs.run_training(compose("finetune", args + [f"run_dir={tmp_path / 'a'}"]), "finetune")
+    assert not (tmp_path / "a" / "checkpoints").exists()  # refused before training
+    # the check measures without touching the RNG: a run with it is the run without it
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2**40)
+    checked = jobs.run_training(compose("finetune", args + [f"run_dir={tmp_path / 'b'}"]), "finetune")
+    unchecked = jobs.run_training(compose("finetune", args + [f"run_dir={tmp_path / 'c'}",
+                                                              "trainer.memory_check=false"]), "finetune")
+    assert checked["final_step"] == 1 and checked["last_loss"] == unchecked["last_loss"]

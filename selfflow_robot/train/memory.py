@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Backward holds the saved activations plus the gradients being formed (about one block's worth
-# beside them) and the allocator's slack; measured peak RSS / estimate on the CPU was 0.7-0.9
-# (docs/training.md), so 1.25 leaves room without refusing runs that fit.
+# Backward holds the saved activations plus the gradients being formed and the allocator's slack.
+# On the CPU (model s, RT-1 64x80 clips, fp32) the peak RSS grew by 0.82-0.84 of the estimate made
+# with 1.25 (docs/training.md, "Memory"): room to spare without refusing runs that fit.
 BACKWARD_FACTOR = 1.25
 USABLE = 0.9  # of the memory available when the run starts (the loader, Python and the OS take the rest)
 GiB = 2**30
@@ -151,7 +151,9 @@ def explain(est: Estimate, batch_size: int, accum: int, world: int, checkpointed
 
 def _checkpointed_bytes(model, objective, sample_batch, step_context, full: int) -> int:
     """With trainer.activation_checkpointing: what the wrapped blocks keep, plus one block
-    rebuilt at a time in backward. The wrapping is undone afterwards (the trainer applies its own)."""
+    rebuilt at a time in backward with its activation gradients and the recompute's temporaries
+    (three times one block's share, from the peak measured on the CPU). The wrapping is undone
+    afterwards (the trainer applies its own)."""
     from .distributed import apply_activation_checkpointing, repeated_blocks
 
     blocks = repeated_blocks(model)
@@ -165,7 +167,7 @@ def _checkpointed_bytes(model, objective, sample_batch, step_context, full: int)
                 del block.forward
             else:
                 block.forward = fwd
-    return kept + full // max(len(blocks), 1)
+    return kept + 3 * full // max(len(blocks), 1)
 
 
 def estimate(model, objective, sample_batch, *, batch_size: int, accum: int, world: int, device: torch.device,
