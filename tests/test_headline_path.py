@@ -174,3 +174,21 @@ def test_finetune_refuses_a_run_that_cannot_fit_before_its_first_step(tmp_path, 
     unchecked = jobs.run_training(compose("finetune", args + [f"run_dir={tmp_path / 'c'}",
                                                               "trainer.memory_check=false"]), "finetune")
     assert checked["final_step"] == 1 and checked["last_loss"] == unchecked["last_loss"]
+
+
+def test_hydra_log_goes_where_the_readme_says(tmp_path):
+    """With run_dir=..., Hydra's log and .hydra/ are written into the run's directory (and nothing
+    under outputs/): the README says so."""
+    import os
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "selfflow_robot.finetune", "dataset=store",
+                           f"data_dir={tmp_path / 'missing'}", f"run_dir={run_dir}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode != 0 and "missing" in proc.stderr  # stops at the data, after Hydra set up its files
+    assert (run_dir / "finetune.log").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    assert not (tmp_path / "outputs").exists()
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "Hydra's log stays in the former" not in readme
+    assert "Hydra's log `<command>.log` and `.hydra/` go into the run's directory" in readme
