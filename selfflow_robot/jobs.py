@@ -172,6 +172,7 @@ def check_memory(tcfg, model, objective, loader, train_set, ranks) -> None:
         objective.to(device)
     sample = move_to_device((loader.collate_fn or (lambda x: x))([train_set[0]]), device)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+
     def run_estimate(checkpointing: bool):
         return estimate(model, objective, sample, batch_size=int(t.batch_size), accum=int(t.grad_accum_steps),
                         world=ranks.world_size, device=device, parallel=resolve_parallel(t.parallel, ranks),
@@ -205,6 +206,9 @@ def interrupted_message(run_dir: Path | None, cfg: DictConfig) -> str:
         return ("stopped before training started; nothing to resume (episodes already converted into the "
                 "dataset's store are kept, and the same command continues the conversion)")
     found = latest_checkpoint(run_dir)
+    resumed = resume_checkpoint(cfg, run_dir) if found is None else None
+    if resumed is not None:  # resume=PATH of another run: nothing new here, the same command resumes again
+        return (f"no checkpoint was written yet in {run_dir}; the same command resumes from {resumed} again")
     if found is None:
         every = int(cfg.trainer.get("checkpoint_every", 0) or 0)
         first = f"the first is written at step {every} (trainer.checkpoint_every)" if every else \

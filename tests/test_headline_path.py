@@ -192,3 +192,16 @@ def test_hydra_log_goes_where_the_readme_says(tmp_path):
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "Hydra's log stays in the former" not in readme
     assert "Hydra's log `<command>.log` and `.hydra/` go into the run's directory" in readme
+
+
+def test_ctrl_c_after_resuming_from_another_run_says_it_resumes_again(tmp_path):
+    from omegaconf import OmegaConf
+
+    from selfflow_robot.jobs import interrupted_message
+
+    other = tmp_path / "other" / "step_00000004"
+    other.mkdir(parents=True)
+    (other / "model.safetensors").write_bytes(b"")
+    cfg = OmegaConf.create({"trainer": {"checkpoint_every": 10}, "resume": str(other)})
+    said = interrupted_message(tmp_path / "new", cfg)
+    assert f"resumes from {other} again" in said and "step 0" not in said
