@@ -205,3 +205,19 @@ def test_ctrl_c_after_resuming_from_another_run_says_it_resumes_again(tmp_path):
     cfg = OmegaConf.create({"trainer": {"checkpoint_every": 10}, "resume": str(other)})
     said = interrupted_message(tmp_path / "new", cfg)
     assert f"resumes from {other} again" in said and "step 0" not in said
+
+
+def test_the_estimate_leaves_the_model_and_the_rng_as_they_were():
+    from selfflow_robot.train.memory import estimate
+
+    torch.manual_seed(0)
+    model, objective = ToyModel(), ToyObjective()
+    batch = {"x": torch.randn(1, 8)}
+    state = torch.get_rng_state()
+    plain = estimate(model, objective, batch, batch_size=8, accum=2, world=1, device=torch.device("cpu"))
+    ckpt = estimate(model, objective, batch, batch_size=8, accum=2, world=1, device=torch.device("cpu"),
+                    checkpointing=True)
+    assert torch.equal(torch.get_rng_state(), state)  # a run with the check draws what it would without
+    assert all("forward" not in b.__dict__ for b in model.blocks)  # the trainer applies its own checkpointing
+    assert plain.micro_batch == 4 and plain.per_sample > 0 and ckpt.per_sample > 0
+    assert all(p.grad is None for p in model.parameters())

@@ -4,7 +4,8 @@ the machine stops with one line saying what fits, instead of being killed by the
 
 need = static + micro-batch x activations per sample x BACKWARD_FACTOR, where
 - static: fp32 weights, gradients and AdamW's two moments of every trained parameter (16 bytes
-  each) plus the EMA copy of the model (4 bytes each; it is also Self-Flow's teacher);
+  each) plus the EMA copy of the model (4 bytes each; it is also Self-Flow's teacher); the
+  weights are already resident when the check runs, so counting them again is a small margin;
 - activations per sample: the bytes autograd keeps for backward in one training forward of the
   real objective on one real sample (counted with saved-tensor hooks, so every objective, token
   count and precision is covered without a formula per model).
