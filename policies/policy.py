@@ -22,6 +22,7 @@ import numpy as np
 from .chunking import ActionChunker, ChunkConfig
 from .normalize import Normalizer
 from .safety import SafetyConfig, SafetyFilter
+from .text_encoder import CachedEncoder, load_text_encoder
 
 log = logging.getLogger("selfflow_robot.policies")
 
@@ -81,8 +82,12 @@ def validate_obs(obs: Any, state_dim: int | None = None, embedding_dim: int | No
                             or emb.shape[0] > 65536 or not np.all(np.isfinite(emb))):
         raise ObservationError("obs['instruction_embedding'] must be a finite 1-D float array")
     if embedding_dim and (emb is None or emb.shape[0] != embedding_dim):
+        hint = ("; it was trained with model.text=embedding: send the instruction's embedding by the training "
+                "data's encoder (RT-1: Universal Sentence Encoder), or load the policy with "
+                "text_encoder='module:function' that makes it from the instruction (docs/serving.md)"
+                if emb is None else "")
         raise ObservationError(f"this policy conditions on obs['instruction_embedding'] (float[{embedding_dim}]), "
-                               f"got {'none' if emb is None else emb.shape[0]}")
+                               f"got {'none' if emb is None else emb.shape[0]}{hint}")
     state = obs.get("state")
     if state is None and state_dim:
         raise ObservationError(f"this policy needs obs['state'] (float[{state_dim}])")
@@ -206,7 +211,10 @@ def metadata_from_config(cfg: dict, source: str = "config.json") -> dict:
 
 class Policy:
     def __init__(self, predict_fn: Callable[[dict], Any], metadata: dict, normalization: dict | None = None,
-                 chunk: ChunkConfig | None = None, safety: SafetyConfig | None = None):
+                 chunk: ChunkConfig | None = None, safety: SafetyConfig | None = None, text_encoder=None):
+        """text_encoder: for a policy trained with model.text=embedding, a callable (or its
+        "module:function" path) turning the instruction into that embedding when an observation
+        brings only the sentence (policies/text_encoder.py)."""
         if "action_dim" not in metadata:
             raise ValueError("metadata must give action_dim")
         self.predict_fn = predict_fn
@@ -224,6 +232,15 @@ class Policy:
                          "chunk": dataclasses.asdict(self.chunk_cfg),
                          "safety": dataclasses.asdict(self.safety_cfg)}
         self.chunker = ActionChunker(self.chunk_cfg)
+        self.text_encoder = None
+        if text_encoder is not None:
+            dim = metadata.get("instruction_embedding_dim")
+            if not dim:
+                raise ValueError("text_encoder is for policies trained with model.text=embedding; this one reads "
+                                 f"the instruction as {metadata.get('text') or 'bytes'} and needs no encoder")
+            name = text_encoder if isinstance(text_encoder, str) else getattr(text_encoder, "__name__", "callable")
+            self.text_encoder = CachedEncoder(load_text_encoder(text_encoder), int(dim), str(name))
+            self.metadata["text_encoder"] = str(name)
         self._lock = threading.Lock()  # one model call at a time, even from several threads
         self._aspect_warned: set[tuple[int, int]] = set()
         self.reset()
@@ -255,6 +272,7 @@ class Policy:
         return obs
 
     def infer(self, obs: dict) -> dict:
+        obs = self._with_embedding(obs)
         obs = validate_obs(obs, self.metadata.get("state_dim"), self.metadata.get("instruction_embedding_dim"),
                            self.metadata.get("views"))
         self._check_aspect(obs["image"].shape[:2])
@@ -284,6 +302,18 @@ class Policy:
         flags = {k: bool(flags[k] or f[k]) for k in flags}
         timing = {"infer_ms": infer_ms, "postprocess_ms": (time.perf_counter() - t1) * 1e3}
         return {"actions": actions, "server_timing": timing, "safety": flags, **extras}
+
+    def _with_embedding(self, obs):
+        """The instruction's embedding from the text encoder, when the policy needs one and the
+        observation brings only the sentence (or none: the reset's instruction)."""
+        if self.text_encoder is None or not isinstance(obs, dict) or obs.get("instruction_embedding") is not None:
+            return obs
+        instruction = obs.get("instruction")
+        instruction = self.instruction if instruction is None else instruction
+        if not isinstance(instruction, str) or not instruction:
+            raise ObservationError("this policy makes obs['instruction_embedding'] with its text_encoder from the "
+                                   "instruction, but there is none: send obs['instruction'] or call reset(instruction)")
+        return {**obs, "instruction_embedding": self.text_encoder(instruction)}
 
     def _check_aspect(self, hw: tuple[int, int]) -> None:
         """Frames are resized to the trained size as the training data's frames were; an aspect ratio
@@ -316,11 +346,13 @@ class Policy:
     def load(cls, path: str | os.PathLike, device: str = "cpu", *, sampler_steps: int = 10,
              mode: str = "action_first", chunk: ChunkConfig | None = None,
              safety: SafetyConfig | None = None, dtype: str = "auto", compile: bool = False,
-             **overrides) -> "Policy":
+             text_encoder=None, **overrides) -> "Policy":
         """Load a checkpoint dir (or a run dir's latest). `overrides` are ChunkConfig /
         SafetyConfig fields, e.g. execute_steps=2, ensemble=True, max_delta=0.05.
         dtype: weights for inference, auto = bfloat16 on CUDA, float32 elsewhere. compile:
-        torch.compile the model (mode reduce-overhead: CUDA graphs replay each batch-1 step)."""
+        torch.compile the model (mode reduce-overhead: CUDA graphs replay each batch-1 step).
+        text_encoder: a callable or "module:function" making the instruction embedding a policy
+        trained with model.text=embedding needs (checked here, before the model loads)."""
         if dtype not in INFERENCE_DTYPES:
             raise ValueError(f"dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
         ckpt = resolve_checkpoint(path)
@@ -338,6 +370,11 @@ class Policy:
             except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (garbage bytes)
                 raise ValueError(f"{ckpt / 'config.json'}: not valid JSON ({e})") from None
         metadata = metadata_from_config(cfg, str(ckpt / "config.json"))
+        if text_encoder is not None and not metadata.get("instruction_embedding_dim"):
+            raise ValueError(f"text_encoder={text_encoder!r}: {ckpt} reads the instruction as "
+                             f"{metadata.get('text') or 'bytes'} (model.text), so it takes no embedding and needs no "
+                             "encoder")
+        load_text_encoder(text_encoder)  # a bad path fails now, not after the model loaded
         normalization = Normalizer.from_json(ckpt / "normalization.json").raw
 
         # Lazy: torch and the model code are only needed here, not by the server or client.
@@ -353,7 +390,7 @@ class Policy:
         sampler = ActionSampler(model, model_cfg, device, steps=sampler_steps, mode=mode, compile=bool(compile))
         metadata.update(checkpoint=str(ckpt), device=str(device), sampler_steps=int(sampler_steps), mode=mode,
                         dtype=dtype, compiled=bool(compile))
-        return cls(_SamplerPredictor(sampler), metadata, normalization, chunk, safety)
+        return cls(_SamplerPredictor(sampler), metadata, normalization, chunk, safety, text_encoder=text_encoder)
 
 
 class _SamplerPredictor:

@@ -156,8 +156,70 @@ def _clip_image_size(size, stored_hw, patch: int, n_views: int, patch_name: str 
     return h, w
 
 
+def check_memory(tcfg, model, objective, loader, train_set, ranks) -> None:
+    """Refuse, before the first step, a run whose estimated memory exceeds what the device has
+    (trainer.memory_check=false skips it); the error names settings that fit."""
+    import torch
+
+    from .train.distributed import resolve_parallel
+    from .train.memory import TooLarge, estimate, explain
+    from .train.trainer import check_config, move_to_device
+
+    t = check_config(tcfg)
+    device = ranks.device
+    model.to(device)
+    if isinstance(objective, torch.nn.Module):
+        objective.to(device)
+    sample = move_to_device((loader.collate_fn or (lambda x: x))([train_set[0]]), device)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+
+    def run_estimate(checkpointing: bool):
+        return estimate(model, objective, sample, batch_size=int(t.batch_size), accum=int(t.grad_accum_steps),
+                        world=ranks.world_size, device=device, parallel=resolve_parallel(t.parallel, ranks),
+                        checkpointing=checkpointing,
+                        step_context=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None)
+
+    est = run_estimate(bool(t.activation_checkpointing))
+    log.info("memory: ~%.2f GiB estimated for the run, %.1f GiB available on %s", est.need / 2**30,
+             est.available / 2**30, device)
+    if not est.fits:
+        checkpointed = None if t.activation_checkpointing else run_estimate(True)
+        raise TooLarge(explain(est, int(t.batch_size), int(t.grad_accum_steps), ranks.world_size, checkpointed))
+
+
 def run_training(cfg: DictConfig, job: str) -> dict:
-    """Build everything from the composed config and train. Returns the trainer summary."""
+    """Build everything from the composed config and train. Returns the trainer summary. Ctrl-C
+    ends with a line that says what this run has on disk (cli.reported_errors prints it)."""
+    where: dict = {}
+    try:
+        return _run_training(cfg, job, where)
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(interrupted_message(where.get("run_dir"), cfg)) from e
+
+
+def interrupted_message(run_dir: Path | None, cfg: DictConfig) -> str:
+    """What a stopped training run kept: the last checkpoint and how to continue, or that there is
+    none yet (a resume would then find nothing)."""
+    from .train.checkpoint import latest_checkpoint
+
+    if run_dir is None:
+        return ("stopped before training started; nothing to resume (episodes already converted into the "
+                "dataset's store are kept, and the same command continues the conversion)")
+    found = latest_checkpoint(run_dir)
+    resumed = resume_checkpoint(cfg, run_dir) if found is None else None
+    if resumed is not None:  # resume=PATH of another run: nothing new here, the same command resumes again
+        return (f"no checkpoint was written yet in {run_dir}; the same command resumes from {resumed} again")
+    if found is None:
+        every = int(cfg.trainer.get("checkpoint_every", 0) or 0)
+        first = f"the first is written at step {every} (trainer.checkpoint_every)" if every else \
+            "trainer.checkpoint_every=0 saves only at the end"
+        return (f"no checkpoint was written yet ({first}): nothing to resume; {run_dir} holds the logs only, "
+                f"and the same command starts again from step 0")
+    return (f"the last checkpoint is {found} (kept); the same command with run_dir={run_dir} resume=true "
+            f"continues from it")
+
+
+def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
     import torch
 
     from .data import ActionNormalizer, ClipDataset
@@ -176,7 +238,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
     ranks = init_distributed(str(cfg.trainer.get("device", "auto")))
     if not ranks.is_main:  # under torchrun rank 0 reports; the others speak only to warn
         log.setLevel(logging.WARNING)
-    run_dir = agree_on_path(resolve_run_dir(cfg, job), ranks)
+    run_dir = where["run_dir"] = agree_on_path(resolve_run_dir(cfg, job), ranks)
     resuming_from = resume_checkpoint(cfg, run_dir)
     if resuming_from is not None:
         cfg = with_run_settings(cfg, resuming_from)
@@ -255,6 +317,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
         created = load_backbone(model, cfg.init)
         log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
     objective = build_objective(to_container(cfg.objective), mcfg)
+    if check_config(cfg.trainer).memory_check:
+        check_memory(cfg.trainer, model, objective, loader, train_set, ranks)
 
     validator = None
     if val_eps:

@@ -19,7 +19,7 @@ def build_policy(cfg: dict):
     return Policy.load(cfg["policy"], device=cfg.get("device", "cpu"), sampler_steps=int(cfg.get("sampler_steps", 10)),
                        mode=cfg.get("mode", "action_first"), chunk=ChunkConfig(**(cfg.get("chunk") or {})),
                        safety=SafetyConfig(**(cfg.get("safety") or {})), dtype=str(cfg.get("dtype", "auto")),
-                       compile=bool(cfg.get("compile", False)))
+                       compile=bool(cfg.get("compile", False)), text_encoder=cfg.get("text_encoder"))
 
 
 def warmup(policy, n: int) -> None:

@@ -37,6 +37,24 @@ def _fingerprint(cfg: dict, policy_kwargs: dict | None = None) -> dict:
     return json.loads(json.dumps(fp, default=str))
 
 
+def default_out_dir(cfg: dict, policy_kwargs: dict | None = None) -> str:
+    """out_dir=null: outputs/eval/<env>/<policy>-<hash of the settings that change results>, so
+    each policy and setting (tasks, seeds, limits, Policy.load options) gets its own folder that
+    the same command resumes, and a run with other tasks never meets another's records."""
+    import hashlib
+    import re
+    from pathlib import PurePath
+
+    fp = _fingerprint(cfg, policy_kwargs)
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:8]
+    policy = str(cfg["checkpoint"])
+    parts = PurePath(policy).parts if "://" not in policy else (policy,)
+    if len(parts) >= 3 and parts[-2] == "checkpoints":  # RUN/checkpoints/step_N -> RUN-step_N
+        parts = (parts[-3], parts[-1])
+    name = re.sub(r"[^A-Za-z0-9_.]+", "-", "-".join(parts[-2:])).strip("-.") or "policy"
+    return os.path.join("outputs", "eval", str(cfg["env"]["name"]), f"{name[-60:]}-{digest}")
+
+
 def _check_run_file(cfg: dict, rank: int, policy_kwargs: dict | None = None) -> None:
     path = os.path.join(cfg["out_dir"], "run.json")
     fp = _fingerprint(cfg, policy_kwargs)
@@ -155,7 +173,6 @@ def evaluate(cfg: dict) -> dict:
     cfg = match_training_env(json.loads(json.dumps(cfg, default=str)))
     env_cfg = cfg["env"]
     env_cfg.setdefault("success_mode", _DEFAULT_SUCCESS.get(env_cfg["name"], "final_step"))
-    out_dir = cfg["out_dir"] = os.path.abspath(cfg.get("out_dir") or "outputs/eval")
     rank, world = dist_info()
     _preflight(cfg)
     # Before run.json is written: a missing checkpoint fails here, once, not in every worker.
@@ -168,6 +185,7 @@ def evaluate(cfg: dict) -> dict:
     if given and not policy_kwargs:
         logging.getLogger("selfflow_robot").warning("policy_kwargs %s are ignored: only policy=PATH (Policy.load) "
                                                     "reads them", given)
+    out_dir = cfg["out_dir"] = os.path.abspath(cfg.get("out_dir") or default_out_dir(cfg, policy_kwargs))
     _check_run_file(cfg, rank, policy_kwargs)
     if not cfg.get("resume", True):
         for p in (rank_file(out_dir, rank), done_marker(out_dir, rank)):

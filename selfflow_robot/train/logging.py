@@ -99,9 +99,11 @@ class RunLogger:
                 warnings.warn(f"wandb.log failed ({e}); disabling wandb", stacklevel=2)
                 self.wandb_run = None
 
-    def progress(self, step: int, postfix: dict) -> None:
+    def progress(self, step: int, postfix: dict | None = None) -> None:
+        """Called every step (tqdm's own rate and ETA); the postfix (loss, rates) at log steps."""
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            if postfix is not None:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
             self.bar.update(step - self.bar.n)  # redraws at most every mininterval
 
     def plot(self, step: int) -> str | None:

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = dict(
     precision="auto", compile=False, parallel="auto", device="auto", checkpoint_every=1000, keep_last=3,
     log_every=50, eval_every=0, num_workers=4, seed=0, on_nan="raise", max_nan_skips=10, resume=False,
     measure_mfu=True, ddp_find_unused_parameters=True, attention="auto", grad_accum_steps=1,
-    activation_checkpointing=False,
+    activation_checkpointing=False, memory_check=True,
 )
 # trainer.attention: which fused attention kernel SDPA may use (auto = PyTorch's own choice).
 ATTENTION_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -436,6 +436,8 @@ class Trainer:
                         logger.progress(self.step, {"loss": row["loss"], "steps/s": steps_s,
                                                     "samples/s": samples_s})
                     loss_sum, loss_n, acc = 0.0, 0, {}
+                elif logger:  # every step: count, rate and ETA from the first steps (no extra device sync)
+                    logger.progress(self.step)
 
                 paused = False
                 if self.eval_fn is not None and self.eval_every and self.step % self.eval_every == 0:
