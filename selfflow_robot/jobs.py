@@ -162,7 +162,7 @@ def run_training(cfg: DictConfig, job: str) -> dict:
 
     from .data import ActionNormalizer, ClipDataset
     from .models import build_model, model_config
-    from .models.loading import load_backbone
+    from .models.loading import load_backbone, load_objective_head
     from .objectives import build_objective
     from .train import Trainer
     from .train.loader import make_loader
@@ -249,6 +249,8 @@ def run_training(cfg: DictConfig, job: str) -> dict:
         created = load_backbone(model, cfg.init)
         log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
     objective = build_objective(to_container(cfg.objective), mcfg)
+    if cfg.get("init") not in (None, "none", "") and resuming_from is None and load_objective_head(objective, cfg.init):
+        log.info("init=%s: Self-Flow projection head loaded from its objective.safetensors", cfg.init)
 
     validator = None
     if val_eps:

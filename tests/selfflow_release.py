@@ -9,6 +9,7 @@ under that name. The classes are timm's, unchanged.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -27,6 +28,8 @@ def _timm_layers_without_torchvision() -> None:
     for name, folder in (("timm", root), ("timm.layers", root / "layers"), ("timm.models", root / "models")):
         mod = types.ModuleType(name)
         mod.__path__ = [str(folder)]  # a package whose __init__ is not run
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        mod.__spec__.submodule_search_locations = [str(folder)]
         sys.modules[name] = mod
     attention = importlib.import_module("timm.layers.attention")
     mlp = importlib.import_module("timm.layers.mlp")

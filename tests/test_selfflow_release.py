@@ -3,8 +3,8 @@
 Relation (docs/model.md): converted(video=x, video_t=t, class_labels=y)["video"] equals the
 release's forward(x, t, y) -- both the velocity eps - x0 at t (0 clean, 1 noise) -- up to the
 patch order; block-20 raw features are equal, and the objective head equals the projector.
-The XL case builds the official 675M model and its conversion once, in fp32 on the CPU
-(about 2 x 2.7 GB of weights; measured in docs/model.md).
+The XL case builds the official 675M model and its conversion once, in fp32 on the CPU: two
+forwards of each at batch 1 (~5.7 GB peak RSS; time in docs/model.md).
 """
 import pytest
 import torch
@@ -44,7 +44,7 @@ def ours_to_official(v):
     return rearrange(v, "b 1 h w (p q c) -> b (h w) (c p q)", p=P, q=P, c=C)
 
 
-def check_parity(official, size, batch=2, tol=1e-5):
+def check_parity(official, size, batch=2, tol=1e-5, projector=True):
     ours, head, _ = convert_release(official.state_dict(), "test", heads=official.num_heads, patch_size=P)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(batch, C, size, size, generator=g)
@@ -62,6 +62,8 @@ def check_parity(official, size, batch=2, tol=1e-5):
             assert diff <= tol, f"{name} timesteps: velocity differs by {diff:.3g} (output scale {ref.abs().max():.3g})"
             assert feat <= tol * max(1.0, raw.abs().max().item()), f"{name}: block-{tap} features differ by {feat:.3g}"
             results[name] = (diff, ref.abs().max().item())
+        if not projector:
+            return ours, results
         # the Self-Flow projector (student head) on block-8 features
         _, proj = official(to_official(z), torch.full((batch,), 0.3), labels, return_features=1)
         student = ours(video=to_ours(z), video_t=torch.full((batch,), 0.3), class_labels=labels, taps=(1,))
@@ -145,9 +147,10 @@ def test_lone_image_unchanged_by_video_and_action_inputs():
     assert not torch.allclose(two["video"][:, :1], alone["video"])  # frames attend to each other
 
 
+@pytest.mark.slow
 def test_xl_release_matches_conversion():
     """Full SiT-XL/2 (675M): one forward per timestep kind in fp32 on the CPU."""
     official = official_model(size=32, width=1152, depth=28, heads=16)
     assert sum(p.numel() for p in official.parameters() if p.requires_grad) > 670e6
-    ours, results = check_parity(official, 32, batch=2)
-    del ours
+    _, results = check_parity(official, 32, batch=1, projector=False)  # the head is checked at the small size
+    assert all(scale > 0.1 for _, scale in results.values())

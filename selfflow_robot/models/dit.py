@@ -143,7 +143,9 @@ class SelfFlowDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.apply(_basic)  # linears only: a frozen autoencoder (convolutions) keeps its weights
+        for name, child in self.named_children():  # a frozen autoencoder keeps its weights (the
+            if name != "autoencoder":  # SD-VAE has linear attention layers too)
+                child.apply(_basic)
         if self.cfg.positions == "sincos2d":  # stream types start equal: a lone image is the released network
             nn.init.zeros_(self.type_embed)
         else:
