@@ -154,3 +154,33 @@ def test_xl_release_matches_conversion():
     assert sum(p.numel() for p in official.parameters() if p.requires_grad) > 670e6
     _, results = check_parity(official, 32, batch=1, projector=False)  # the head is checked at the small size
     assert all(scale > 0.1 for _, scale in results.values())
+
+
+def test_class_conditioning_in_cached_sampling_paths():
+    """Robot sampling (prefix cache + precomputed modulation) runs with the null class, as forward does
+    without labels; labels change the output."""
+    from selfflow_robot.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("tiny", patch_size=2, in_channels=4, positions="sincos2d", num_classes=5, text="none",
+                    action_dim=3).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # adaLN-Zero would hide the conditioning
+            p.add_(torch.randn_like(p) * 0.05)
+        ctx, video, act = torch.randn(2, 1, 3, 4, 16), torch.randn(2, 1, 3, 4, 16), torch.randn(2, 6, 3)
+        t = torch.full((2,), 0.6)
+        ref = m(video=video, video_t=t, action=act, action_t=t, context=ctx, context_t=torch.zeros(2))
+        null = m(video=video, video_t=t, action=act, action_t=t, context=ctx, context_t=torch.zeros(2),
+                 class_labels=torch.tensor([4, 4]))
+        other = m(video=video, video_t=t, action=act, action_t=t, context=ctx, context_t=torch.zeros(2),
+                  class_labels=torch.tensor([1, 2]))
+        prefix = m.encode_prefix(context=ctx, context_t=torch.zeros(2))
+        cached = m(video=video, video_t=t, action=act, action_t=t, prefix=prefix,
+                   modulation=m.modulation_schedule(torch.tensor([0.6]), 2)[0])
+    torch.testing.assert_close(null["video"], ref["video"])
+    torch.testing.assert_close(cached["video"], ref["video"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached["action"], ref["action"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other["video"], ref["video"])
+    with pytest.raises(ValueError, match="model.num_classes=0"):
+        build_model("tiny", text="none")(video=torch.randn(2, 1, 1, 1, 192), video_t=t,
+                                         class_labels=torch.tensor([1, 2]))
