@@ -184,3 +184,19 @@ def test_class_conditioning_in_cached_sampling_paths():
     with pytest.raises(ValueError, match="model.num_classes=0"):
         build_model("tiny", text="none")(video=torch.randn(2, 1, 1, 1, 192), video_t=t,
                                          class_labels=torch.tensor([1, 2]))
+
+
+def test_real_release_checkpoint():
+    """With the downloaded weights: SELFFLOW_RELEASE_CKPT=selfflow_imagenet256.pt pytest -k real_release.
+    One fp32 forward of the official class with the real weights vs the converted checkpoint."""
+    import os
+
+    ckpt = os.environ.get("SELFFLOW_RELEASE_CKPT")
+    if not ckpt:
+        pytest.skip("set SELFFLOW_RELEASE_CKPT to the downloaded selfflow_imagenet256.pt to check a real conversion")
+    model_mod, _ = release_modules()
+    official = model_mod.SelfFlowPerTokenDiT(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                                              num_heads=16, mlp_ratio=4.0, num_classes=1001, learn_sigma=True,
+                                              compatibility_mode=True)
+    official.load_state_dict(read_release_state(ckpt), strict=True)
+    check_parity(official.eval(), 32, batch=1, tol=1e-4, projector=False)
