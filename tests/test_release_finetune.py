@@ -19,7 +19,7 @@ pytest.importorskip("diffusers")
 def converted(tmp_path, classes=1001):
     official = official_model(size=8, width=64, depth=2, heads=4, classes=classes)
     model, head, _ = convert_release(official.state_dict(), "test", heads=4, student_layer=1, teacher_layer=2)
-    return write_converted(model, head, tmp_path / "conv", {"format": "test"}), head
+    return write_converted(model, head, tmp_path / "conv", {"format": "selfflow_release"}), head
 
 
 def test_diffusers_autoencoder_frozen_in_model(tmp_path):
@@ -59,6 +59,9 @@ def test_init_loads_backbone_and_release_head(tmp_path):
     objective = build_objective({"kind": "self_flow"}, model.cfg)
     assert load_objective_head(objective, conv)
     torch.testing.assert_close(objective.head[0].weight, head["head.0.weight"])
+    with pytest.raises(ValueError, match=r"positions sincos2d vs rope.*converted Self-Flow release: fine-tune it "
+                                         r"with model=selfflow_xl"):
+        load_backbone(build_model("tiny", patch_size=2, in_channels=4, action_dim=7), conv)
 
 
 @pytest.mark.slow

@@ -53,10 +53,21 @@ def load_backbone(model: SelfFlowDiT, path) -> list[str]:
                          + f"this run is {c.name} (depth {c.depth}, width {c.width})"
                          # a differing patch size or autoencoder leaves those descriptions equal
                          + (f"; settings that differ (checkpoint vs this run): {', '.join(differ)}" if differ else "")
-                         + "):\n" + mismatch_report(problems))
+                         + _release_hint(file.parent) + "):\n" + mismatch_report(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     _warn_if_prediction_differs(model, file.parent)
     return created
+
+
+def _release_hint(ckpt) -> str:
+    from ..train.checkpoint import read_checkpoint_config
+
+    try:
+        source = read_checkpoint_config(ckpt).get("converted_from") or {}
+    except (FileNotFoundError, ValueError, OSError):
+        return ""
+    return ("; it is a converted Self-Flow release: fine-tune it with model=selfflow_xl"
+            if source.get("format") == "selfflow_release" else "")
 
 
 def _autoencoder_from_folder(model: SelfFlowDiT) -> bool:
