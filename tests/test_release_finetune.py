@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,8 @@ def test_finetune_rt1_from_converted_release(tmp_path):
     model, _ = load_checkpoint_model(out)
     tok = model.frames_to_tokens(torch.zeros(1, 1, 32, 40, 3, dtype=torch.uint8))
     assert tok.shape == (1, 1, 8, 10, 16)  # 32x40 px -> 16x20 latents -> 8x10 tokens of 2x2x4
+    from selfflow_robot.policies.policy import Policy
+
+    policy = Policy.load(out, sampler_steps=2)  # the policy/serving path: SD-VAE latents of the robot's frame
+    r = policy.infer(policy.example_observation())
+    assert r["actions"].shape == (6, 7) and np.isfinite(r["actions"]).all()
