@@ -124,7 +124,7 @@ def flip_time_weight(w: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def convert_release(sd: dict, path, heads: int = 16, patch_size: int = 2, student_layer: int | None = 8,
-                    teacher_layer: int | None = 20):
+                    teacher_layer: int | None = 20, vae: str | None = None):
     """(SelfFlowDiT, objective head state dict, model config) from the release's state dict."""
     from .models import SIZES, build_model
     from .models.layers import sincos_2d
@@ -141,7 +141,7 @@ def convert_release(sd: dict, path, heads: int = 16, patch_size: int = 2, studen
     name = next((n for n, z in SIZES.items() if z == dict(depth=s["depth"], width=D, heads=heads)), "custom")
     model = build_model(dict(name=name, depth=s["depth"], width=D, heads=heads, mlp_ratio=s["mlp_ratio"],
                              patch_size=p, in_channels=C, positions="sincos2d", num_classes=s["num_classes"],
-                             text="none", video_prediction="v", qk_norm=False,
+                             text="none", video_prediction="v", qk_norm=False, autoencoder=vae or None,
                              student_layer=student_layer if student_layer and student_layer < s["depth"] else None,
                              teacher_layer=teacher_layer if teacher_layer and teacher_layer <= s["depth"] else None))
     # (c p q) -> (p q c): the release patchifies channel-first, ours channel-last
@@ -158,6 +158,7 @@ def convert_release(sd: dict, path, heads: int = 16, patch_size: int = 2, studen
     for k in ("adaLN_modulation.1.weight", "adaLN_modulation.1.bias"):
         new["video_head." + k] = sd["final_layer." + k]
     new.update({k: v for k, v in sd.items() if k.startswith("blocks.")})
+    new.update({k: v for k, v in model.state_dict().items() if k.startswith("autoencoder.")})  # from vae=
     own = model.state_dict()
     missing = sorted(set(own) - set(new))
     if missing:  # a model option this converter does not fill (would be a bug here, not in the file)
@@ -186,13 +187,13 @@ def main(cfg: DictConfig) -> Path:
         raise ValueError(f"unknown source {cfg.verb!r}; expected one of {VERBS}")
     sd = read_release_state(cfg.ckpt)
     model, head, s = convert_release(sd, cfg.ckpt, int(cfg.heads), int(cfg.patch_size), cfg.student_layer,
-                                     cfg.teacher_layer)
+                                     cfg.teacher_layer, cfg.get("vae"))
     out = write_converted(model, head, cfg.out, {"format": "selfflow_release", "file": os.path.abspath(cfg.ckpt),
                                                  "learn_sigma": s["learn_sigma"]})
-    n = sum(v.numel() for v in model.state_dict().values())
+    n = model.backbone_parameters()
     print(f"converted {cfg.ckpt} -> {out} ({n / 1e6:.1f}M parameters, {model.cfg.name}: depth {s['depth']}, "
           f"width {s['width']}, {s['num_classes']} classes)\ncheck it: python -m selfflow_robot.sample_images "
-          f"ckpt={out} vae=SD_VAE_DIR classes=[207,360] out=grid.png")
+          f"ckpt={out}{'' if cfg.get('vae') else ' vae=SD_VAE_DIR'} classes=[207,360] out=grid.png")
     return out
 
 

@@ -9,7 +9,7 @@ from einops import rearrange
 from selfflow_release import release_modules
 from test_selfflow_release import official_model
 
-from selfflow_robot.convert import convert_release, write_converted
+from selfflow_robot.convert import convert_release
 from selfflow_robot.sample_images import release_sde, release_velocity
 
 
@@ -62,11 +62,15 @@ def test_sample_images_cli_end_to_end(tmp_path, monkeypatch):
     from selfflow_robot import sample_images
     from selfflow_robot.train.checkpoint import read_safetensors
 
+    from selfflow_robot import convert
+
     official = official_model(size=8, width=64, depth=2, heads=4)
-    model, head, _ = convert_release(official.state_dict(), "test", heads=4)
-    write_converted(model, head, tmp_path / "conv", {"format": "test"})
+    torch.save({"model": official.state_dict()}, tmp_path / "release.pt")
     tiny_vae(tmp_path / "vae")
-    monkeypatch.setattr(sys, "argv", ["sample_images", f"ckpt={tmp_path / 'conv'}", f"vae={tmp_path / 'vae'}",
+    monkeypatch.setattr(sys, "argv", ["convert", "selfflow_release", f"ckpt={tmp_path / 'release.pt'}", "heads=4",
+                                      f"out={tmp_path / 'conv'}", f"vae={tmp_path / 'vae'}"])
+    convert.cli_main()  # the SD-VAE goes into the checkpoint: sample_images needs no vae=
+    monkeypatch.setattr(sys, "argv", ["sample_images", f"ckpt={tmp_path / 'conv'}",
                                       "classes=[207,360,1]", "steps=4", "latent_size=8", "cfg_scale=2.0",
                                       f"out={tmp_path / 'grid.png'}", f"save_latents={tmp_path / 'z.safetensors'}"])
     sample_images.cli_main()

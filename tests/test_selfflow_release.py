@@ -10,7 +10,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from selfflow_robot.convert import convert_release, read_release_state, write_converted
+from selfflow_robot.convert import convert_release, read_release_state
 
 from selfflow_release import release_modules
 
