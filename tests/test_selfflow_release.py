@@ -127,9 +127,9 @@ def test_convert_cli_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
     assert (ours_to_official(out) - ref).abs().max() <= 1e-5
 
 
-def test_lone_image_unchanged_by_video_and_action_inputs():
-    """A converted model fine-tuned on video: a lone frame's velocity is the release's, wherever in
-    time the frame sits, and fresh action layers leave it unchanged."""
+def test_lone_image_is_the_release_after_adding_action_layers():
+    """A converted model given action layers (as fine-tuning does): a lone frame's velocity is still
+    the release's; action tokens start at velocity 0; a second frame is attended to."""
     official = official_model(size=8, width=64, depth=2, heads=4, classes=11)
     ours, _, _ = convert_release(official.state_dict(), "test", heads=4)
     z, t = torch.randn(2, C, 8, 8), torch.tensor([0.4, 0.7])
@@ -141,6 +141,11 @@ def test_lone_image_unchanged_by_video_and_action_inputs():
         alone = ours(video=to_ours(z), video_t=t)
         two = ours(video=clip, video_t=t)
     assert (ours_to_official(alone["video"]) - ref).abs().max() <= 1e-5
+    # rotary acts on time only and is relative: the same lone frame at another time is unchanged
+    ours._positions = lambda T, h, w, t0, device, f=ours._positions: f(T, h, w, t0 + 3.0, device)
+    with torch.no_grad():
+        shifted = ours(video=to_ours(z), video_t=t)
+    assert (shifted["video"] - alone["video"]).abs().max() <= 1e-5
     # action tokens join the attention: at initialisation they change the image (their embedding is
     # new); the lone-image path (no actions) is what stays the release
     assert both["action"].abs().max() == 0  # zero-initialised action head
