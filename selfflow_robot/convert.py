@@ -186,6 +186,11 @@ def main(cfg: DictConfig) -> Path:
     if cfg.verb != "selfflow_release":
         raise ValueError(f"unknown source {cfg.verb!r}; expected one of {VERBS}")
     sd = read_release_state(cfg.ckpt)
+    ignore = tuple(cfg.get("ignore") or ())
+    dropped = sorted(k for k in sd if ignore and k.startswith(ignore))
+    if dropped:  # the user named them: extra training-time tensors the released network does not use
+        print(f"ignoring {len(dropped)} tensors: {', '.join(dropped[:8])}{' ...' if len(dropped) > 8 else ''}")
+        sd = {k: v for k, v in sd.items() if k not in set(dropped)}
     model, head, s = convert_release(sd, cfg.ckpt, int(cfg.heads), int(cfg.patch_size), cfg.student_layer,
                                      cfg.teacher_layer, cfg.get("vae"))
     out = write_converted(model, head, cfg.out, {"format": "selfflow_release", "file": os.path.abspath(cfg.ckpt),

@@ -112,9 +112,13 @@ def test_convert_cli_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
     from selfflow_robot.train.checkpoint import read_safetensors
 
     official = official_model(size=8, width=64, depth=2, heads=4, classes=11)
-    torch.save({"model": official.state_dict()}, tmp_path / "release.pt")
-    monkeypatch.setattr(sys, "argv", ["convert", "selfflow_release", f"ckpt={tmp_path / 'release.pt'}",
-                                      f"out={tmp_path / 'conv'}", "heads=4"])
+    extra = {"teacher.proj.weight": torch.zeros(2, 2)}  # a training-time tensor: refused unless ignored
+    torch.save({"model": {**official.state_dict(), **extra}}, tmp_path / "release.pt")
+    argv = ["convert", "selfflow_release", f"ckpt={tmp_path / 'release.pt'}", f"out={tmp_path / 'conv'}", "heads=4"]
+    monkeypatch.setattr(sys, "argv", list(argv))  # the CLI pops the verb from sys.argv
+    with pytest.raises(SystemExit, match=r"unexpected: teacher\.proj\.weight \(2, 2\)"):
+        convert.cli_main()
+    monkeypatch.setattr(sys, "argv", argv + ["ignore=[teacher.]"])
     convert.cli_main()
     model, config = load_checkpoint_model(tmp_path / "conv")
     assert config["model"]["positions"] == "sincos2d" and config["model"]["num_classes"] == 11
