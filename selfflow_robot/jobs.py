@@ -225,7 +225,7 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
     from .data import ActionNormalizer, ClipDataset
     from .data.errors import DataError
     from .models import build_model, model_config
-    from .models.loading import load_backbone
+    from .models.loading import load_backbone, load_objective_head
     from .objectives import build_objective
     from .train import Trainer
     from .train.loader import make_loader
@@ -317,6 +317,8 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
         created = load_backbone(model, cfg.init)
         log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
     objective = build_objective(to_container(cfg.objective), mcfg)
+    if cfg.get("init") not in (None, "none", "") and resuming_from is None and load_objective_head(objective, cfg.init):
+        log.info("init=%s: Self-Flow projection head loaded from its objective.safetensors", cfg.init)
     if check_config(cfg.trainer).memory_check:
         check_memory(cfg.trainer, model, objective, loader, train_set, ranks)
 

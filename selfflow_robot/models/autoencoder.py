@@ -5,6 +5,11 @@ writes DIR/config.json + DIR/model.safetensors (no pickle). `model.autoencoder=D
 frozen, inside SelfFlowDiT; its weights are also saved in every checkpoint of that model, so a
 checkpoint stays self-contained. Latents are scaled to unit variance (SD-VAE's 0.18215 idea),
 measured on the training frames.
+
+`model.autoencoder=DIR` also takes a diffusers `AutoencoderKL` folder (config.json +
+diffusion_pytorch_model.safetensors), e.g. the SD-VAE `stabilityai/sd-vae-ft-ema` of the
+released Self-Flow ImageNet model: frozen, latents (mean of the posterior - shift_factor) x
+scaling_factor as its config says (0.18215 for the SD-VAE), needs `pip install diffusers`.
 """
 from __future__ import annotations
 
@@ -62,9 +67,30 @@ class FrameAutoencoder(nn.Module):
         write_json_atomic(os.path.join(out, "config.json"), self.config, indent=1)
 
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _diffusers_spec(path: str, cfg: dict) -> dict:
+    if cfg.get("_class_name") != "AutoencoderKL":
+        raise ValueError(f"model.autoencoder={path}: a diffusers {cfg.get('_class_name')}; only AutoencoderKL "
+                         "(e.g. the SD-VAE) is supported")
+    if not os.path.isfile(os.path.join(path, DIFFUSERS_WEIGHTS)):
+        raise FileNotFoundError(f"model.autoencoder={path}: no {DIFFUSERS_WEIGHTS} there (pickled .bin weights are "
+                                "not read; save the model with safe_serialization=True)")
+    return dict(kind="diffusers_kl", channels=int(cfg["latent_channels"]),
+                downsample=2 ** (len(cfg["block_out_channels"]) - 1),
+                scale=float(cfg.get("scaling_factor") or 1.0), shift=float(cfg.get("shift_factor") or 0.0),
+                config={k: v for k, v in cfg.items() if not k.startswith("_")}, path=os.path.abspath(path))
+
+
 def autoencoder_spec(path: str) -> dict:
-    """The architecture of a trained autoencoder directory (for the model config)."""
+    """The architecture of a trained autoencoder directory, or of a diffusers AutoencoderKL folder."""
     cfg_file = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        if "_class_name" in cfg:
+            return _diffusers_spec(path, cfg)
     if not os.path.isfile(cfg_file) or not os.path.isfile(os.path.join(path, "model.safetensors")):
         raise FileNotFoundError(f"model.autoencoder={path}: expected config.json and model.safetensors there "
                                 "(train one with python -m selfflow_robot.autoencoder)")
@@ -72,9 +98,37 @@ def autoencoder_spec(path: str) -> dict:
         return dict(json.load(f), path=os.path.abspath(path))
 
 
-def build_frozen_autoencoder(spec: dict) -> FrameAutoencoder:
-    """From a spec dict (channels/width/downsample/scale[/path]); loads weights when the path exists
-    (a checkpoint of the full model carries the weights anyway)."""
+class DiffusersAutoencoder(nn.Module):
+    """A diffusers AutoencoderKL behind FrameAutoencoder's encode/decode (scaled latents)."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as e:
+            raise ImportError(f"model.autoencoder={spec.get('path')} is a diffusers AutoencoderKL: "
+                              f"pip install diffusers ({e})") from None
+        path = spec.get("path")
+        if path and os.path.isfile(os.path.join(path, DIFFUSERS_WEIGHTS)):
+            self.vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, local_files_only=True,
+                                                      low_cpu_mem_usage=False)
+        else:  # a checkpoint of the full model carries the weights
+            self.vae = AutoencoderKL.from_config(spec["config"])
+        self.scale, self.shift = float(spec["scale"]), float(spec.get("shift", 0.0))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> scaled latents; the posterior's mean (deterministic latents)."""
+        return (self.vae.encode(x).latent_dist.mean - self.shift) * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.scale + self.shift).sample
+
+
+def build_frozen_autoencoder(spec: dict) -> nn.Module:
+    """From a spec dict (channels/width/downsample/scale[/path], or a diffusers one); loads weights
+    when the path exists (a checkpoint of the full model carries the weights anyway)."""
+    if spec.get("kind") == "diffusers_kl":
+        return DiffusersAutoencoder(spec).eval().requires_grad_(False)
     ae = FrameAutoencoder(int(spec["channels"]), int(spec["width"]), int(spec["downsample"]), float(spec.get("scale", 1.0)))
     path = spec.get("path")
     if path and os.path.isfile(os.path.join(path, "model.safetensors")):

@@ -35,6 +35,14 @@ class ModelConfig:
     # by every denoising step (PrefixCache), as prefix caching does in VLA policies.
     isolate_condition: bool = True
     rope_theta: float = 10000.0
+    # Token positions: "rope" (3-D rotary over time, height, width) or "sincos2d" (the released
+    # SiT/Self-Flow ImageNet network: fixed 2-D sin-cos absolute positions added to every frame's
+    # tokens, rotary over time only, so a lone frame sees no rotation; docs/model.md).
+    positions: str = "rope"
+    # Class-label conditioning as in DiT/SiT: an embedding table whose last row is the null class
+    # (used when no label is given, e.g. robot clips); its vector is added to the time embedding.
+    # 0 = none; the released ImageNet checkpoint has 1001 (1000 classes + null).
+    num_classes: int = 0
     # What the video head predicts: "v" (the velocity eps - x0, as SiT) or "x" (the clean patch x0,
     # turned into a velocity (x_t - x0_hat) / max(t, 0.05) inside forward, so losses and samplers
     # are unchanged). x-prediction suits pixel patches wider than the model (JiT, Li & He 2025).
@@ -62,6 +70,12 @@ class ModelConfig:
             self.video_prediction = "x" if self.patch_size**2 * self.in_channels > self.width else "v"
         if self.video_prediction not in ("v", "x"):
             raise ValueError(f"model.video_prediction must be auto|v|x, got {self.video_prediction!r}")
+        if self.positions not in ("rope", "sincos2d"):
+            raise ValueError(f"model.positions must be rope|sincos2d, got {self.positions!r}")
+        if self.positions == "sincos2d" and self.width % 4:
+            raise ValueError(f"model.positions=sincos2d needs model.width divisible by 4, got {self.width}")
+        if self.num_classes < 0:
+            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
         if self.text not in ("bytes", "embedding", "none"):
             raise ValueError(f"model.text must be bytes|embedding|none, got {self.text!r}")
 

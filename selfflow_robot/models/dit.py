@@ -4,6 +4,8 @@ Token order is [text | context frames | video | action]; video and action are th
 streams (their outputs are velocities), text and context condition them. Every token carries its
 own timestep (paper convention: 0 = clean, 1 = noise). Positions are 3D RoPE (t, h, w), so the
 number of frames and the resolution may change between pretraining and fine-tuning.
+With model.positions=sincos2d (the released ImageNet network) each frame's tokens get fixed 2-D
+sin-cos positions instead and rotary acts on time alone; model.num_classes adds DiT class labels.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import Block, FinalLayer, Rope3D, TimestepEmbedder
+from .layers import Block, FinalLayer, Rope3D, TimestepEmbedder, sincos_2d
 from .text import ByteTextEncoder, EmbeddingTextEncoder, encode_bytes
 from .tokens import float_to_frames, frames_to_float, patchify, unpatchify
 
@@ -108,6 +110,7 @@ class SelfFlowDiT(nn.Module):
         else:
             self.text_encoder = None
         self.state_embed = nn.Linear(cfg.state_dim, D) if cfg.state_dim > 0 else None
+        self.class_embed = nn.Embedding(cfg.num_classes, D) if cfg.num_classes > 0 else None
         self.rope = Rope3D(D // cfg.heads, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.video_head = FinalLayer(D, self.patch_dim)
@@ -140,8 +143,15 @@ class SelfFlowDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.apply(_basic)  # linears only: a frozen autoencoder (convolutions) keeps its weights
-        nn.init.normal_(self.type_embed, std=0.02)
+        for name, child in self.named_children():  # a frozen autoencoder keeps its weights (the
+            if name != "autoencoder":  # SD-VAE has linear attention layers too)
+                child.apply(_basic)
+        if self.cfg.positions == "sincos2d":  # stream types start equal: a lone image is the released network
+            nn.init.zeros_(self.type_embed)
+        else:
+            nn.init.normal_(self.type_embed, std=0.02)
+        if self.class_embed is not None:
+            nn.init.normal_(self.class_embed.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
@@ -181,11 +191,31 @@ class SelfFlowDiT(nn.Module):
         return encode_bytes(instructions, self.cfg.max_text_len).to(device or self.type_embed.device)
 
     def _positions(self, T: int, h: int, w: int, t0: float, device) -> torch.Tensor:
+        """Rotary positions (t, h, w) per token; under sincos2d h and w stay 0 (no rotation): the
+        frame's absolute embedding carries them, rotary carries time only."""
+        spatial = self.cfg.positions == "rope"
         tt, hh, ww = torch.meshgrid(
             torch.arange(T, device=device, dtype=torch.float32) + t0,
-            torch.arange(h, device=device, dtype=torch.float32),
-            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+            torch.arange(h, device=device, dtype=torch.float32) * spatial,
+            torch.arange(w, device=device, dtype=torch.float32) * spatial, indexing="ij")
         return torch.stack([tt, hh, ww], dim=-1).reshape(-1, 3)
+
+    def _embed_frames(self, frames: torch.Tensor, stream: int) -> torch.Tensor:
+        """[B, T, h, w, P] patches -> [B, T*h*w, D] tokens (+ 2-D sin-cos positions under sincos2d)."""
+        x = self.video_embed(frames)
+        if self.cfg.positions == "sincos2d":
+            x = x + sincos_2d(frames.shape[2], frames.shape[3], self.cfg.width, frames.device).to(x.dtype)
+        return x.flatten(1, 3) + self.type_embed[stream]
+
+    def class_vector(self, class_labels, batch: int, device) -> torch.Tensor | None:
+        """[B, D] class embeddings added to the time embedding; no labels -> the null class (last row)."""
+        if self.class_embed is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given but this model has no class embedding (model.num_classes=0)")
+            return None
+        if class_labels is None:
+            class_labels = torch.full((batch,), self.cfg.num_classes - 1, dtype=torch.long, device=device)
+        return self.class_embed(torch.as_tensor(class_labels, device=device).long().reshape(batch))
 
     # -------------------------------------------------------------------------- forward
     def _condition_tokens(self, B, dev, context, context_t, text, text_emb, state):
@@ -203,7 +233,7 @@ class SelfFlowDiT(nn.Module):
         n_ctx_frames = 0
         if context is not None:
             n_ctx_frames, h, w = context.shape[1:4]
-            parts.append(self.video_embed(context).flatten(1, 3) + self.type_embed[1])
+            parts.append(self._embed_frames(context, 1))
             pos.append(self._positions(n_ctx_frames, h, w, -(n_ctx_frames - 1), dev))
             times.append((_as_token_times(context_t, B, tuple(context.shape[1:4]), dev), _shared_source(context_t)))
         return parts, pos, times, n_ctx_frames
@@ -212,7 +242,7 @@ class SelfFlowDiT(nn.Module):
         parts, pos, times = [], [], []
         if video is not None:
             T, h, w = video.shape[1:4]
-            parts.append(self.video_embed(video).flatten(1, 3) + self.type_embed[2])
+            parts.append(self._embed_frames(video, 2))
             pos.append(self._positions(T, h, w, 1.0 if n_ctx_frames else 0.0, dev))
             times.append((_as_token_times(video_t, B, tuple(video.shape[1:4]), dev), _shared_source(video_t)))
         if action is not None:
@@ -225,7 +255,7 @@ class SelfFlowDiT(nn.Module):
             times.append((_as_token_times(action_t, B, (H,), dev), _shared_source(action_t)))
         return parts, pos, times
 
-    def _prepare(self, parts, pos, times, time_embed: bool = True):
+    def _prepare(self, parts, pos, times, time_embed: bool = True, class_labels=None):
         """Concatenate streams; time-embed the distinct timestep slots; choose each token's slot."""
         x = torch.cat(parts, dim=1)
         if torch.is_autocast_enabled(x.device.type):
@@ -248,6 +278,9 @@ class SelfFlowDiT(nn.Module):
             index.append(tt.index + first)
         values, index = torch.cat(values, 1), torch.cat(index, 1)
         cond = self.t_embedder(values)  # [B, K, D]
+        y = self.class_vector(class_labels, values.shape[0], values.device)
+        if y is not None:  # DiT: c = t_emb + y_emb
+            cond = cond + y[:, None].to(cond.dtype)
         K = values.shape[1]
         if K == 1:  # one shared timestep: plain DiT broadcasting
             select = None
@@ -286,6 +319,9 @@ class SelfFlowDiT(nn.Module):
     def modulation_schedule(self, ts: torch.Tensor, batch: int) -> list[Modulation]:
         """Modulation for each timestep of a sampling schedule ts [S], computed in one pass."""
         emb = self.t_embedder(ts.reshape(-1, 1))  # [S, 1, D]
+        y = self.class_vector(None, 1, ts.device)  # samplers of robot clips run with the null class
+        if y is not None:
+            emb = emb + y.to(emb.dtype)
 
         def rows(m):
             return m(emb).unsqueeze(1).expand(-1, batch, -1, -1).unbind(0)  # S x [B, 1, C]
@@ -297,7 +333,7 @@ class SelfFlowDiT(nn.Module):
 
     def forward(self, video=None, video_t=None, action=None, action_t=None, context=None, context_t=None,
                 text=None, text_emb=None, state=None, taps: Sequence[int] = (), stop_after: int | None = None,
-                prefix: PrefixCache | None = None, modulation: Modulation | None = None) -> dict:
+                prefix: PrefixCache | None = None, modulation: Modulation | None = None, class_labels=None) -> dict:
         """Velocities for the generated streams, plus residual-stream taps.
 
         video   [B, T, h, w, P] noisy frame tokens; context [B, Tc, h, w, P] conditioning frames;
@@ -307,6 +343,7 @@ class SelfFlowDiT(nn.Module):
         prefix: the conditioning's cached keys/values from encode_prefix (then pass no conditioning).
         modulation: from modulation_schedule, when every processed token shares one timestep
         (generated tokens after a prefix); it replaces the time embedding of video_t/action_t.
+        class_labels [B] long (model.num_classes > 0): None means the null class (the last one).
         """
         ref = next(x for x in (video, action, context) if x is not None)
         B, dev = ref.shape[0], ref.device
@@ -320,7 +357,10 @@ class SelfFlowDiT(nn.Module):
         g_parts, g_pos, g_times = self._generated_tokens(B, dev, video, video_t, action, action_t, n_ctx_frames)
         if modulation is not None and parts:
             raise ValueError("precomputed modulation covers generated tokens only: pass the conditioning as a prefix")
-        x, rope, cond, select = self._prepare(parts + g_parts, pos + g_pos, times + g_times, modulation is None)
+        if modulation is not None and class_labels is not None:
+            raise ValueError("precomputed modulation holds the null class: pass class_labels without it")
+        x, rope, cond, select = self._prepare(parts + g_parts, pos + g_pos, times + g_times, modulation is None,
+                                              class_labels)
         n_prefix = gen_start if self.cfg.isolate_condition else 0
 
         out: dict = {"features": {}}

@@ -74,6 +74,20 @@ class Rope3D(nn.Module):
         return angles.cos(), angles.sin()
 
 
+def sincos_2d(h: int, w: int, width: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions [h, w, width] of the released SiT/Self-Flow network (MAE's
+    formula, float64 then float32): the first half encodes the column, the second the row, each
+    as [sin | cos] of the position times 1e4^(-k / (width / 4))."""
+    def axis(pos: torch.Tensor, dim: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=device) / (dim / 2.0))
+        out = pos[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    rows = torch.arange(h, dtype=torch.float64, device=device).repeat_interleave(w)
+    cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)
+    return torch.cat([axis(cols, width // 2), axis(rows, width // 2)], dim=1).float().view(h, w, width)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, N, heads, hd]; cos/sin [N, hd / 2]. Computed in x's dtype: an fp32 copy of q and k
     would double their memory traffic and saved activations under bf16 autocast."""

@@ -1,6 +1,8 @@
 """Build a model from a checkpoint directory: config.json + model.safetensors (EMA), no pickle."""
 from __future__ import annotations
 
+import os
+
 from .config import model_config
 from .dit import SelfFlowDiT
 
@@ -23,8 +25,9 @@ def load_checkpoint_model(path, device="cpu") -> tuple[SelfFlowDiT, dict]:
     return model.to(device).eval().requires_grad_(False), config
 
 
-# Layers a fine-tuned model may add on top of a pretrained backbone.
-NEW_LAYER_PREFIXES = ("action_embed.", "action_head.", "state_embed.")
+# Layers a fine-tuned model may add on top of a pretrained backbone (an instruction encoder, e.g.
+# on the released ImageNet weights, which have class labels instead).
+NEW_LAYER_PREFIXES = ("action_embed.", "action_head.", "state_embed.", "text_encoder.")
 
 
 def load_backbone(model: SelfFlowDiT, path) -> list[str]:
@@ -38,6 +41,8 @@ def load_backbone(model: SelfFlowDiT, path) -> list[str]:
                 for k, v in sd.items() if k in own and v.shape != own[k].shape]
     problems += [f"  {k}: not in this model" for k in sd if k not in own and not k.startswith(NEW_LAYER_PREFIXES)]
     created = [k for k in own if k not in sd]
+    if _autoencoder_from_folder(model):  # a backbone without one (the released weights) + model.autoencoder=DIR
+        created = [k for k in created if not k.startswith("autoencoder.")]
     dropped = sorted({k.split(".")[0] for k in sd if k not in own and k.startswith(NEW_LAYER_PREFIXES)})
     if dropped:  # e.g. pretraining initialised from a fine-tuned run: its action layers have no place here
         import warnings
@@ -52,10 +57,45 @@ def load_backbone(model: SelfFlowDiT, path) -> list[str]:
                          + f"this run is {c.name} (depth {c.depth}, width {c.width})"
                          # a differing patch size or autoencoder leaves those descriptions equal
                          + (f"; settings that differ (checkpoint vs this run): {', '.join(differ)}" if differ else "")
-                         + "):\n" + mismatch_report(problems))
+                         + _release_hint(file.parent) + "):\n" + mismatch_report(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     _warn_if_prediction_differs(model, file.parent)
     return created
+
+
+def _release_hint(ckpt) -> str:
+    from ..train.checkpoint import read_checkpoint_config
+
+    try:
+        source = read_checkpoint_config(ckpt).get("converted_from") or {}
+    except (FileNotFoundError, ValueError, OSError):
+        return ""
+    return ("; it is a converted Self-Flow release: fine-tune it with model=selfflow_xl"
+            if source.get("format") == "selfflow_release" else "")
+
+
+def _autoencoder_from_folder(model: SelfFlowDiT) -> bool:
+    spec = model.cfg.autoencoder or {}
+    return model.autoencoder is not None and bool(spec.get("path")) and os.path.isdir(spec["path"])
+
+
+def load_objective_head(objective, path) -> bool:
+    """The Self-Flow projection head from <checkpoint>/objective.safetensors (written by
+    `convert selfflow_release`: the release's projector), so self-distillation continues from it.
+    Returns whether one was loaded."""
+    from ..train.checkpoint import read_safetensors, resolve_checkpoint
+
+    file = resolve_checkpoint(path) / "objective.safetensors"
+    head = getattr(objective, "head", None)
+    if head is None or not file.is_file():
+        return False
+    sd = {k.removeprefix("head."): v for k, v in read_safetensors(file).items() if k.startswith("head.")}
+    own = head.state_dict()
+    if set(sd) != set(own) or any(sd[k].shape != own[k].shape for k in own):
+        raise ValueError(f"init={path}: {file} holds a projection head that does not fit this objective's "
+                         f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in sd.items())})")
+    head.load_state_dict(sd)
+    return True
 
 
 # Fine-tuning adds action/state layers to an action-free backbone: a 0 on either side is expected.
