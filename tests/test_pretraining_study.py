@@ -173,3 +173,63 @@ def test_tiny_study_end_to_end(tmp_path):
                  "success, joint sampling", "probe R^2", "rollout SSIM", "TFLOPs"):
         assert text in report
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def _row(arm, seed, wins, mse=0.1):
+    """A runs.json row: `wins` is the per-episode success of the last checkpoint on 4 env seeds."""
+    eps = {f"reach-v3|seed={1000 + i}": float(w) for i, w in enumerate(wins)}
+    fl = 0.0 if arm == "none" else (2e9 if arm == "self_flow" else 1e9)
+    return {"arm": arm, "seed": seed, "finished_s": 10.0,
+            "pretrain": {"run_dir": None if arm == "none" else f"runs/{arm}", "train_s": 4.0, "flops_per_step": fl,
+                         "layer": 1, "validation": [] if arm == "none" else [{"step": 2, "val_flow_loss": 1.0},
+                                                                              {"step": 4, "val_flow_loss": 0.5}],
+                         "probe": [{"step": 0, "probe_r2": 0.1}] + ([] if arm == "none" else [
+                             {"step": 2, "probe_r2": 0.2}, {"step": 4, "probe_r2": 0.4 if arm == "self_flow" else 0.3}])},
+            "finetune": [{"demos": 5, "train_s": 1.0, "validation": [{"step": 2, "val_action_mse": mse}],
+                          "rollout_psnr": 20.0, "rollout_ssim": 0.5,
+                          "success": [{"step": 2, "mode": m, "success": float(np.mean(wins)), "episodes": eps}
+                                      for m in ("action_first", "joint")]}]}
+
+
+def _study_dir(path, runs, seeds):
+    import yaml
+
+    path.mkdir()
+    (path / "runs.json").write_text(json.dumps(runs))
+    (path / "study.yaml").write_text(yaml.safe_dump({"arms": ["none", "flow_matching", "self_flow"], "seeds": seeds,
+                                                     "target": {"tasks": ["reach-v3"]}, "out_dir": str(path),
+                                                     "evaluate": {"episodes_per_task": 4, "modes": ["action_first", "joint"]}}))
+    return str(path)
+
+
+def test_report_merges_seeds_pairs_episodes_and_states_the_verdict(tmp_path):
+    from selfflow_robot.pretraining_study_report import paired_success, rebuild
+
+    a = _study_dir(tmp_path / "a", [_row("none", 0, [0, 0, 0, 0]), _row("flow_matching", 0, [0, 1, 0, 0]),
+                                    _row("self_flow", 0, [1, 1, 1, 1])], [0])
+    b = _study_dir(tmp_path / "b", [_row("none", 1, [0, 0, 0, 0]), _row("flow_matching", 1, [0, 0, 1, 0]),
+                                    _row("self_flow", 1, [1, 1, 1, 1], mse=0.05)], [1])
+    rep = rebuild([a, b], str(tmp_path / "m"))
+    runs = json.loads((tmp_path / "m" / "study.json").read_text())["runs"]
+    p = paired_success(runs, 5, "action_first", "flow_matching", "self_flow")
+    assert p["n"] == 8 and p["diff"] == pytest.approx(0.75) and p["ci"][0] > 0
+    md = rep["markdown"]
+    assert "**self_flow is better than flow_matching** on action-first success: +75.0 points" in md
+    assert "**none is not distinguishable from flow_matching** on action-first success: -25.0 points" in md
+    assert "Seeds: [0, 1] (2)" in md and "8 shared episodes per arm" in md
+    # the validation action MSE cell: mean, sample sd (0.05 and 0.1 -> 0.0354), interval
+    assert "0.0750 (sd 0.0354; [0.0500, 0.1000])" in md
+    assert "| probe R^2, object + goal (pretrained backbone) (0.3000) | self_flow | 4 | 0.008 | 4 |" in md
+    with pytest.raises(ValueError, match="none seed 0 is in both"):
+        rebuild([a, a], str(tmp_path / "twice"))
+
+
+def test_study_refuses_bad_arms_and_repa_without_a_local_encoder(tmp_path):
+    from selfflow_robot.pretraining_study import cli_main
+
+    for args, message in ((["arms=[flow_matching,selfflow]"], r"unknown arm\(s\) \['selfflow'\]"),
+                          (["arms=[flow_matching,repa]"], "arm repa needs a frozen image encoder's weights on disk"),
+                          (["seeds=[0,0]"], "arms and seeds must not repeat"), (["evaluate.modes=[both]"], "evaluate.modes must be")):
+        with pytest.raises(SystemExit, match="^error: " + message):
+            cli_main([*args, f"out_dir={tmp_path / 's'}"])
+    assert not (tmp_path / "s" / "data").exists()
