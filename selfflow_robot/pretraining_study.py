@@ -131,7 +131,7 @@ def pretrain_arm(cfg, arm: str, seed: int, out: str, corpus: str, probe) -> dict
     row = {"probe": [{"step": 0, **probe_checkpoint(init, *probe, layer=layer, alpha=float(cfg.probe.alpha))}],
            "layer": layer}
     if arm == "none":
-        return {**row, "run_dir": None, "train_s": 0.0, "flops_per_step": 0.0, "validation": []}
+        return {**row, "run_dir": None, "steps": 0, "train_s": 0.0, "flops_per_step": 0.0, "validation": []}
     run_dir = os.path.join(out, "runs", f"pretrain_{arm}_seed{seed}")
     overrides = ["dataset=store", f"data_dir={corpus}", f"clip.image_size={_size(cfg)}", *_model(cfg),
                  f"objective={arm}", f"run_dir={run_dir}", f"trainer.seed={seed}",
@@ -145,7 +145,7 @@ def pretrain_arm(cfg, arm: str, seed: int, out: str, corpus: str, probe) -> dict
         model, _ = load_checkpoint_model(ckpt)
         row["probe"].append({"step": int(ckpt.name.split("_")[1]),
                              **probe_checkpoint(model, *probe, layer=layer, alpha=float(cfg.probe.alpha))})
-    return {**row, "run_dir": run_dir, "train_s": round(train_s, 1), "validation": _validation_rows(run_dir),
+    return {**row, "run_dir": run_dir, "steps": int(p.steps), "train_s": round(train_s, 1), "validation": _validation_rows(run_dir),
             "flops_per_step": flops_per_step(run_dir)}
 
 
@@ -251,13 +251,18 @@ def main(cfg) -> dict:
     probe = probe_data(heldout, cfg.image_size, int(cfg.probe.every))
     data_s = time.time() - t0
     runs: list[dict] = []
-    for seed in cfg.seeds:
-        for arm in cfg.arms:
-            pre = pretrain_arm(cfg, arm, int(seed), out, paths["corpus"], probe)
-            ft = [finetune_arm(cfg, arm, int(seed), int(n), pre["run_dir"], out, heldout) for n in cfg.target.demos]
-            runs.append({"arm": arm, "seed": int(seed), "pretrain": pre, "finetune": ft,
-                         "finished_s": round(time.time() - t0, 1)})
-            write_json_atomic(os.path.join(out, "runs.json"), runs, indent=1)  # an interrupted study keeps these
+    try:
+        for seed in cfg.seeds:
+            for arm in cfg.arms:
+                pre = pretrain_arm(cfg, arm, int(seed), out, paths["corpus"], probe)
+                ft = [finetune_arm(cfg, arm, int(seed), int(n), pre["run_dir"], out, heldout) for n in cfg.target.demos]
+                runs.append({"arm": arm, "seed": int(seed), "pretrain": pre, "finetune": ft,
+                             "finished_s": round(time.time() - t0, 1)})
+                write_json_atomic(os.path.join(out, "runs.json"), runs, indent=1)  # an interrupted study keeps these
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{len(runs)} (arm, seed) of {len(cfg.arms) * len(cfg.seeds)} finished and are kept in "
+                                f"{os.path.join(out, 'runs.json')}; python -m selfflow_robot.pretraining_study_report "
+                                f"{out} reports the seeds every arm finished") from None
     report = write_report(runs, out, OmegaConf.to_container(cfg, resolve=True),
                           wall_s=time.time() - t0, note=f"; data collection {data_s / 60:.1f} min")
     print(report["markdown"])

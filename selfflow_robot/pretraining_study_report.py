@@ -50,8 +50,9 @@ def finals(runs: list[dict], demos: int, modes: list[str]) -> dict:
 
 
 def _pretrain_steps(r: dict) -> int:
-    steps = [p["step"] for p in r["pretrain"]["probe"]]
-    return max(steps) if r["pretrain"]["run_dir"] else 0
+    if not r["pretrain"]["run_dir"]:
+        return 0
+    return int(r["pretrain"].get("steps") or max(p["step"] for p in r["pretrain"]["probe"]))
 
 
 LABELS = {"success_action_first": ("success, action-first sampling", True, "pct"),

@@ -233,3 +233,29 @@ def test_study_refuses_bad_arms_and_repa_without_a_local_encoder(tmp_path):
         with pytest.raises(SystemExit, match="^error: " + message):
             cli_main([*args, f"out_dir={tmp_path / 's'}"])
     assert not (tmp_path / "s" / "data").exists()
+
+
+def test_ctrl_c_says_which_arms_are_kept(tmp_path, monkeypatch, capsys):
+    import selfflow_robot.data.store as store_mod
+    import selfflow_robot.pretraining_study as ps
+    import selfflow_robot.study_metrics as metrics
+
+    monkeypatch.setattr(ps, "build_data", lambda cfg, out: {"corpus": "c", "heldout": "h"})
+    monkeypatch.setattr(store_mod, "EpisodeStore", lambda path: None)
+    monkeypatch.setattr(metrics, "probe_data", lambda *a: None)
+    calls = []
+
+    def pretrain(cfg, arm, *a):
+        calls.append(arm)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"run_dir": None, "probe": [], "validation": []}
+
+    monkeypatch.setattr(ps, "pretrain_arm", pretrain)
+    monkeypatch.setattr(ps, "finetune_arm", lambda *a: {})
+    with pytest.raises(SystemExit) as e:
+        ps.cli_main(["arms=[none,flow_matching]", "seeds=[0]", f"out_dir={tmp_path / 's'}"])
+    assert e.value.code == 130
+    kept = tmp_path / "s" / "runs.json"
+    assert f"1 (arm, seed) of 2 finished and are kept in {kept}" in capsys.readouterr().err
+    assert [r["arm"] for r in json.loads(kept.read_text())] == ["none"]
