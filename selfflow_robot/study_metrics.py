@@ -96,15 +96,26 @@ def probe_checkpoint(model, frames, labels, episodes, layer: int, test_fraction:
     return out
 
 
+def _blur(z: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur over the H and W axes of [..., H, W, C] (edges mirrored), so frames,
+    batch and channels stay apart."""
+    r = int(3.5 * sigma + 0.5)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    for axis in (-3, -2):
+        n = z.shape[axis]
+        pad = [(0, 0)] * z.ndim
+        pad[axis] = (r, r)
+        zp = np.pad(z, pad, mode="symmetric")
+        z = sum(w * np.take(zp, np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
+    return z
+
+
 def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
     """Mean structural similarity of uint8 images [..., H, W, 3] (Gaussian window, per channel)."""
-    from scipy.ndimage import gaussian_filter
-
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     x, y = a.astype(np.float64), b.astype(np.float64)
-    # Filter over H and W only: the frame, batch and channel axes stay apart.
-    s = [0.0] * (x.ndim - 3) + [sigma, sigma, 0.0]
-    f = lambda z: gaussian_filter(z, s, truncate=3.5)  # noqa: E731
+    f = lambda z: _blur(z, sigma)  # noqa: E731
     mx, my = f(x), f(y)
     vx, vy, cxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
     m = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
