@@ -260,7 +260,8 @@ def plot(runs: list[dict], c: dict, path: str) -> str:
 
     demos_list = sorted(c["ft"])
     fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
-    for arm in c["probe_r2"]:
+    for i, arm in enumerate(c["probe_r2"]):
+        color = f"C{i}"  # one colour per arm in every panel
         fl, _ = _compute(runs, arm)
         for ax, metric, x_flops in ((axes[0], "pretrain_val_flow_loss", False), (axes[1], "probe_r2", False),
                                     (axes[2], "probe_r2", True)):
@@ -268,13 +269,13 @@ def plot(runs: list[dict], c: dict, path: str) -> str:
             if not st or (x_flops and not fl):
                 continue
             x = np.array(st) * (fl / 1e12 if x_flops else 1)
-            ax.plot(x, m, marker="o", ms=3, label=arm)
-            ax.fill_between(x, np.array(m) - np.nan_to_num(sd), np.array(m) + np.nan_to_num(sd), alpha=0.15)
+            ax.plot(x, m, marker="o", ms=3, label=arm, color=color)
+            ax.fill_between(x, np.array(m) - np.nan_to_num(sd), np.array(m) + np.nan_to_num(sd), alpha=0.15, color=color)
         for ax, key in ((axes[3], "val_action_mse"), (axes[4], "success")):
             for d, ls in zip(demos_list, ("-", "--", ":", "-.")):
                 st, m, _ = c["ft"][d].get(arm, {}).get(key, ([], [], []))
                 if st:
-                    ax.plot(st, m, ls, marker="o", ms=3, label=f"{arm}, {d} demos")
+                    ax.plot(st, m, ls, marker="o", ms=3, label=f"{arm}, {d} demos", color=color)
     titles = [("pretraining val flow loss", "pretraining step"), ("probe R^2 (object+goal)", "pretraining step"),
               ("probe R^2 vs compute", "pretraining TFLOPs"), ("fine-tuning val action MSE", "fine-tuning step"),
               ("success (first mode)", "fine-tuning step")]
