@@ -17,7 +17,7 @@ OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 PY=${PYTHON:-python3}
-MODEL=xl STUDY_DEVICE=cuda ATTENTION_KERNELS=${ATTENTION_KERNELS:-"auto flash cudnn"} TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=()
+MODEL=xl STUDY_DEVICE=cuda ATTENTION_KERNELS=${ATTENTION_KERNELS:-"auto flash cudnn"} TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=() PSTUDY_X=()
 if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overrides win
   MODEL=tiny STUDY_DEVICE=cpu REFERENCE= ATTENTION_KERNELS=flash
   TRAIN_X=(train.device=cpu train.compile=false train.warmup=1 train.reps=1 'train.cases=[{name:dry,frames:2,grid:4,batch:2}]')
@@ -28,8 +28,18 @@ if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overri
            validation.batches=1 validation.fraction=0.5 evaluate.episodes_per_task=1 evaluate.workers=0
            evaluate.max_episode_steps=2 collect_workers=0 parallel_arms=2
            "overrides=['trainer.compile=false']")
+  PSTUDY_X=(device=cpu model.name=tiny 'corpus.tasks=[reach-v3]' corpus.episodes_per_task=2 'target.tasks=[reach-v3]' 'target.demos=[2]'
+            'pretrain.overrides=[]' 'finetune.overrides=[]'
+            heldout.episodes_per_task=2 'image_size=[32,32]' model.depth=2 model.width=32 model.heads=2 model.patch_size=8
+            'arms=[none,flow_matching]' pretrain.steps=2 pretrain.batch_size=2 pretrain.checkpoint_every=2
+            pretrain.validation_every=2 pretrain.validation_batches=1 pretrain.ema_decay=0 finetune.steps=2
+            finetune.batch_size=2 finetune.checkpoint_every=2 finetune.validation_every=2 finetune.validation_batches=1
+            finetune.validation_fraction=0.5 finetune.ema_decay=0 evaluate.episodes_per_task=1 evaluate.workers=0
+            evaluate.max_episode_steps=2 evaluate.checkpoints=last rollout.episodes=1 rollout.chunks=1 rollout.steps=2
+            collect_workers=0)
 fi
 want() { [[ $stages == *" all "* || $stages == *" $1 "* ]]; }
+named() { [[ $stages == *" $1 "* ]]; }  # stages that "all" leaves out (they fill a whole GPU run)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 $PY -m selfflow_robot.bench params model=$MODEL || exit 1
@@ -78,14 +88,17 @@ if want policy; then
   $PY -m selfflow_robot.bench policy policy_bench.random_model=$MODEL 'policy_bench.compile=[false,true]' \
     'policy_bench.modes=[action_first]' policy_bench.iters=100 policy_bench.out="$OUT/bench_policy.jsonl" "${POLICY_X[@]}"
 fi
-if want study; then
-  if [[ ${DRY:-0} != 1 && -d .gl ]]; then  # EGL loaders for MuJoCo's headless rendering (gpu_prepare.sh)
+egl_setup() {  # EGL loaders for MuJoCo's headless rendering (gpu_prepare.sh)
+  if [[ ${DRY:-0} != 1 && -d .gl ]]; then
     for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
     egl_ok() { MUJOCO_GL=egl $PY -c "import mujoco; mujoco.GLContext(64, 64).make_current()" 2>/dev/null; }
     vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json  # where the lent machines keep it
     if ! egl_ok && [[ -f $vendor ]]; then export __EGL_VENDOR_LIBRARY_FILENAMES=$vendor; fi
     egl_ok && echo "EGL ok ${__EGL_VENDOR_LIBRARY_FILENAMES:-}" || echo "EGL context failed: the study cannot render"
   fi
+}
+if want study; then
+  egl_setup
   # Self-Flow vs DTS vs flow matching on Meta-World (docs/study.md, GPU configuration), capped at
   # STUDY_MINUTES; three arms train at once (one process each); runs.json under $OUT is rewritten as
   # each run ends, so a capped study keeps whole seeds (python -m selfflow_robot.study_report rebuilds
@@ -104,5 +117,21 @@ if want study; then
   if [[ -d $OUT/study_gpu ]]; then
     tar czf "$OUT/study_gpu.tgz" --exclude=checkpoints -C "$OUT" study_gpu || exit 1
     if [[ ${DRY:-0} != 1 ]]; then rm -rf "$OUT/study_gpu"; fi
+  fi
+fi
+if named pstudy; then
+  # The pretraining study's GPU configuration (docs/study.md): one seed (PSTUDY_SEED, default 0) per
+  # 15-minute GPU run, capped at PSTUDY_MINUTES (default 13); runs.json keeps every finished arm.
+  # Merge the runs here: python -m selfflow_robot.pretraining_study_report DIR DIR ... --out OUT.
+  egl_setup
+  MUJOCO_GL=egl timeout "$(( ${PSTUDY_MINUTES:-13} * 60 ))" $PY -m selfflow_robot.pretraining_study study_size=gpu \
+    "seeds=[${PSTUDY_SEED:-0}]" out_dir="$OUT/pstudy_seed${PSTUDY_SEED:-0}" "${PSTUDY_X[@]}" 2>&1 \
+    | grep -v "it/s\]$" > "$OUT/pstudy_full.log"
+  echo "pstudy rc=${PIPESTATUS[0]} (124: stopped at PSTUDY_MINUTES)"
+  tail -60 "$OUT/pstudy_full.log"
+  d=pstudy_seed${PSTUDY_SEED:-0}
+  if [[ -d $OUT/$d ]]; then  # one archive, no checkpoints or data stores
+    tar czf "$OUT/$d.tgz" --exclude=checkpoints --exclude="$d/data" -C "$OUT" "$d" || exit 1
+    if [[ ${DRY:-0} != 1 ]]; then rm -rf "${OUT:?}/$d"; fi
   fi
 fi

@@ -40,9 +40,13 @@ def resolve_tasks(tasks) -> list[str]:
     return tasks
 
 
-def _episode_meta(image_size, camera, action_repeat, tasks, state_mode="proprio") -> dict:
+def _episode_meta(image_size, camera, action_repeat, tasks, state_mode="proprio", drop_actions=False) -> dict:
     from selfflow_robot.envs.metaworld import TASK_INSTRUCTIONS
 
+    if drop_actions:  # an action-free video corpus: frames and instructions only (no actions, no state)
+        return dict(image_shape=[int(image_size[0]), int(image_size[1]), 3], action_dim=0, state_dim=0,
+                    embedding_dim=0, fps=80.0 / action_repeat, source="metaworld_video", camera=camera,
+                    action_repeat=int(action_repeat), instructions={t: TASK_INSTRUCTIONS[t] for t in tasks})
     full = state_mode == "full"  # the raw 39-d observation (hand, objects, goal) instead of hand + gripper
     names = [f"obs_{i}" for i in range(39)] if full else ["hand_x", "hand_y", "hand_z", "gripper_open"]
     return dict(image_shape=[int(image_size[0]), int(image_size[1]), 3], action_dim=4, state_dim=len(names),
@@ -90,14 +94,17 @@ def rollout(task: str, seed: int, image_size=(128, 128), camera: str = "corner",
 def collect_metaworld(out: str, tasks="mt10", episodes_per_task: int = 10, image_size=(128, 128),
                       camera: str = "corner", action_repeat: int = 4, max_steps: int = 60, workers: int = 0,
                       seed: int = 0, resume: bool = True, keep_failures: bool = False,
-                      max_attempts_factor: int = 3, progress: bool = True, state_mode: str = "proprio") -> dict:
-    """Collect into the episode store at `out`; returns a summary dict. workers=0 runs in-process."""
+                      max_attempts_factor: int = 3, progress: bool = True, state_mode: str = "proprio",
+                      drop_actions: bool = False) -> dict:
+    """Collect into the episode store at `out`; returns a summary dict. workers=0 runs in-process.
+    drop_actions=True writes an action-free video corpus (the experts still act; only the frames
+    they render, as the policy's camera sees them, and the instructions are kept)."""
     from tqdm import tqdm
 
     from selfflow_robot.data.store import EpisodeWriter
 
     tasks = resolve_tasks(tasks)
-    meta = _episode_meta(image_size, camera, action_repeat, tasks, state_mode)
+    meta = _episode_meta(image_size, camera, action_repeat, tasks, state_mode, drop_actions)
     kw = dict(image_size=tuple(int(x) for x in image_size), camera=camera, action_repeat=int(action_repeat),
               max_steps=int(max_steps), state_mode=state_mode)
     summary = {"stored": 0, "already_stored": 0, "failed": 0, "tasks_short": {}}
@@ -126,8 +133,11 @@ def collect_metaworld(out: str, tasks="mt10", episodes_per_task: int = 10, image
             if need[t] <= 0:
                 return
             if ep["success"] or keep_failures:
-                writer.add(key=f"{t}/seed{ep['seed']:06d}", images=ep["images"], actions=ep["actions"],
-                           state=ep["state"], instruction=ep["instruction"], source=f"metaworld:{t}")
+                actions, state = ep["actions"], ep["state"]
+                if drop_actions:
+                    actions, state = np.zeros((len(actions), 0), np.float32), None
+                writer.add(key=f"{t}/seed{ep['seed']:06d}", images=ep["images"], actions=actions,
+                           state=state, instruction=ep["instruction"], source=f"metaworld:{t}")
                 need[t] -= 1
                 summary["stored"] += 1
                 bar.update(1)

@@ -18,7 +18,8 @@ METRICS = {"val_flow_loss": ("validation flow loss", False), "val_action_mse": (
 
 
 def curves(runs: list[dict]) -> dict:
-    """{objective: {metric: (steps, mean, std, n_seeds)}} averaged over seeds at the steps all seeds share."""
+    """{objective: {metric: (steps, mean, sd, n_seeds)}} over seeds at the steps all seeds share; sd is
+    the sample standard deviation (ddof=1), nan for one seed."""
     out: dict = {}
     for obj in dict.fromkeys(r["objective"] for r in runs):
         mine = [r for r in runs if r["objective"] == obj]
@@ -29,7 +30,8 @@ def curves(runs: list[dict]) -> dict:
             steps = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
             if steps:
                 vals = np.array([[p[s] for s in steps] for p in per_seed], dtype=float)
-                out[obj][metric] = (steps, vals.mean(0).tolist(), vals.std(0).tolist(), len(per_seed))
+                sd = vals.std(0, ddof=1) if len(per_seed) > 1 else np.full(len(steps), np.nan)
+                out[obj][metric] = (steps, vals.mean(0).tolist(), sd.tolist(), len(per_seed))
     return out
 
 
@@ -41,6 +43,8 @@ def steps_to_reach(target: float, steps: list[int], values: list[float], higher:
 
 
 def _fmt(metric: str, v: float) -> str:
+    if v != v:  # nan: the sd of one seed
+        return "n/a"
     return f"{100 * v:.0f}%" if metric == "success" else f"{v:.4f}"
 
 
@@ -54,7 +58,7 @@ def markdown(c: dict, reference: str = "flow_matching") -> str:
             continue
         steps = sorted(set().union(*(c[o][metric][0] for o in objs)))
         head = [f"{o} (n={c[o][metric][3]})" if uneven else o for o in objs]
-        lines += [f"### {label} ({'higher' if higher else 'lower'} is better; mean ± std over seeds)", "",
+        lines += [f"### {label} ({'higher' if higher else 'lower'} is better; mean ± sample sd over seeds, ddof=1)", "",
                   "| step | " + " | ".join(head) + " |", "|---|" + "---|" * len(objs)]
         for s in steps:
             cells = []
@@ -102,7 +106,7 @@ def plot(c: dict, path: str) -> str:
                 st, m, sd, n = c[o][metric]
                 m, sd = np.array(m), np.array(sd)
                 ax.plot(st, m, marker="o", ms=3, label=f"{o} (n={n})")
-                ax.fill_between(st, m - sd, m + sd, alpha=0.2)
+                ax.fill_between(st, m - np.nan_to_num(sd), m + np.nan_to_num(sd), alpha=0.2)
         ax.set_xlabel("fine-tuning step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)

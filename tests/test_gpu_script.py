@@ -38,3 +38,20 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
     with tarfile.open(out / "study_gpu.tgz") as tar:
         names = tar.getnames()
     assert "study_gpu/runs.json" in names and not any("checkpoints" in n for n in names)
+
+
+def test_pretraining_study_stage_runs_dry_and_packs_one_archive(tmp_path):
+    """`gpu_bench.sh pstudy` (not part of `all`: it fills a GPU run): the GPU configuration's command
+    with tiny overrides; what comes back is one archive without checkpoints or data stores."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DRY": "1", "OUT": str(out), "PYTHON": sys.executable, "MUJOCO_GL": "egl",
+           "SELFFLOW_DATA_CACHE": str(tmp_path / "cache"), "OMP_WAIT_POLICY": "PASSIVE", "PSTUDY_SEED": "3"}
+    proc = subprocess.run(["bash", str(SCRIPT), "pstudy"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "pstudy rc=0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads((out / "pstudy_seed3" / "runs.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in runs] == [("none", 3), ("flow_matching", 3)]
+    with tarfile.open(out / "pstudy_seed3.tgz") as tar:
+        names = tar.getnames()
+    assert "pstudy_seed3/report.md" in names
+    assert not any("checkpoints" in n or n.startswith("pstudy_seed3/data") for n in names)

@@ -240,3 +240,32 @@ def test_action_only_count_keeps_its_fraction_in_small_micro_batches():
     draws = [count(2) for _ in range(4000)]
     assert set(draws) == {0, 1} and abs(sum(draws) / (2 * len(draws)) - 0.25) < 0.02
     assert count(1) == 0  # one sample always goes through the joint pass
+
+
+def test_action_only_samples_get_the_arms_objective_when_asked():
+    """action_only_objective=same: the action-only half gets DTS (per-token times) and the teacher's
+    representation loss on the same action-only input; the default keeps one plain t per sample."""
+    for mode in ("flow_matching", "same"):
+        model, ema, obj = _setup("self_flow", action_only_fraction=0.5, action_only_objective=mode)
+        student, teacher = Recorder(model), Recorder(ema)
+        loss, metrics = obj(student, teacher, make_batch())
+        akw = student.calls[1][0]
+        assert akw.get("video") is None and akw["action"].shape[0] == 2
+        teacher_action_only = [kw for kw, _ in teacher.calls if kw.get("video") is None]
+        if mode == "same":
+            assert isinstance(akw["action_t"], TokenTimes) and len(teacher_action_only) == 1
+            assert teacher_action_only[0]["action"].shape[0] == 2
+        else:
+            assert akw["action_t"].shape == (2,) and not teacher_action_only
+        assert torch.isfinite(loss) and "rep" in metrics
+    with pytest.raises(ValueError, match="action_only_objective must be flow_matching|same"):
+        build_objective(dict(kind="dts", action_only_objective="dts"), model.cfg)
+
+
+def test_pretraining_on_video_clips_uses_the_papers_video_mask_ratio():
+    """The paper's R_M is 0.25 for images and 0.1 for video; pretraining trains on video clips."""
+    from selfflow_robot import cli
+
+    for objective in ("self_flow", "dts"):
+        assert cli.compose("pretrain", [f"objective={objective}"]).objective.mask_ratio == 0.1
+    assert cli.compose("pretrain", ["objective.mask_ratio=0.25"]).objective.mask_ratio == 0.25

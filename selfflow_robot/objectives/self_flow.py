@@ -44,6 +44,10 @@ class ObjectiveConfig:
     # shared: video and action tokens of a sample share t (and s), as in the paper; independent:
     # actions draw their own (t_a, s_a), so one model learns every mix of noisy/clean video/actions.
     video_action_times: str = "shared"
+    # The action-only samples (the action-first sampling path): flow_matching trains them with one
+    # t per sample in every arm; same gives them the arm's objective (DTS over action tokens and,
+    # for self_flow, the representation loss against the teacher on the same action-only input).
+    action_only_objective: str = "flow_matching"
     # The no-grad teacher's matmuls in FP8 (GPUs with compute capability >= 8.9); see models/fp8.py.
     teacher_fp8: bool = False
 
@@ -55,6 +59,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.kind must be one of {KINDS}, got {cfg.kind!r}")
         if cfg.video_action_times not in ("shared", "independent"):
             raise ValueError(f"objective.video_action_times must be shared|independent, got {cfg.video_action_times!r}")
+        if cfg.action_only_objective not in ("flow_matching", "same"):
+            raise ValueError(f"objective.action_only_objective must be flow_matching|same, got {cfg.action_only_objective!r}")
         if not 0.0 <= cfg.mask_ratio <= 0.5:
             raise ValueError(f"objective.mask_ratio must be in [0, 0.5] (Self-Flow requires R_M <= 0.5), got {cfg.mask_ratio}")
         return cfg
@@ -230,7 +236,15 @@ class SelfFlowObjective(nn.Module):
         sums = {"video": [0.0, 0.0], "action": [0.0, 0.0]}
         metrics: dict[str, torch.Tensor] = {}
         rep = self._joint(model, ema_model, inp.take(slice(n_ao, None)), sums, metrics)
-        if n_ao:
+        if n_ao and self.cfg.action_only_objective == "same" and self.cfg.kind in ("dts", "self_flow"):
+            ao = inp.take(slice(0, n_ao))
+            ao.video = ao.video_mask = None  # the same samples without their video tokens
+            joint_cos = metrics.get("cos")
+            rep_ao = self._joint(model, ema_model, ao, sums, metrics)
+            if rep is not None and rep_ao is not None:  # per-sample weighting of the two passes
+                rep = (rep * (inp.batch_size - n_ao) + rep_ao * n_ao) / inp.batch_size
+                metrics["cos"] = (joint_cos * (inp.batch_size - n_ao) + metrics["cos"] * n_ao) / inp.batch_size
+        elif n_ao:
             self._action_only(model, inp.take(slice(0, n_ao)), sums)
         loss = torch.zeros((), device=model.type_embed.device)
         for name, weight in (("video", 1.0), ("action", self.cfg.action_weight)):
