@@ -139,7 +139,6 @@ def test_plugin_against_lerobot(tmp_path):
     """The whole check needs LeRobot 0.6 (Python >= 3.12): scripts/test_lerobot_plugin.sh runs it."""
     pytest.importorskip("lerobot", reason="lerobot is not installed here (it needs Python >= 3.12 and torch < 2.12); "
                                           "scripts/test_lerobot_plugin.sh builds its venv and runs the plugin tests")
-    sys.path.insert(0, str(ROOT / "integrations" / "lerobot"))
-    import test_plugin  # noqa: F401  (integrations/lerobot/tests/test_plugin.py, on sys.path above)
+    import test_plugin  # integrations/lerobot/tests/test_plugin.py (its folder is on sys.path above)
 
     test_plugin.test_factory_loads_the_export_and_matches_policy_load(tmp_path)
