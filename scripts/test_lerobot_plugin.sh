@@ -5,7 +5,9 @@
 #      few packages its model code imports) and integrations/lerobot, all editable;
 #   2. the plugin tests (integrations/lerobot/tests): factory loading + parity with Policy.load,
 #      processor JSON, the training loss and EMA update, feature errors;
-#   3. lerobot-eval --policy.path=<exported tiny policy> in gym-pusht for a few short episodes.
+#   3. lerobot-eval --policy.path=<exported tiny policy> in gym-pusht for a few short episodes;
+#   4. lerobot-train --policy.type=selfflow for a few steps on a tiny LeRobotDataset that LeRobot writes,
+#      then lerobot-eval of that checkpoint for one episode.
 # Env: LEROBOT_VENV (default .venv-lerobot), PYTHON312 (a python3.12), EPISODES (2), EPISODE_LENGTH (30).
 # Output: the last lines say PASS/FAIL with the timings; docs/serving.md records the last result.
 set -euo pipefail
@@ -32,7 +34,7 @@ if [ ! -x "$VENV/bin/lerobot-eval" ]; then
   "$PY" -m venv "$VENV"
   # PyPI's Linux torch < 2.12 is the CUDA build (its nvidia-* wheels come along, ~2.5 GB); CPU-only
   # wheels live on another index this project does not reach.
-  "$VENV/bin/pip" install -q "lerobot[pusht]==0.6.1" pytest pytest-timeout
+  "$VENV/bin/pip" install -q "lerobot[pusht,training]==0.6.1" pytest pytest-timeout
   "$VENV/bin/pip" install -q --no-deps -e "$ROOT" -e "$ROOT/integrations/lerobot"
   "$VENV/bin/pip" install -q einops hydra-core omegaconf msgpack websockets imageio-ffmpeg
 fi
@@ -68,4 +70,18 @@ n = len(info.get("per_episode") or []) or agg.get("n_episodes")
 print(f"lerobot-eval pusht: {n} episodes, " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in agg.items() if not isinstance(v, (list, dict))))
 PY
-echo "PASS: plugin tests $((t2 - t1)) s, lerobot-eval $((t3 - t2)) s, venv $((t1 - t0)) s"
+
+"$VENV/bin/python" integrations/lerobot/tests/make_dataset.py "$WORK/dataset" > "$WORK/dataset.log" 2>&1 \
+  || { tail -20 "$WORK/dataset.log"; echo "FAIL: writing the LeRobotDataset"; exit 1; }
+"$VENV/bin/lerobot-train" --dataset.repo_id=local/selfflow_tiny --dataset.root="$WORK/dataset" \
+  --policy.type=selfflow --policy.device=cpu --policy.push_to_hub=false --policy.image_size='[32,32]' \
+  --policy.context_frames=2 --policy.future_frames=1 --policy.chunk_size=4 --policy.n_action_steps=4 \
+  --steps=4 --batch_size=2 --num_workers=0 --save_freq=4 --log_freq=1 --wandb.enable=false \
+  --output_dir="$WORK/train" > "$WORK/train.log" 2>&1 || { tail -40 "$WORK/train.log"; echo "FAIL: lerobot-train"; exit 1; }
+grep -o "step:4 .*" "$WORK/train.log" | sed 's/^/lerobot-train: /'
+"$VENV/bin/lerobot-eval" --policy.path="$WORK/train/checkpoints/last/pretrained_model" --policy.device=cpu \
+  --env.type=pusht --env.episode_length=10 --eval.n_episodes=1 --eval.batch_size=1 \
+  --output_dir="$WORK/eval_trained" > "$WORK/eval_trained.log" 2>&1 \
+  || { tail -40 "$WORK/eval_trained.log"; echo "FAIL: lerobot-eval of the lerobot-train checkpoint"; exit 1; }
+t4=$(date +%s)
+echo "PASS: plugin tests $((t2 - t1)) s, lerobot-eval $((t3 - t2)) s, lerobot-train + eval $((t4 - t3)) s, venv $((t1 - t0)) s"
