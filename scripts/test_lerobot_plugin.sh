@@ -21,7 +21,10 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled  # nothing is 
 
 find_python312() {
   for p in "${PYTHON312:-}" python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
-    if [ -n "$p" ] && command -v "$p" >/dev/null 2>&1; then command -v "$p"; return 0; fi
+    # (a pyenv shim exists even where that version is not selected: run it to be sure)
+    if [ -n "$p" ] && "$p" -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1; then
+      command -v "$p"; return 0
+    fi
   done
   echo "no python3.12 found: set PYTHON312=/path/to/python3.12 (LeRobot 0.6 needs Python >= 3.12)" >&2
   return 1

@@ -113,7 +113,6 @@ class SelfFlowPolicy(PreTrainedPolicy):
     def predict_action_chunk(self, batch: dict, **kwargs) -> torch.Tensor:
         """Normalised actions [B, chunk_size, A] for the current observation; the context is the
         last context_frames observations this was called with (the first one repeated at the start)."""
-        self.eval()
         frame = self._frames(batch).to(self.model.type_embed.device)
         if self._history and self._history[-1].shape != frame.shape:
             self._history.clear()  # another batch size: a new rollout
