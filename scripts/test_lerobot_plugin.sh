@@ -39,7 +39,7 @@ if [ ! -x "$VENV/bin/lerobot-eval" ]; then
   # wheels live on another index this project does not reach.
   "$VENV/bin/pip" install -q "lerobot[pusht,training]==0.6.1" pytest pytest-timeout
   "$VENV/bin/pip" install -q --no-deps -e "$ROOT" -e "$ROOT/integrations/lerobot"
-  "$VENV/bin/pip" install -q einops hydra-core omegaconf msgpack websockets imageio-ffmpeg
+  "$VENV/bin/pip" install -q einops hydra-core omegaconf msgpack websockets imageio imageio-ffmpeg
 fi
 t1=$(date +%s)
 echo "== venv ready in $((t1 - t0)) s ($(du -sh "$VENV" | cut -f1)); $("$VENV/bin/python" -c 'import lerobot, torch; print("lerobot", lerobot.__version__, "torch", torch.__version__)')"
