@@ -107,6 +107,8 @@ def export_lerobot(run, out, camera: str | None = None, device: str = "cpu", sam
     config = lerobot_config(cfg, mode, _cameras(cfg["io"], camera), device, sampler_steps, n_action_steps)
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out={out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"out={out} exists and is not empty; pass overwrite=true to replace it")

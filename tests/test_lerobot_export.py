@@ -102,6 +102,9 @@ def test_export_options_and_refusals(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         export_lerobot(ckpt, out)
     export_lerobot(ckpt, out, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        export_lerobot(ckpt, tmp_path / "file", overwrite=True)
     with pytest.raises(ValueError, match="n_action_steps=9: must be in 1..4"):
         export_lerobot(ckpt, tmp_path / "b", n_action_steps=9)
     with pytest.raises(ValueError, match="this policy sees one camera"):
