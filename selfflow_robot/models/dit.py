@@ -244,7 +244,7 @@ class SelfFlowDiT(nn.Module):
                 first = offsets
                 seen.append((source, first))
                 values.append(tt.values)
-                offsets += tt.values.shape[1]
+                offsets += int(tt.values.shape[1])  # an int: under ONNX tracing a size is a tensor, and += would alias a slot
             index.append(tt.index + first)
         values, index = torch.cat(values, 1), torch.cat(index, 1)
         cond = self.t_embedder(values)  # [B, K, D]
