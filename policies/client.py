@@ -20,12 +20,12 @@ import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-from websockets.exceptions import InvalidStatus, InvalidURI, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import connect
 
 from . import msgpack_numpy
 from .chunking import ActionChunker, ChunkConfig
-from .safety import SafetyConfig, SafetyFilter
+from .safety import COUNT_KEYS, SafetyConfig, SafetyFilter, add_counts
 
 
 def _copy(value):
@@ -91,6 +91,13 @@ class WebsocketClientPolicy:
         self.safety = SafetyFilter(safety, int(self.action_dim)) if safety is not None else None
         self.last_action: np.ndarray | None = None
         self.last_timing: dict = {}
+        self._counts = dict.fromkeys(COUNT_KEYS, 0)
+
+    @property
+    def safety_counts(self) -> dict:
+        """As Policy.safety_counts, since the last reset: chunks the server held / clipped / delta-limited
+        (from each reply's safety flags) and executed steps (this client's own safety, when given)."""
+        return dict(self._counts)
 
     def _connect(self, wait_for_server: float = 0.0) -> None:
         t0 = time.monotonic()
@@ -139,8 +146,14 @@ class WebsocketClientPolicy:
         if self._ws is None:
             self._connect()
         t0 = time.perf_counter()
+        data = self._packer.pack(request)
         try:
-            self._ws.send(self._packer.pack(request))
+            try:
+                self._ws.send(data)
+            except ConnectionClosed:  # closed by the server while idle (its idle_timeout_s): the request never left
+                self._drop()
+                self._connect()
+                self._ws.send(data)
             reply = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
         except TimeoutError:
             self._drop()
@@ -160,6 +173,7 @@ class WebsocketClientPolicy:
         self.instruction = instruction  # also sent with each observation, so a reconnect keeps the task
         self.chunker.reset()
         self.last_action = None
+        self._counts = dict.fromkeys(COUNT_KEYS, 0)
 
     def infer(self, obs: dict) -> dict:
         """One round trip: {"actions": float32 [H, A], "server_timing": {...}, "safety": {...}}."""
@@ -168,6 +182,7 @@ class WebsocketClientPolicy:
         reply = self._call({"type": "infer", "obs": obs})
         reply["actions"] = np.asarray(reply["actions"], dtype=np.float32)
         reply["server_timing"] = dict(self.last_timing)  # adds the client-side roundtrip_ms
+        add_counts(self._counts, "chunk", reply.get("safety") or {})
         return reply
 
     def act(self, obs: dict) -> np.ndarray:
@@ -176,9 +191,10 @@ class WebsocketClientPolicy:
                 self.chunker.push(self.infer(obs)["actions"])
         else:
             self._act_async(obs)
-        a = self.chunker.pop()
+        a, flags = self.chunker.pop(), {}
         if self.safety is not None:
-            a, _ = self.safety.step(a, self.last_action)
+            a, flags = self.safety.step(a, self.last_action)
+        add_counts(self._counts, "step", flags)
         self.last_action = a
         return a
 
