@@ -92,6 +92,9 @@ class OnnxPredictor:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
+        # Idle worker threads sleep instead of spinning: one chunk per control period leaves them idle
+        # most of the time, and spinning threads take the cores from the robot's other processes.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(Path(folder) / m["graph"]), opts, providers=["CPUExecutionProvider"])
         self.inputs = {spec["name"]: spec for spec in m["inputs"]}
         pre = m["preprocess"]

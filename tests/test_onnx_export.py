@@ -119,3 +119,12 @@ def test_cli_errors_are_one_line(tmp_path, exported):
     with pytest.raises(ValueError, match="format"):
         (tmp_path / "manifest.json").write_text("{}")
         load_onnx_policy(tmp_path)
+
+
+def test_bench_times_the_runner_against_torch(exported):
+    from selfflow_robot.policies.bench import bench_onnx
+
+    ckpt, _, _ = exported
+    r = bench_onnx(str(ckpt), {"image": np.zeros((32, 48, 3), np.uint8)}, iters=2, warmup=1, steps=STEPS)
+    assert r["torch_eager"]["n"] == r["onnxruntime_runner"]["n"] == 2 and r["onnx_over_torch"] > 0
+    assert r["steps"] == STEPS and r["model"] == "tiny"
