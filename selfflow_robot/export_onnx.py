@@ -159,8 +159,13 @@ def cli(args: list[str]) -> None:
     run, opts = parse(args, KEYS)
     if not opts.get("out"):
         raise ValueError("out is not set: pass out=DIR (the folder for policy.onnx and manifest.json)")
-    m = export_onnx(run, opts["out"], steps=int(opts.get("steps", 10)), opset=int(opts.get("opset", 18)),
-                    check=opts.get("check", "true").lower() in ("true", "1", "yes"))
+    ints = {}
+    for key, default in (("steps", 10), ("opset", 18)):
+        try:
+            ints[key] = int(opts.get(key, default))
+        except ValueError:
+            raise ValueError(f"{key}={opts[key]!r}: expected an integer") from None
+    m = export_onnx(run, opts["out"], check=opts.get("check", "true").lower() in ("true", "1", "yes"), **ints)
     size = (Path(opts["out"]) / "policy.onnx").stat().st_size / 2**20
     print(f"wrote {opts['out']}/policy.onnx ({size:.1f} MiB), manifest.json, normalization.json "
           f"(model {m['model']}, {m['steps']} steps, chunk {m['actions']['chunk']} x {m['actions']['dim']})")
