@@ -6,7 +6,8 @@ main(cfg) reads the `policy_bench` section of cfg if there is one, else cfg itse
       depend on the weights), built with patch_size 16, context_frames 1, future_frames 2
   image_size [256, 320], iters 200, warmup 20, device auto, sampler_steps 10,
   modes [action_first, joint], compile [false] (a list: true adds torch.compile / CUDA-graph runs),
-  action_dim 7, action_chunk 6, patch_size 16, out (JSON lines, appended).
+  action_dim 7, action_chunk 6, patch_size 16, onnx false (true: also the ONNX runner against torch eager,
+  as a ratio), out (JSON lines, appended).
 Overhead = client round trip - server-reported infer_ms, with an instant fake policy, so it is
 the cost of msgpack encoding, the websocket hop, validation, safety and the worker-thread hand-off.
 Standalone: python -m selfflow_robot.policies.bench [key=value ...] (--help lists the keys); an
@@ -41,6 +42,7 @@ KEYS = {
     "action_dim": (7, "action dim of the fake / random policy"),
     "action_chunk": (6, "chunk length H of the fake / random policy"),
     "patch_size": (16, "patch size of the random model"),
+    "onnx": (False, "also time the ONNX export (onnxruntime) against torch eager: action_first, CPU, interleaved"),
     "out": (None, "append the result as a JSON line to this file"),
 }
 
@@ -157,6 +159,40 @@ def bench_model(path: str, obs: dict, iters: int, warmup: int, device: str, step
             "chunk_shape": list(r["actions"].shape), "infer": _stats(times)}
 
 
+def bench_onnx(path: str, obs: dict, iters: int, warmup: int, steps: int) -> dict:
+    """Batch-1 Policy.infer of the exported ONNX graph (onnxruntime, as many threads as torch) against
+    torch eager on the same checkpoint and observation, calls alternating so that a busy machine slows
+    both alike; the ratio is the median of the per-pair ratios."""
+    import tempfile
+
+    import onnxruntime
+    import torch
+
+    from selfflow_robot.export_onnx import export_onnx
+
+    from .onnx_runner import load_onnx_policy
+    from .policy import Policy
+
+    eager = Policy.load(path, device="cpu", sampler_steps=steps, mode="action_first")
+    obs = eager.example_observation(image=obs["image"])
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        export_onnx(path, tmp, steps=steps, check=False)
+        export_s = time.perf_counter() - t0
+        runner = load_onnx_policy(tmp, threads=torch.get_num_threads())
+        times: dict = {"torch": [], "onnx": []}
+        for i in range(warmup + iters):
+            for name, policy in (("torch", eager), ("onnx", runner)):
+                ms = policy.infer(obs)["server_timing"]["infer_ms"]
+                if i >= warmup:
+                    times[name].append(ms)
+    ratios = [o / t for o, t in zip(times["onnx"], times["torch"])]
+    return {"model": eager.metadata.get("model"), "steps": steps, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "export_s": export_s,
+            "torch_eager": _stats(times["torch"]), "onnxruntime_runner": _stats(times["onnx"]),
+            "onnx_over_torch": float(np.median(ratios)), "onnx_over_torch_range": [min(ratios), max(ratios)]}
+
+
 def random_checkpoint(size: str, out_dir: str, image_size, action_dim: int, action_chunk: int,
                       patch_size: int = 16, context_frames: int = 1, future_frames: int = 2, state_dim: int = 0) -> str:
     """A checkpoint dir with random weights of the given size (for latency only)."""
@@ -220,6 +256,8 @@ def main(cfg) -> dict:
         result["model"] = [bench_model(str(path), obs, n, max(min(warmup, 3), 5 if c else 0), device,
                                        int(_opt(cfg, "sampler_steps")), str(m), c)
                            for c in compiles for m in modes]
+        if str(_opt(cfg, "onnx")).lower() in ("true", "1", "yes"):
+            result["onnx"] = bench_onnx(str(path), obs, n, max(min(warmup, 3), 1), int(_opt(cfg, "sampler_steps")))
         if device.startswith("cuda"):
             import torch
             result["gpu"] = torch.cuda.get_device_name()

@@ -20,12 +20,12 @@ import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-from websockets.exceptions import InvalidStatus, InvalidURI, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import connect
 
 from . import msgpack_numpy
 from .chunking import ActionChunker, ChunkConfig
-from .safety import SafetyConfig, SafetyFilter
+from .safety import COUNT_KEYS, SafetyConfig, SafetyFilter, add_counts
 
 
 def _copy(value):
@@ -93,6 +93,13 @@ class WebsocketClientPolicy:
         self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
         self._chunk_safety: dict = {}
         self.last_timing: dict = {}
+        self._counts = dict.fromkeys(COUNT_KEYS, 0)
+
+    @property
+    def safety_counts(self) -> dict:
+        """As Policy.safety_counts, since the last reset: chunks the server held / clipped / delta-limited
+        (from each reply's safety flags) and executed steps (this client's own safety, when given)."""
+        return dict(self._counts)
 
     def _connect(self, wait_for_server: float = 0.0) -> None:
         t0 = time.monotonic()
@@ -141,8 +148,14 @@ class WebsocketClientPolicy:
         if self._ws is None:
             self._connect()
         t0 = time.perf_counter()
+        data = self._packer.pack(request)
         try:
-            self._ws.send(self._packer.pack(request))
+            try:
+                self._ws.send(data)
+            except ConnectionClosed:  # closed by the server while idle (its idle_timeout_s): the request never left
+                self._drop()
+                self._connect()
+                self._ws.send(data)
             reply = msgpack_numpy.unpackb(self._ws.recv(timeout=self.timeout))
         except TimeoutError:
             self._drop()
@@ -164,6 +177,7 @@ class WebsocketClientPolicy:
         self.last_action = None
         self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
         self._chunk_safety: dict = {}
+        self._counts = dict.fromkeys(COUNT_KEYS, 0)
 
     def infer(self, obs: dict) -> dict:
         """One round trip: {"actions": float32 [H, A], "server_timing": {...}, "safety": {...}}."""
@@ -172,6 +186,7 @@ class WebsocketClientPolicy:
         reply = self._call({"type": "infer", "obs": obs})
         reply["actions"] = np.asarray(reply["actions"], dtype=np.float32)
         reply["server_timing"] = dict(self.last_timing)  # adds the client-side roundtrip_ms
+        add_counts(self._counts, "chunk", reply.get("safety") or {})
         return reply
 
     def act(self, obs: dict) -> np.ndarray:
@@ -186,6 +201,7 @@ class WebsocketClientPolicy:
             a, step = self.safety.step(a, self.last_action)
         # the server's flags for the chunk this step came from (evaluate counts held/clipped steps)
         self.last_safety = {k: bool(v or k in ("hold", "clipped") and self._chunk_safety.get(k)) for k, v in step.items()}
+        add_counts(self._counts, "step", step if self.safety is not None else {})
         self.last_action = a
         return a
 

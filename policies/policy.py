@@ -21,7 +21,7 @@ import numpy as np
 
 from .chunking import ActionChunker, ChunkConfig
 from .normalize import Normalizer
-from .safety import SafetyConfig, SafetyFilter
+from .safety import SafetyConfig, SafetyFilter, add_counts, data_range
 from .text_encoder import CachedEncoder, load_text_encoder
 
 log = logging.getLogger("selfflow_robot.policies")
@@ -30,6 +30,7 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json")
 MAX_IMAGE_SIDE = 4096
 MAX_INSTRUCTION_CHARS = 4096
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_WARNED_SIZES = 16  # frame sizes reported for a stretched aspect ratio; then one line says the rest are not
 
 
 class ObservationError(ValueError):
@@ -227,10 +228,12 @@ class Policy:
         self.safety_cfg = safety or SafetyConfig()
         mode = self.normalizer.mode if self.normalizer else None
         self.safety = SafetyFilter(self.safety_cfg, self.action_dim, mode,
-                                   self.normalizer.action.mask if self.normalizer else None)
+                                   self.normalizer.action.mask if self.normalizer else None,
+                                   data_range(normalization))
+        bounds = {k: None if v is None else v.tolist() for k, v in (("low", self.safety.low), ("high", self.safety.high))}
         self.metadata = {**metadata, "normalization": mode,
                          "chunk": dataclasses.asdict(self.chunk_cfg),
-                         "safety": dataclasses.asdict(self.safety_cfg)}
+                         "safety": dataclasses.asdict(self.safety_cfg), "action_bounds": bounds}
         self.chunker = ActionChunker(self.chunk_cfg)
         self.text_encoder = None
         if text_encoder is not None:
@@ -255,6 +258,13 @@ class Policy:
         self.last_action: np.ndarray | None = None
         self.last_safety: dict = {"hold": False, "clipped": False, "delta_limited": False}
         self._chunk_safety: dict = dict(self.last_safety)  # flags of the chunk the steps come from
+        self.safety.reset_counts()
+
+    @property
+    def safety_counts(self) -> dict:
+        """What the safety layer did since the last reset: chunks, held_chunks, clipped_chunks,
+        delta_limited_chunks (infer) and steps, held_steps, clipped_steps, delta_limited_steps (act)."""
+        return dict(self.safety.counts)
 
     def example_observation(self, image: np.ndarray | None = None) -> dict:
         """A valid observation for this policy (zeros at the trained image size unless `image` is
@@ -300,6 +310,7 @@ class Policy:
                 x = self.normalizer.unnormalize_action(x)
         actions, f = self.safety.chunk(x, self.last_action)
         flags = {k: bool(flags[k] or f[k]) for k in flags}
+        add_counts(self.safety.counts, "chunk", flags)
         timing = {"infer_ms": infer_ms, "postprocess_ms": (time.perf_counter() - t1) * 1e3}
         return {"actions": actions, "server_timing": timing, "safety": flags, **extras}
 
@@ -322,11 +333,15 @@ class Policy:
         data's size: the trained size stands in.)"""
         size, views = self.metadata.get("data_image_size") or self.metadata.get("image_size"), \
             self.metadata.get("views") or []
-        if not size or hw in self._aspect_warned:
+        if not size or hw in self._aspect_warned or len(self._aspect_warned) > MAX_WARNED_SIZES:
             return
         h, w = int(size[0]), int(size[1]) / max(len(views), 1)  # per view, as the client sends them
         if abs((hw[0] / hw[1]) / (h / w) - 1) > 0.1:
-            self._aspect_warned.add(hw)
+            self._aspect_warned.add(hw)  # bounded: a client cycling through sizes must not grow it (or the log)
+            if len(self._aspect_warned) > MAX_WARNED_SIZES:
+                log.warning("more than %d frame sizes with another aspect ratio than training; not reporting "
+                            "further ones", MAX_WARNED_SIZES)
+                return
             log.warning("observation image %dx%d has another aspect ratio than the %dx%d training frames per view "
                         "(%.2f vs %.2f), so the picture is stretched differently; send frames framed as in training",
                         hw[0], hw[1], h, int(w), hw[0] / hw[1], h / w)

@@ -15,7 +15,10 @@ Messages above `max_message_bytes` get a "too_large" error; above twice that, we
 itself closes that one connection (1009) so a client cannot make the server buffer without
 bound. Inference runs in one worker thread (one model call at a time) so the event loop
 keeps answering pings, /healthz and other connections. API key: `Authorization: Api-Key <k>`
-or `x-api-key: <k>`, else HTTP 401. Compression is off (images do not compress; no zip bombs).
+or `x-api-key: <k>`, else HTTP 401 (a repeated key header: HTTP 400). Compression is off (images do not
+compress; no zip bombs). A connection that sends no request for `idle_timeout_s` is closed (1001), and
+beyond `max_connections` open connections a new one is answered HTTP 503, so idle sockets cannot use up
+the process's file descriptors; both are logged in one line.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from . import msgpack_numpy
 from .policy import ObservationError
@@ -62,6 +65,13 @@ def _decode_problem(e: Exception) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} (a malformed message)"
 
 
+def _count(counts: dict, flags: dict) -> None:
+    """Add one reply's safety flags to a connection's counts (chunks held / clipped / delta-limited)."""
+    counts["chunks"] += 1
+    for flag, key in (("hold", "held_chunks"), ("clipped", "clipped_chunks"), ("delta_limited", "delta_limited_chunks")):
+        counts[key] += bool(flags.get(flag))
+
+
 def _flat(keys: dict, prefix: str = "") -> list[tuple[str, str]]:
     """{"images": {"wrist": "observation/wrist_image"}} -> [("images.wrist", "observation/wrist_image")]."""
     out = []
@@ -80,8 +90,15 @@ class _Reply:
 class PolicyServer:
     def __init__(self, policy, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  max_message_bytes: int = 16 * 2**20, return_extras: bool = False, metadata: dict | None = None,
-                 openpi_keys: dict | None = None):
+                 openpi_keys: dict | None = None, idle_timeout_s: float | None = 300.0, max_connections: int = 32):
         self.policy = policy
+        if idle_timeout_s is not None and not float(idle_timeout_s) > 0:
+            raise ValueError(f"idle_timeout_s must be > 0 seconds or null (never), got {idle_timeout_s!r}")
+        if isinstance(max_connections, bool) or int(max_connections) < 1:
+            raise ValueError(f"max_connections must be an integer >= 1, got {max_connections!r}")
+        self.idle_timeout_s = None if idle_timeout_s is None else float(idle_timeout_s)
+        self.max_connections = int(max_connections)
+        self.connections = 0  # open websocket connections (handlers running)
         self.host, self.port = host, int(port)
         self.api_key = api_key or None
         self.max_message_bytes = int(max_message_bytes)
@@ -96,18 +113,29 @@ class PolicyServer:
         self.ready = threading.Event()
 
     # ---- HTTP side: health check and authentication during the opening handshake ----
-    def _authorized(self, headers) -> bool:
+    def _auth_error(self, headers) -> tuple[http.HTTPStatus, str] | None:
         if self.api_key is None:
-            return True
-        auth = headers.get("Authorization", "")
-        given = auth[len("Api-Key "):].strip() if auth.startswith("Api-Key ") else headers.get("x-api-key", "")
-        return hmac.compare_digest(given.encode(), self.api_key.encode())
+            return None
+        # get_all, not get: get() raises on a repeated header (it was an HTTP 500 and a traceback per request)
+        auth, key = headers.get_all("Authorization"), headers.get_all("x-api-key")
+        if len(auth) > 1 or len(key) > 1:
+            return http.HTTPStatus.BAD_REQUEST, "repeated Authorization or x-api-key header\n"
+        auth = auth[0] if auth else ""
+        given = auth[len("Api-Key "):].strip() if auth.startswith("Api-Key ") else (key[0] if key else "")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n"
+        return None
 
     def _process_request(self, connection: ServerConnection, request):
         if request.path.split("?")[0] == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
-        if not self._authorized(request.headers):
-            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or invalid API key\n")
+        refused = self._auth_error(request.headers)
+        if refused is not None:
+            return connection.respond(*refused)
+        if self.connections >= self.max_connections:
+            log.warning("refused a connection from %s: %d connections are open (max_connections=%d)",
+                        connection.remote_address, self.connections, self.max_connections)
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many open connections\n")
         return None
 
     # ---- websocket side ----
@@ -116,17 +144,30 @@ class PolicyServer:
         packer = msgpack_numpy.Packer()
         instruction: str | None = None  # per connection, so clients do not overwrite each other's task
         prev_total_ms = None
+        counts = {"chunks": 0, "held_chunks": 0, "clipped_chunks": 0, "delta_limited_chunks": 0}  # this connection's
+        self.connections += 1
         try:
             await ws.send(packer.pack(self.metadata))
-            async for message in ws:
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), self.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    log.info("closing the connection from %s: no request for %g s (idle_timeout_s)",
+                             ws.remote_address, self.idle_timeout_s)
+                    await ws.close(1001, f"idle for {self.idle_timeout_s:g} s")
+                    return
                 t0 = time.perf_counter()
                 r = await self._reply(message, loop, instruction)
                 reply = r.body
-                if r.instruction is not _KEEP:
+                if r.instruction is not _KEEP:  # a reset: a new episode
                     instruction = r.instruction
+                    counts = dict.fromkeys(counts, 0)
                 if r.openpi and "error" in reply:
                     await ws.send(f"{reply['error']['type']}: {reply['error']['message']}")
                     continue
+                if isinstance(reply.get("safety"), dict):
+                    _count(counts, reply["safety"])
+                    reply["safety"]["counts"] = dict(counts)
                 if "server_timing" in reply:
                     reply["server_timing"]["total_ms"] = (time.perf_counter() - t0) * 1e3
                     if prev_total_ms is not None:
@@ -137,8 +178,12 @@ class PolicyServer:
                     data = packer.pack(_error("internal", f"cannot encode reply: {e}"))
                 await ws.send(data)
                 prev_total_ms = (time.perf_counter() - t0) * 1e3
+        except ConnectionClosedOK:  # the client said goodbye
+            pass
         except ConnectionClosed as e:  # a robot process that exits without close(): routine, not a traceback
             log.info("client %s disconnected (%s)", ws.remote_address, e)
+        finally:
+            self.connections -= 1
 
     async def _reply(self, message, loop, instruction) -> _Reply:
         if isinstance(message, str):
@@ -179,16 +224,16 @@ class PolicyServer:
             instr = req.get("instruction")
             if instr is not None and not isinstance(instr, str):
                 return _Reply(_error("bad_request", "'reset' instruction must be a string or nil"))
-            try:
-                await loop.run_in_executor(self._executor, self.policy.reset, instr)
+            try:  # the instruction stays with this connection; the policy itself keeps none (shared by all)
+                await loop.run_in_executor(self._executor, self.policy.reset, None)
             except Exception as e:
                 return _Reply(_error("reset_error", f"{type(e).__name__}: {e}"))
             return _Reply({"ok": True}, instruction=instr)
         return _Reply(_error("unknown_type", f"unknown request type {kind!r}; expected 'infer' or 'reset'"))
 
     async def _infer(self, obs: dict, loop, instruction) -> dict:
-        if obs.get("instruction") is None and instruction is not None:
-            obs = {**obs, "instruction": instruction}
+        if obs.get("instruction") is None:  # never the policy's own: another connection may have set it
+            obs = {**obs, "instruction": instruction or ""}
         try:
             result = await loop.run_in_executor(self._executor, self.policy.infer, obs)
         except ObservationError as e:

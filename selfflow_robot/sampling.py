@@ -52,18 +52,21 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
 def euler_sample(model, *, steps: int, context=None, text=None, text_emb=None, state=None,
                  video_shape=None, action_shape=None, given_actions=None, shift: float = 1.0,
                  context_t: float = 0.0, generator: torch.Generator | None = None, forward=None,
-                 encode_prefix=None, method: str = "ode") -> dict:
+                 encode_prefix=None, method: str = "ode", action_noise: torch.Tensor | None = None) -> dict:
     """Integrate from t = 1 to 0. Shapes are full tensor shapes ([B, T, h, w, P], [B, H, A]).
     method: "ode" (Euler on dx/dt = v; few steps, the control path) or "sde" (Euler-Maruyama as in
     SiT and the Self-Flow release; wants many steps, e.g. 250 for images).
     `forward` / `encode_prefix` may be compiled versions of the model's (e.g. CUDA graphs for
-    batch-1 control)."""
+    batch-1 control). action_noise: the initial action noise [B, H, A] (the ONNX export takes it as
+    an input, so a runner without torch reproduces a chunk); drawn from `generator` when None."""
     dev = model.type_embed.device
     forward = model if forward is None else forward
     encode_prefix = model.encode_prefix if encode_prefix is None else encode_prefix
     ts = time_grid(steps, method, shift, dev)
     x_v = torch.randn(video_shape, device=dev, generator=generator) if video_shape else None
-    x_a = torch.randn(action_shape, device=dev, generator=generator) if action_shape and given_actions is None else None
+    x_a = None
+    if action_shape and given_actions is None:
+        x_a = torch.randn(action_shape, device=dev, generator=generator) if action_noise is None else action_noise
     B = next(s for s in (video_shape, action_shape) if s)[0]
     ctx_t = torch.full((B,), float(context_t), device=dev)
     autocast = _autocast(dev, model.type_embed.dtype)

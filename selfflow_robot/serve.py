@@ -67,7 +67,8 @@ def main(cfg: DictConfig | dict):
     warmup(policy, max(int(c.get("warmup", 1)), 3 if c.get("compile") else 0))
     server = PolicyServer(policy, host=c.get("host", "127.0.0.1"), port=int(c.get("port", 8000)),
                           api_key=c.get("api_key"), max_message_bytes=int(float(c.get("max_message_mb", 16)) * 2**20),
-                          return_extras=bool(c.get("return_extras", False)), openpi_keys=c.get("openpi_keys"))
+                          return_extras=bool(c.get("return_extras", False)), openpi_keys=c.get("openpi_keys"),
+                          idle_timeout_s=c.get("idle_timeout_s", 300), max_connections=int(c.get("max_connections", 32)))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

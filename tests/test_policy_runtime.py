@@ -59,7 +59,8 @@ def test_instruction_and_state_normalisation_reach_predictor():
 
 
 def test_normalised_clip_before_unnormalising():
-    p = make(lambda o: np.array([[3.0, -7.0, 9.0]], np.float32))
+    # data_margin=None: no bound from the data's range, so the pass-through gripper keeps its 9.0
+    p = make(lambda o: np.array([[3.0, -7.0, 9.0]], np.float32), safety=SafetyConfig(data_margin=None))
     r = p.infer({"image": IMG, "state": STATE})
     np.testing.assert_allclose(r["actions"], [[1.0, 0.0, 9.0]])
     assert r["safety"]["clipped"]

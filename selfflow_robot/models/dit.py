@@ -193,7 +193,7 @@ class SelfFlowDiT(nn.Module):
     def _positions(self, T: int, h: int, w: int, t0: float, device) -> torch.Tensor:
         """Rotary positions (t, h, w) per token; under sincos2d h and w stay 0 (no rotation): the
         frame's absolute embedding carries them, rotary carries time only."""
-        spatial = self.cfg.positions == "rope"
+        spatial = 1.0 if self.cfg.positions == "rope" else 0.0  # a float: ONNX tracing has no Tensor * bool
         tt, hh, ww = torch.meshgrid(
             torch.arange(T, device=device, dtype=torch.float32) + t0,
             torch.arange(h, device=device, dtype=torch.float32) * spatial,
@@ -274,7 +274,7 @@ class SelfFlowDiT(nn.Module):
                 first = offsets
                 seen.append((source, first))
                 values.append(tt.values)
-                offsets += tt.values.shape[1]
+                offsets += int(tt.values.shape[1])  # an int: under ONNX tracing a size is a tensor, and += would alias a slot
             index.append(tt.index + first)
         values, index = torch.cat(values, 1), torch.cat(index, 1)
         cond = self.t_embedder(values)  # [B, K, D]
