@@ -112,7 +112,7 @@ VPY="$DIR/bin/python"
 PIP_KEY="$PYV|${PIP_PINS[*]}|${LIGHT_DEPS[*]}|$SRC_MS2|$SRC_SIMPLER|$REPO|$(sha1sum "$REPO/pyproject.toml" | cut -c1-12)"
 if ! stamp_ok pip "$PIP_KEY"; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-  "$VPY" -m pip install -q "${PIP_PINS[@]}" -e "$SRC_MS2" -e "$SRC_SIMPLER" "${LIGHT_DEPS[@]}" pytest
+  "$VPY" -m pip install -q --no-compile "${PIP_PINS[@]}" -e "$SRC_MS2" -e "$SRC_SIMPLER" "${LIGHT_DEPS[@]}" pytest
   "$VPY" -m pip install -q --no-deps -e "$REPO"
   # A later package may have pulled numpy 2 in: put the pin back (SAPIEN and the envs need < 2).
   "$VPY" -m pip install -q "${PIP_PINS[@]}"
