@@ -6,7 +6,8 @@
 
 Imports without SIMPLER (and without torch): the backend is imported when an env is built, and a
 missing install raises an ImportError that says how to install it. Works with numpy 1.24 and
-gymnasium 0.29 (SimplerEnv's pins) as well as current versions. Design: docs/simpler-and-rt1.md §4.
+gymnasium 0.29 (SimplerEnv's pins) as well as current versions. Usage and conventions: docs/evaluation.md
+("SIMPLER adapter").
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ INSTALL_HINT = (
     "Then serve the policy from the main env (python -m selfflow_robot.serve) and evaluate with "
     "policy=ws://HOST:PORT. See docs/evaluation.md.")
 _CHARSET = string.printable
+# The episode seed of every episode of SimplerEnv's official evaluator: it builds a fresh env per
+# episode (ManiSkill2's constructor seeds the main RNG with 2022) and resets it without a seed, so
+# the episode seed is the main RNG's first draw. Resetting a kept env with this seed places
+# everything (e.g. the variant-aggregation distractors) where the official run does, without the
+# rebuild (tests/test_simpler_real.py compares both against the real env).
+OFFICIAL_EPISODE_SEED = int(np.random.RandomState(2022).randint(2 ** 32))
 
 
 def load_backend(name: str = "mani_skill2_real2sim"):
@@ -85,7 +92,9 @@ class SimplerGym(gym.Env):
       configuration per reset: a quick visual-matching proxy); "official" -> the paper's grid for
       `setting` / `variant` (simpler_plans.official_plan); or an explicit list of plan entries.
       With a plan, `reset(options={"episode_idx": i})` runs entry i (default: the next one); the
-      underlying env is rebuilt only when the entry's build kwargs change.
+      underlying env is rebuilt only when the entry's build kwargs change. `reset(seed=None)` on a
+      plan episode uses OFFICIAL_EPISODE_SEED (the official evaluator's randomness); an integer
+      seed is passed to the env as given. `info["episode_seed"]` says which.
     success_mode: "final_step" (official: success at the last executed step, no early stop),
       "any_step" (success at any step, no early stop), "early_stop" (end at first success).
       The result is `info["episode_success"]`; `info["success"]` is the env's per-step flag.
@@ -136,6 +145,7 @@ class SimplerGym(gym.Env):
         self._instruction = ""
         self._ever_success = False
         self._terminate_requested = False
+        self._episode_seed: int | str | None = None
 
     # -- building ------------------------------------------------------------------------
     @property
@@ -206,17 +216,16 @@ class SimplerGym(gym.Env):
         return np.concatenate([pose, [self._gripper_closedness()]]).astype(np.float32)
 
     def _gripper_closedness(self) -> float:
-        agent = self.unwrapped_sim.agent
-        if hasattr(agent, "get_gripper_closedness"):
-            return float(agent.get_gripper_closedness())
-        q = np.asarray(agent.robot.get_qpos())[-2:]  # WidowX fingers: 0.037 open .. 0.014 closed
-        return float(np.clip((0.037 - q.mean()) / (0.037 - 0.014), 0.0, 1.0))
+        """0 open .. 1 closed, from the finger joints (Google Robot: qpos[-4:-2], the last two
+        joints are the camera's pan/tilt; WidowX: qpos[-2:]), as both real agents compute it."""
+        return float(self.unwrapped_sim.agent.get_gripper_closedness())
 
     def _info(self, raw: dict) -> dict:
         sim = self.unwrapped_sim
         info = _jsonable(dict(raw))
         info.update(self._episode or {})
         info.update(instruction=self._instruction, is_final_subtask=bool(sim.is_final_subtask()),
+                    episode_seed=self._episode_seed,
                     success_mode=self.success_mode, setting=self.setting if self.plan is not None else "prepackaged")
         return info
 
@@ -224,7 +233,10 @@ class SimplerGym(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         reset_opts = self._build_for(dict(options or {}))
-        raw_obs, raw_info = self._env.reset(seed=seed, options=reset_opts)
+        official = seed is None and self.plan is not None
+        env_seed = OFFICIAL_EPISODE_SEED if official else seed
+        raw_obs, raw_info = self._env.reset(seed=env_seed, options=reset_opts)
+        self._episode_seed = "official" if official else seed
         self._convert.reset()
         self._ever_success, self._terminate_requested = False, False
         obs = self._observe(raw_obs)
@@ -249,7 +261,7 @@ class SimplerGym(gym.Env):
             sim.advance_to_next_subtask()
             terminate = False
         raw_obs, reward, done, truncated, raw_info = self._env.step(env_action)
-        success = bool(raw_info.get("success", done))
+        success = bool(done)  # the official evaluator's rule: the env's `done` of the last step
         self._ever_success = self._ever_success or success
         obs = self._observe(raw_obs)
         info = self._info(raw_info)

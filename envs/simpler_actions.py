@@ -7,7 +7,8 @@ WidowX: absolute, +1 open / -1 closed). The arm controller does not clip, so we 
 [0, 1] with 1 = open); Google Robot gets Octo's 15-step sticky gripper, WidowX a binarised one.
 `rt1`: raw RT-1 / fractal actions (world_vector, rotation_delta, gripper_closedness +1 = close);
 on WidowX the RT-1-X rescaling, rpy rotation and gripper inversion are applied.
-Any mode accepts an optional 8th element: the policy's "terminate episode" flag (> 0.5).
+Any mode accepts an optional 8th element: the policy's "terminate episode" flag, on when > 0 (the
+official evaluator's `terminate_episode[0] > 0`).
 """
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ class ActionConverter:
             raise ValueError(f"expected a 7-D action (optionally + terminate flag), got shape {a.shape}")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"non-finite action {a}")
-        terminate = bool(a.shape[0] == 8 and a[7] > 0.5)
+        terminate = bool(a.shape[0] == 8 and a[7] > 0)
+        raw_g = float(a[6])  # Octo's sticky rule reads the model's unclipped output
         a = np.clip(a[:7], self.low, self.high)
         xyz, rot, g = a[:3], a[3:6], float(a[6])
         if self.mode == "eef_rpy_absgrip":
             rot = rpy_to_rotvec(rot)
-            g = self._sticky(g) if self.robot == "google_robot" else (1.0 if g > 0.5 else -1.0)
+            g = self._sticky(raw_g) if self.robot == "google_robot" else (1.0 if g > 0.5 else -1.0)
         elif self.mode == "rt1":
             if self.robot == "widowx":  # RT-1-X's Bridge un-normalisation, rpy rotation, +1 = open
                 xyz = xyz / 1.75 * 0.05
@@ -74,8 +76,9 @@ class ActionConverter:
         return np.clip(out, ENV_LOW, ENV_HIGH), terminate
 
     def _sticky(self, open_cmd: float) -> float:
-        """Octo's Google Robot rule: a change of the absolute open command becomes a relative
-        close/open command that is repeated for 15 steps (the controller is relative)."""
+        """Octo's Google Robot rule (SimplerEnv `policies/octo/octo_model.py`): a change of the raw,
+        unclipped open command becomes a relative close/open command repeated for 15 steps (the
+        controller is relative; the env clips the result to [-1, 1] as the controller does)."""
         open_cmd = float(open_cmd)
         relative = 0.0 if self._prev_open is None else self._prev_open - open_cmd
         self._prev_open = open_cmd

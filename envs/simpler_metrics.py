@@ -2,7 +2,7 @@
 
 numpy only. Rates are fractions in [0, 1]. `REAL_PERF` / `SIMPLER_PERF` are the real-robot and
 visual-matching numbers hard-coded in SimplerEnv's `simpler_env/utils/metrics.py`
-(docs/simpler-and-rt1.md §1.8-1.9): index as TABLE[task][policy].
+(docs/evaluation.md, "SIMPLER scores"): index as TABLE[task][policy].
 """
 from __future__ import annotations
 
@@ -44,6 +44,40 @@ SIMPLER_PERF = {  # visual matching
     _W + "stack_cube": {"rt-1-x": 0.000, "octo-base": 0.000, "octo-small": 0.042},
     _W + "put_eggplant_in_basket": {"rt-1-x": 0.000, "octo-base": 0.431, "octo-small": 0.569},
 }
+# The metric script's (tools/calc_metrics_evaluation_videos.py) extra rows: real coke-can success per
+# orientation, and the combined open/close drawer (the mean of the two columns).
+_COKE_BY_ORIENTATION = {  # orientation: {policy: real success}
+    "horizontal": {"rt-2-x": 0.92, "rt-1-converged": 0.96, "rt-1-15pct": 1.0, "rt-1-x": 0.88, "rt-1-begin": 0.20,
+                   "octo-base": 0.44},
+    "vertical": {"rt-2-x": 0.80, "rt-1-converged": 0.88, "rt-1-15pct": 0.96, "rt-1-x": 0.56, "rt-1-begin": 0.00,
+                 "octo-base": 0.20},
+    "standing": {"rt-2-x": 1.00, "rt-1-converged": 0.72, "rt-1-15pct": 0.80, "rt-1-x": 0.84, "rt-1-begin": 0.20,
+                 "octo-base": 0.24},
+}
+REAL_PERF.update({f"{_G}pick_{o}_coke_can": row for o, row in _COKE_BY_ORIENTATION.items()})
+
+
+def _drawer_mean(table):
+    o, c = table[_G + "open_drawer"], table[_G + "close_drawer"]
+    return {p: (o[p] + c[p]) / 2 for p in o if p in c}
+
+
+REAL_PERF[_G + "drawer"] = _drawer_mean(REAL_PERF)
+SIMPLER_PERF[_G + "drawer"] = _drawer_mean(SIMPLER_PERF)
+# Variant aggregation: SimplerEnv stores no VA numbers; these are the ones papers print for the
+# REAL_PERF policies (the SIMPLER paper's lineage, as copied by CogACT / SpatialVLA). Only the
+# combined drawer column exists for VA. No published table has per-orientation sim rates.
+SIMPLER_PERF_VARIANT_AGGREGATION = {
+    _G + "pick_coke_can": {"rt-2-x": 0.823, "rt-1-converged": 0.898, "rt-1-15pct": 0.813, "rt-1-x": 0.490,
+                           "rt-1-begin": 0.022, "octo-base": 0.006},
+    _G + "move_near": {"rt-2-x": 0.792, "rt-1-converged": 0.500, "rt-1-15pct": 0.446, "rt-1-x": 0.323,
+                       "rt-1-begin": 0.040, "octo-base": 0.031},
+    _G + "drawer": {"rt-2-x": 0.353, "rt-1-converged": 0.323, "rt-1-15pct": 0.267, "rt-1-x": 0.294,
+                    "rt-1-begin": 0.069, "octo-base": 0.011},
+    _G + "place_apple_in_closed_top_drawer": {"rt-2-x": 0.206, "rt-1-converged": 0.026, "rt-1-x": 0.101,
+                                              "octo-base": 0.000},
+}
+SIM_TABLES = {"visual_matching": SIMPLER_PERF, "variant_aggregation": SIMPLER_PERF_VARIANT_AGGREGATION}
 # Plan task names that report into a REAL_PERF column (orientation / drawer tasks roll up).
 REPORT_TASK = {
     **{f"{_G}pick_{o}_coke_can": _G + "pick_coke_can" for o in ("horizontal", "vertical", "standing")},
@@ -89,6 +123,28 @@ def sim_real_metrics(sim: Mapping[str, Mapping[str, float]], real: Mapping[str, 
         out[task] = {"mmrv": mean_maximum_rank_violation(s, r), "pearson": pearson_correlation(s, r),
                      "policies": names}
     return out
+
+
+def vs_real(rates: Mapping[str, float], policy: str, setting: str) -> dict:
+    """MMRV / Pearson with our rates in `policy`'s place in the published sim table of `setting`
+    (visual matching and variant aggregation never mix). `rates`: {report task or
+    google_robot_pick_<orientation>_coke_can: rate}. Rows whose published sim numbers do not exist
+    (per-orientation coke can, VA open/close drawer) are listed under "missing"."""
+    if setting not in SIM_TABLES:
+        raise ValueError(f"setting must be one of {tuple(SIM_TABLES)}, got '{setting}'")
+    table = SIM_TABLES[setting]
+    sim, missing = {}, []
+    for task, rate in rates.items():
+        if task not in REAL_PERF or policy not in REAL_PERF[task]:
+            continue
+        if task in table:
+            sim[task] = dict(table[task], **{policy: rate})
+        else:
+            missing.append(task)
+    table_name = ("SimplerEnv's SIMPLER_PERF (visual matching)" if setting == "visual_matching" else
+                  "published variant-aggregation numbers (papers)")
+    return {"setting": setting, "table": table_name, "policy": policy, "rows": sim_real_metrics(sim, REAL_PERF),
+            "missing": sorted(missing)}
 
 
 def _mean(xs) -> float:

@@ -5,7 +5,7 @@ Each entry is a JSON-serialisable dict: the env to build (`env_id`, `build` kwar
 drawer), `variant` (URDF recolouring for visual matching, scene variant for variant aggregation) and
 a stable `episode_id`. `rgb_overlay_path` is relative to ManiSkill2_real2sim's `ASSET_DIR`.
 Counts per variant: coke 75 (3 orientations x 5x5), move near 60, drawers 27 open + 27 close,
-apple 27, Bridge 24 (docs/simpler-and-rt1.md §1.3).
+apple 27, Bridge 24 (docs/evaluation.md, "SIMPLER adapter").
 """
 from __future__ import annotations
 

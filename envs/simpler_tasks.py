@@ -1,6 +1,6 @@
 """SIMPLER task table: simpler_env task name -> ManiSkill2_real2sim env id, kwargs and limits.
 
-Mirrors `simpler_env.ENVIRONMENT_MAP` (docs/simpler-and-rt1.md §1.1) but is our own immutable
+Mirrors `simpler_env.ENVIRONMENT_MAP` (SimplerEnv `simpler_env/__init__.py`) but is our own immutable
 copy: `simpler_env.make` writes into its module-level dict, so kwargs would leak between calls.
 """
 from __future__ import annotations

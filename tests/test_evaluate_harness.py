@@ -52,9 +52,13 @@ def test_simpler_run_records_and_aggregation(tmp_path):
     assert set(sim["official"]["google_robot_pick_coke_can"]["variants"]) == {r["variant"] for r in coke}
     assert sim["pooled"]["widowx_carrot_on_plate"]["episodes"] == 4
     # Octo-Base at 100% in sim (29% real) breaks the ranking: MMRV rises far above the published 0.031.
-    assert sim["vs_real"]["google_robot_pick_coke_can"]["mmrv"] > 0.3 and sim["vs_real_policy"] == "octo-base"
+    vr = sim["vs_real"]
+    assert vr["rows"]["google_robot_pick_coke_can"]["mmrv"] > 0.3 and vr["policy"] == "octo-base"
+    assert vr["setting"] == "visual_matching" and "SIMPLER_PERF" in vr["table"]
+    assert sim["episode_seed"] == "official" and all(r["episode_seed"] == "official" for r in recs)
     md = (tmp_path / "summary.md").read_text()
-    assert "official %" in md and "google_robot_pick_coke_can" in md
+    assert "official %" in md and "google_robot_pick_coke_can" in md and "SIMPLER_PERF (visual matching)" in md
+    assert "episode randomness: official" in md
     assert pol.resets[0] == "pick coke can"
 
 
@@ -336,3 +340,16 @@ def test_bad_task_video_format_or_episode_count_fail_before_run_json(tmp_path):
     assert not out.exists()
     s = evaluate(base + ["env.task=google_robot_move_near", "env.episode_plan=prepackaged", "video_format=GIF"])
     assert s["episodes"] == 10  # null: the default
+
+
+def test_simpler_variant_aggregation_uses_its_own_table_and_a_named_seed(tmp_path):
+    s = evaluate(SIM + ["env.task=google_robot_pick_coke_can", "env.setting=variant_aggregation", "episodes_per_task=2",
+                        "max_episode_steps=1", "env.policy_name=rt-1-x", "env.episode_seed=5", f"out_dir={tmp_path}"],
+                 policy=Lifter())
+    vr = s["simpler"]["vs_real"]
+    assert vr["setting"] == "variant_aggregation" and "variant-aggregation" in vr["table"]
+    assert s["simpler"]["episode_seed"] == 5 and {r["episode_seed"] for r in load_records(str(tmp_path))} == {5}
+    md = (tmp_path / "summary.md").read_text()
+    assert "env seed 5 (not the official one)" in md and "published variant-aggregation numbers" in md
+    with pytest.raises(ValueError, match="env.episode_seed"):
+        evaluate(SIM + ["env.episode_seed=abc", f"out_dir={tmp_path / 'bad'}"], policy=Lifter())

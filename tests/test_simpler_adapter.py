@@ -122,11 +122,65 @@ def test_apple_subtasks_follow_the_official_loop():
     env.request_terminate()
     _, _, term, _, info = env.step(np.zeros(7))
     assert term and info["policy_terminated"]
-    # Without a terminate signal the env itself advances after 100 steps.
+    # Without a terminate signal the env itself advances on the step after the 100th: it checks the
+    # elapsed steps before stepping.
     obs, _ = env.reset(options={"episode_idx": 1})
     for t in range(100):
         obs, *_ = env.step(np.zeros(7))
+    assert obs["instruction"] == "open top drawer"
+    obs, *_ = env.step(np.zeros(7))
     assert obs["instruction"] == "place apple into top drawer"
+
+
+def test_terminate_when_the_8th_element_is_positive():
+    env = _reset(make(GOOGLE_TASK))
+    _, _, term, _, info = env.step([0, 0, 0, 0, 0, 0, 0, 0.0])
+    assert not term and not info["policy_terminated"]
+    _, _, term, _, info = env.step([0, 0, 0, 0, 0, 0, 0, 0.2])  # the evaluator's `terminate_episode[0] > 0`
+    assert term and info["policy_terminated"]
+
+
+def test_sticky_gripper_reads_the_raw_unclipped_value():
+    """Octo's wrapper differences raw model outputs: 1.3 -> 0.9 is a relative 0.4 (clipped to [0, 1]
+    it would be 0.1); 0.2 -> -0.4 is 0.6 and starts the 15-step sticky close (clipped: 0.2, no)."""
+    env = _reset(make(GOOGLE_TASK, action_mode="eef_rpy_absgrip"))
+    grips = [env.step([0, 0, 0, 0, 0, 0, g])[4]["env_action"][6] for g in (1.3, 0.9)]
+    assert np.allclose(grips, [0.0, 0.4])
+    env.reset(seed=0)
+    grips = [env.step([0, 0, 0, 0, 0, 0, g])[4]["env_action"][6] for g in (0.2, -0.4, -0.4, -0.4)]
+    assert np.allclose(grips, [0.0, 0.6, 0.6, 0.6])
+
+
+def test_official_episode_seed_and_explicit_seed():
+    """reset(seed=None) on a plan episode draws what a fresh env's unseeded reset draws (main RNG 2022)."""
+    from selfflow_robot.envs.simpler import OFFICIAL_EPISODE_SEED
+
+    plan = official_plan(GOOGLE_TASK, "variant_aggregation", "distractors")
+    env = make(GOOGLE_TASK, setting="variant_aggregation", episode_plan=plan)
+    _, info = env.reset(options={"episode_idx": 3})
+    assert info["episode_seed"] == "official" and env.unwrapped_sim.episode_seed == OFFICIAL_EPISODE_SEED
+    placed = env.unwrapped_sim.distractor_xy
+    env.reset(options={"episode_idx": 4})
+    env.reset(options={"episode_idx": 3})  # same episode again, after others: same placement
+    assert env.unwrapped_sim.distractor_xy == placed
+    fresh = env.unwrapped_sim.__class__(**{k: v for k, v in env.unwrapped_sim.make_kwargs.items() if v is not None})
+    fresh.reset(options=plan[3]["options"])  # the official evaluator: a fresh env, no seed
+    assert fresh.distractor_xy == placed
+    _, info = env.reset(seed=7, options={"episode_idx": 3})
+    assert info["episode_seed"] == 7 and env.unwrapped_sim.distractor_xy != placed
+
+
+def test_double_knows_every_planned_env_and_only_the_real_kwargs():
+    import gymnasium as gym
+
+    from selfflow_robot.envs.simpler_tasks import TASKS
+    import fake_simpler_env  # noqa: F401
+
+    for t in TASKS.values():
+        assert f"FakeSimpler/{t.env_id}" in gym.envs.registry, t.env_id
+    with pytest.raises(TypeError, match="distractor_config"):  # only the distractor env takes it
+        gym.make("FakeSimpler/GraspSingleOpenedCokeCanInScene-v0", obs_mode="rgbd", distractor_config="more",
+                 control_mode=fake_simpler_env.envs.GOOGLE_CONTROL)
 
 
 def test_eef_rpy_absgrip_google_sticky_gripper_and_rotation():
@@ -152,7 +206,7 @@ def test_eef_rpy_absgrip_google_sticky_gripper_and_rotation():
 def test_widowx_gripper_conventions():
     env = _reset(make(WIDOWX_TASK, action_mode="eef_rpy_absgrip"))
     _, _, _, _, info = env.step([0, 0, 0, 0, 0, 0, 0.2])
-    assert info["env_action"][6] == -1.0 and np.allclose(env.unwrapped_sim.agent.robot.qpos[-2:], 0.014)
+    assert info["env_action"][6] == -1.0 and env.unwrapped_sim.agent.get_gripper_closedness() == 1.0
     _, _, _, _, info = env.step([0, 0, 0, 0, 0, 0, 0.8])
     assert info["env_action"][6] == 1.0
     rt1 = _reset(make(WIDOWX_TASK, action_mode="rt1"))

@@ -1,4 +1,4 @@
-"""Aggregation and sim-vs-real metrics reproduce the published numbers (simpler-and-rt1.md §1.8)."""
+"""Aggregation and sim-vs-real metrics reproduce the published numbers (SimplerEnv `simpler_env/utils/metrics.py`)."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,9 @@ PUBLISHED = {  # task: (MMRV, Pearson r)
 
 def test_reproduces_the_published_mmrv_and_pearson_table():
     got = sim_real_metrics(SIMPLER_PERF, REAL_PERF)
-    assert set(got) == set(PUBLISHED)
+    assert set(got) == set(PUBLISHED) | {"google_robot_drawer"}
+    # the metric script's combined drawer row: mean of open and close, sim and real alike
+    assert round(got["google_robot_drawer"]["mmrv"], 3) == 0.055 and round(got["google_robot_drawer"]["pearson"], 3) == 0.916
     for task, (mmrv, r) in PUBLISHED.items():
         assert round(got[task]["mmrv"], 3) == mmrv, task
         assert round(got[task]["pearson"], 3) == r, task
@@ -67,3 +69,24 @@ def test_orientation_and_drawer_tasks_roll_up():
         aggregate(recs, "weighted")
 
 
+
+
+def test_like_with_like_tables_and_orientation_rows():
+    from selfflow_robot.envs.simpler_metrics import SIMPLER_PERF_VARIANT_AGGREGATION, vs_real
+
+    rates = {"google_robot_pick_coke_can": 0.5, "google_robot_pick_standing_coke_can": 0.6, "google_robot_drawer": 0.3}
+    va = vs_real(rates, "rt-1-x", "variant_aggregation")
+    vm = vs_real(rates, "rt-1-x", "visual_matching")
+    assert "variant-aggregation" in va["table"] and "visual matching" in vm["table"]
+    # each compares with its own table: the other policies' sim numbers differ, so the metrics do
+    assert va["rows"]["google_robot_pick_coke_can"] == sim_real_metrics(
+        {"google_robot_pick_coke_can": dict(SIMPLER_PERF_VARIANT_AGGREGATION["google_robot_pick_coke_can"],
+                                            **{"rt-1-x": 0.5})})["google_robot_pick_coke_can"]
+    assert va["rows"]["google_robot_pick_coke_can"] != vm["rows"]["google_robot_pick_coke_can"]
+    # real per-orientation numbers exist (metric script), published sim ones do not: said, not invented
+    assert REAL_PERF["google_robot_pick_standing_coke_can"]["rt-2-x"] == 1.0
+    assert va["missing"] == vm["missing"] == ["google_robot_pick_standing_coke_can"]
+    own = {"google_robot_pick_standing_coke_can": {"a": 0.2, "rt-1-x": 0.9, "octo-base": 0.1}}
+    assert sim_real_metrics(own)["google_robot_pick_standing_coke_can"]["policies"] == ["rt-1-x", "octo-base"]
+    with pytest.raises(ValueError, match="setting"):
+        vs_real(rates, "rt-1-x", "prepackaged")

@@ -15,6 +15,10 @@ def make_env(env_cfg: dict, task: str, max_episode_steps: int | None):
         from selfflow_robot.envs.simpler import SimplerGym
         kw = {k: env_cfg[k] for k in _SIMPLER_KEYS if env_cfg.get(k) is not None}
         plan = "official" if env_cfg.get("episode_plan", "official") == "official" else None
+        extra = dict(env_cfg.get("env_kwargs") or {})  # e.g. scene_name: overrides every plan entry
+        clash = sorted(set(extra) & set(kw))
+        if clash:
+            raise ValueError(f"env.env_kwargs: {clash} are env.* keys of their own; set them there")
         return SimplerGym(task, variant=env_cfg.get("variants"), episode_plan=plan,
-                          max_episode_steps=max_episode_steps, **kw)
+                          max_episode_steps=max_episode_steps, **kw, **extra)
     raise ValueError(f"unknown env '{name}'; expected metaworld or simpler")

@@ -39,6 +39,18 @@ def simpler_tasks(env_cfg: dict) -> list[str]:
     return check_names(tasks, TASKS, "SIMPLER task", "env.tasks" if env_cfg.get("tasks") else "env.task")
 
 
+def simpler_episode_seed(env_cfg: dict) -> int | None:
+    """`env.episode_seed`: "official" (default) -> None, i.e. the official evaluator's randomness (a
+    fresh env's unseeded reset; SimplerGym.reset(seed=None)); an integer -> that env seed for every
+    episode of an official plan."""
+    value = env_cfg.get("episode_seed", "official")
+    if value is None or value == "official":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"env.episode_seed={value!r}: expected 'official' or an integer seed")
+    return int(value)
+
+
 def episodes_per_task(cfg: dict) -> int | None:
     """`episodes_per_task`: None (unset) means the env's default; otherwise a positive count."""
     n = cfg.get("episodes_per_task")
@@ -77,11 +89,13 @@ def build_episodes(cfg: dict) -> list[dict]:
                                 episode_id=f"seed={s}", seed=s))
     elif env_cfg["name"] == "simpler":
         from selfflow_robot.envs.simpler_plans import official_plan
+        env_seed = simpler_episode_seed(env_cfg)
         for task in simpler_tasks(env_cfg):
             if env_cfg.get("episode_plan", "official") == "official":
                 plan = official_plan(task, env_cfg.get("setting", "visual_matching"), env_cfg.get("variants"))
                 out += [dict(key=f"{task}|{plan[i]['episode_id']}", task=task, subtask=plan[i]["subtask"],
-                             variant=plan[i]["variant"], episode_id=plan[i]["episode_id"], seed=seed, plan_idx=i)
+                             variant=plan[i]["variant"], episode_id=plan[i]["episode_id"], seed=seed,
+                             env_seed=env_seed, plan_idx=i)
                         for i in spread(len(plan), n)]
             else:  # the prepackaged random draw, one seed per episode
                 out += [dict(key=f"{task}|seed={seed + i}", task=task, subtask=task, variant="prepackaged",

@@ -15,7 +15,9 @@ def run_episode(env, policy, ep: dict, success_mode: str, record_frames: bool = 
         raise ValueError(f"success_mode must be one of {SUCCESS_MODES}, got '{success_mode}'")
     t0 = time.perf_counter()
     options = {"episode_idx": ep["plan_idx"]} if "plan_idx" in ep else None
-    obs, info = env.reset(seed=int(ep["seed"]), options=options)
+    # SIMPLER plan episodes carry the env's seed apart from the policy's: None = the official randomness.
+    env_seed = ep["env_seed"] if "env_seed" in ep else ep["seed"]
+    obs, info = env.reset(seed=None if env_seed is None else int(env_seed), options=options)
     if hasattr(policy, "bind"):  # env-aware policies (expert, random): see policy_factory
         policy.bind(env, seed=ep["seed"])
     instruction = obs["instruction"]
@@ -48,6 +50,8 @@ def run_episode(env, policy, ep: dict, success_mode: str, record_frames: bool = 
         if terminated or truncated:
             break
     rec = {k: ep[k] for k in ("key", "task", "subtask", "variant", "episode_id", "seed")}
+    if "episode_seed" in info:  # SIMPLER: "official" or the env seed it was reset with
+        rec["episode_seed"] = info["episode_seed"]
     rec.update(success=success, steps=steps, instruction=instructions[0], success_mode=success_mode,
                wall_s=round(time.perf_counter() - t0, 3))
     if reports_safety:

@@ -1,6 +1,6 @@
 """Test double of SIMPLER (ManiSkill2_real2sim), built from its documented API only.
 
-It mirrors what the adapter relies on (docs/simpler-and-rt1.md §1.4-1.7, §2.4): gym ids with their
+It mirrors what the adapter relies on (ManiSkill2_real2sim ef7a4d4, checked against it by tests/test_simpler_real.py): gym ids with their
 registered step limits, constructor kwargs (unknown ones raise TypeError), the rgbd observation
 dict layout, `info` keys, instructions and subtask methods, and the two controllers' conventions
 (Google Robot relative gripper, +closes; WidowX absolute gripper, +1 open). Physics is a toy

@@ -9,16 +9,28 @@ from . import ASSET_DIR, GYM_NAMESPACE
 GOOGLE_CONTROL = ("arm_pd_ee_delta_pose_align_interpolate_by_planner_"
                   "gripper_pd_joint_target_delta_pos_interpolate_by_planner")
 WIDOWX_CONTROL = "arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos"
-BASE_KWARGS = {"obs_mode", "robot", "control_mode", "control_freq", "sim_freq", "scene_name", "camera_cfgs",
-               "rgb_overlay_path", "rgb_overlay_cameras", "rgb_overlay_mode", "renderer_kwargs", "urdf_version",
-               "prepackaged_config", "shader_dir", "disable_bad_material", "model_ids", "render_mode"}
+# Constructor keyword arguments, as the real classes' __init__ chains accept them (ManiSkill2_real2sim
+# ef7a4d4; tests/test_simpler_real.py compares these sets with the real ones). Anything else raises.
+BASE_KWARGS = {
+    "asset_root", "bg_name", "camera_cfgs", "control_freq", "control_mode", "disable_bad_material", "enable_shadow",
+    "model_db_override", "model_ids", "model_json", "obs_mode", "prepackaged_config", "render_camera_cfgs",
+    "render_config", "render_mode", "renderer", "renderer_kwargs", "reward_mode", "rgb_always_overlay_objects",
+    "rgb_overlay_cameras", "rgb_overlay_mode", "rgb_overlay_path", "robot", "scene_name", "scene_offset",
+    "scene_pose", "scene_root", "scene_table_height", "shader_dir", "sim_freq", "urdf_version"}
+_GRASP = {"darker_lighting", "distractor_model_ids", "laid_vertically", "lr_switch", "require_lifting_obj_for_success",
+          "slightly_brighter_lighting", "slightly_darker_lighting", "success_from_episode_stats", "upright"}
+_MOVE_NEAR = {"ambient_only_lighting", "no_distractor", "original_lighting", "slightly_brighter_lighting",
+              "slightly_darker_lighting"}
+_DRAWER = {"cabinet_joint_friction", "camera_mode", "light_mode", "station_name"}
 KIND_KWARGS = {
-    "grasp": {"lr_switch", "laid_vertically", "upright", "slightly_darker_lighting", "slightly_brighter_lighting",
-              "distractor_config"},
-    "move_near": {"no_distractor", "slightly_darker_lighting", "slightly_brighter_lighting"},
-    "drawer": {"station_name", "light_mode"},
-    "apple": {"station_name", "light_mode", "force_advance_subtask_time_steps"},
-    "bridge": set(),
+    "grasp": _GRASP,
+    "grasp_distractor": _GRASP | {"distractor_config"},
+    "move_near": _MOVE_NEAR,
+    "move_near_v1": _MOVE_NEAR | {"light_mode"},
+    "drawer": _DRAWER,
+    "apple": _DRAWER | {"force_advance_subtask_time_steps"},
+    "bridge": {"ambient_only_lighting", "original_lighting", "quat_configs", "slightly_brighter_lighting",
+               "slightly_darker_lighting", "source_obj_name", "target_obj_name", "xy_configs"},
 }
 CAMERA = {"google": ("overhead_camera", 512, 640), "widowx": ("3rd_view_camera", 480, 640)}
 
@@ -59,27 +71,36 @@ class _Robot:
 
 
 class _GoogleAgent:
-    """Relative gripper: the action in [-1, 1] is scaled to +-1.31 rad and added to the target."""
+    """Relative gripper: the action in [-1, 1] is scaled to +-1.31 rad and added to the target.
+    The fingers are qpos[-4:-2]; the last two joints are the camera's pan and tilt."""
+    FINGER_HIGH = 1.3
+
     def __init__(self):
         self.robot, self.target = _Robot(11), 0.0
+        self.robot.qpos[-2:] = [-0.00286, 0.785]  # head pan / tilt, as the real robot's reset leaves them
 
     def set_gripper(self, a):
         if abs(a) >= 1e-3:  # small_action_repeat_last_target
-            self.target = float(np.clip(self.target + 1.31 * a, 0.0, 1.3))
-        self.robot.qpos[-2:] = self.target
+            self.target = float(np.clip(self.target + 1.31 * a, 0.0, self.FINGER_HIGH))
+        self.robot.qpos[-4:-2] = self.target
 
     def get_gripper_closedness(self):
-        return float(np.clip(self.robot.qpos[-2:].mean() / 1.3, 0.0, 1.0))
+        return float(max(np.mean(self.robot.qpos[-4:-2] / self.FINGER_HIGH), 0.0))
 
 
 class _WidowXAgent:
-    """Absolute gripper: [-1, 1] maps onto finger positions [0.014, 0.038] m; -1 closed."""
+    """Absolute gripper: [-1, 1] maps onto finger positions [0.015, 0.037] m; -1 closed."""
+    LOW, HIGH = 0.015, 0.037
+
     def __init__(self):
         self.robot = _Robot(8)
-        self.robot.qpos[-2:] = 0.037
+        self.robot.qpos[-2:] = self.HIGH
 
     def set_gripper(self, a):
-        self.robot.qpos[-2:] = 0.014 + (float(a) + 1.0) / 2.0 * (0.038 - 0.014)
+        self.robot.qpos[-2:] = self.LOW + (float(a) + 1.0) / 2.0 * (self.HIGH - self.LOW)
+
+    def get_gripper_closedness(self):
+        return float(max(np.mean((self.HIGH - self.robot.qpos[-2:]) / (self.HIGH - self.LOW)), 0.0))
 
 
 class FakeSceneEnv(gym.Env):
@@ -116,7 +137,7 @@ class FakeSceneEnv(gym.Env):
                                            np.array([1, 1, 1, np.pi / 2, np.pi / 2, np.pi / 2, 1.0]), dtype=np.float64)
         self.z0, self.cur_subtask_id = 0.0, 0
         self.observation_space = _space_of(self._obs())  # real envs also derive it from an observation
-        self._main_rng = np.random.RandomState(2022)
+        self._main_rng = np.random.RandomState(2022)  # as the real constructor's reset(seed=2022) leaves it
         self.actions: list[np.ndarray] = []
         self.cur_subtask_id = 0
         self.elapsed_steps = 0
@@ -133,8 +154,10 @@ class FakeSceneEnv(gym.Env):
 
     def reset(self, seed=None, options=None):
         options = dict(options or {})
-        if seed is None:
-            seed = int(self._main_rng.randint(2 ** 31 - 1))
+        if seed is None:  # the episode seed is the main RNG's next draw; then the main RNG is reseeded
+            seed = int(self._main_rng.randint(2 ** 32))
+        self._main_rng = np.random.RandomState(seed)
+        self.episode_seed = seed
         rng = np.random.RandomState(seed)
         self.reset_options = options
         robot_opts = options.get("robot_init_options", {})
@@ -146,6 +169,10 @@ class FakeSceneEnv(gym.Env):
         self.tcp.pose = Pose(self.agent.robot.pose.p + _quat_rotate(q, [0.4, 0.0, 0.8]), [1, 0, 0, 0])
         self.z0 = float(self.tcp.pose.p[2])
         self.cur_subtask_id, self.elapsed_steps, self.actions = 0, 0, []
+        # toy distractors: an offset around the object from the episode RNG (the real rule's shape)
+        obj_xy = np.asarray(options.get("obj_init_options", {}).get("init_xy", [-0.2, 0.2]), dtype=np.float64)
+        self.distractor_xy = ([(obj_xy + rng.uniform(-0.2, 0.2, 2)).tolist() for _ in range(4)]
+                              if self.KIND == "grasp_distractor" else [])
         self.episode_stats = {"moved_up": False}
         return self._obs(), {"scene_name": self.make_kwargs.get("scene_name"), "urdf_version": self.urdf_version}
 
@@ -153,11 +180,11 @@ class FakeSceneEnv(gym.Env):
         action = np.asarray(action, dtype=np.float64)
         assert action.shape == (7,), action.shape
         self.actions.append(action.copy())
+        if self.KIND == "apple" and self.elapsed_steps >= self.force_advance:
+            self.advance_to_next_subtask()  # the real env checks the elapsed steps before stepping
         self.tcp.pose.p = self.tcp.pose.p + _quat_rotate(self.agent.robot.pose.q, action[:3])  # base-frame delta
         self.agent.set_gripper(action[6])
         self.elapsed_steps += 1
-        if self.KIND == "apple" and self.cur_subtask_id == 0 and self.elapsed_steps >= self.force_advance:
-            self.advance_to_next_subtask()
         info = self.evaluate()
         info["elapsed_steps"] = self.elapsed_steps
         return self._obs(), float(info["success"]), bool(info["success"]), False, info
@@ -210,9 +237,10 @@ def _make_class(name, kind, robot, instruction):
 
 _ENVS = {  # id -> (kind, robot, instruction, registered max steps)
     "GraspSingleOpenedCokeCanInScene-v0": ("grasp", "google", "pick coke can", 80),
-    "GraspSingleOpenedCokeCanDistractorInScene-v0": ("grasp", "google", "pick coke can", 80),
+    "GraspSingleOpenedCokeCanDistractorInScene-v0": ("grasp_distractor", "google", "pick coke can", 80),
+    "GraspSingleRandomObjectInScene-v0": ("grasp", "google", "pick object", 80),
     "MoveNearGoogleBakedTexInScene-v0": ("move_near", "google", "move blue plastic bottle near pepsi can", 80),
-    "MoveNearGoogleBakedTexInScene-v1": ("move_near", "google", "move blue plastic bottle near pepsi can", 80),
+    "MoveNearGoogleBakedTexInScene-v1": ("move_near_v1", "google", "move blue plastic bottle near pepsi can", 80),
     "MoveNearGoogleInScene-v0": ("move_near", "google", "move blue plastic bottle near pepsi can", 80),
     "PutSpoonOnTableClothInScene-v0": ("bridge", "widowx", "put the spoon on the towel", 60),
     "PutCarrotOnPlateInScene-v0": ("bridge", "widowx", "put carrot on plate", 60),
@@ -223,6 +251,7 @@ for _verb in ("Open", "Close"):
     _ENVS[f"{_verb}DrawerCustomInScene-v0"] = ("drawer", "google", f"{_verb.lower()} middle drawer", 113)
     for _d in ("Top", "Middle", "Bottom"):
         _ENVS[f"{_verb}{_d}DrawerCustomInScene-v0"] = ("drawer", "google", f"{_verb.lower()} {_d.lower()} drawer", 113)
+_PLACE = {f"PlaceIntoClosed{d}DrawerCustomInScene-v0": d.lower() or "top" for d in ("", "Top", "Middle", "Bottom")}
 
 
 def register() -> None:
@@ -231,9 +260,12 @@ def register() -> None:
         if full not in gym.envs.registry:
             cls = _make_class(env_id.split("-")[0], kind, robot, instr)
             gym.register(id=full, entry_point=cls, max_episode_steps=steps)
-    full = f"{GYM_NAMESPACE}/PlaceIntoClosedTopDrawerCustomInScene-v0"
-    if full not in gym.envs.registry:
-        gym.register(id=full, entry_point=FakeAppleEnv, max_episode_steps=200)
+    for env_id, drawer in _PLACE.items():
+        full = f"{GYM_NAMESPACE}/{env_id}"
+        if full not in gym.envs.registry:
+            cls = type(env_id.split("-")[0], (FakeAppleEnv,),
+                       {"INSTRUCTIONS": (f"open {drawer} drawer", f"place apple into {drawer} drawer")})
+            gym.register(id=full, entry_point=cls, max_episode_steps=200)
 
 
 register()
