@@ -5,7 +5,7 @@ DIR holds what LeRobot's `PreTrainedPolicy.from_pretrained` and `make_pre_post_p
   model.safetensors              "model.*" = our EMA weights (+ "objective.*", the Self-Flow head,
                                  when the run saved it, so lerobot-train can go on from here)
   policy_preprocessor.json       rename -> batch -> device -> selfflow_normalizer (state, action)
-  policy_postprocessor.json      selfflow_unnormalizer (clip, then un-normalise) -> cpu
+  policy_postprocessor.json      selfflow_unnormalizer (clip, un-normalise, bound to the data's range) -> cpu
   selfflow_run_config.json       the source run's config, for the record
 It needs no LeRobot here; loading DIR needs the plugin (pip install integrations/lerobot).
 """
@@ -17,14 +17,18 @@ import sys
 from pathlib import Path
 
 from . import lerobot_format as lf
+from .policies.safety import SafetyConfig
 
 USAGE = ("usage: python -m selfflow_robot.export lerobot RUN out=DIR [camera=observation.image] [device=cpu] "
-         "[sampler_steps=10] [n_action_steps=N] [overwrite=false]\n"
+         "[sampler_steps=10] [n_action_steps=N] [data_margin=0.1] [overwrite=false]\n"
          "  RUN: a fine-tuned checkpoint directory, or a run directory (its latest checkpoint)\n"
          "  camera: LeRobot name(s) of the camera feature(s), comma-separated, in the training order "
          "(default: the run's io.views, else observation.image)\n"
-         "  n_action_steps: actions executed per predicted chunk (default: the whole chunk)")
-OPTIONS = ("out", "camera", "device", "sampler_steps", "n_action_steps", "overwrite")
+         "  n_action_steps: actions executed per predicted chunk (default: the whole chunk)\n"
+         "  data_margin: bound every action dim to the training data's range widened by this fraction, as "
+         "Policy.load's safety.data_margin (default: its default); null: no bound")
+OPTIONS = ("out", "camera", "device", "sampler_steps", "n_action_steps", "data_margin", "overwrite")
+DEFAULT_MARGIN = SafetyConfig.data_margin  # what Policy.load bounds with unless told otherwise
 
 
 def _feature(kind: str, shape) -> dict:
@@ -32,7 +36,7 @@ def _feature(kind: str, shape) -> dict:
 
 
 def lerobot_config(cfg: dict, norm_mode: str, cameras: list[str], device: str, sampler_steps: int,
-                   n_action_steps: int | None) -> dict:
+                   n_action_steps: int | None, data_margin: float | None = DEFAULT_MARGIN) -> dict:
     """config.json of the LeRobot policy from a fine-tuned run config (its `io` section)."""
     io = cfg["io"]
     h, w = (int(v) for v in io["image_size"])
@@ -61,6 +65,7 @@ def lerobot_config(cfg: dict, norm_mode: str, cameras: list[str], device: str, s
         "n_action_steps": n_action_steps,
         "sampler_steps": int(sampler_steps),
         "normalization_mode": norm_mode,
+        "data_margin": data_margin,
         "ema_decay": float(trainer.get("ema_decay", 0.999)),
         "optimizer_lr": float(trainer.get("lr", 1e-4)),
     }
@@ -80,7 +85,8 @@ def _cameras(io: dict, camera: str | None) -> list[str]:
 
 
 def export_lerobot(run, out, camera: str | None = None, device: str = "cpu", sampler_steps: int = 10,
-                   n_action_steps: int | None = None, overwrite: bool = False) -> Path:
+                   n_action_steps: int | None = None, data_margin: float | None = DEFAULT_MARGIN,
+                   overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
     from .policies.normalize import Normalizer
@@ -104,7 +110,9 @@ def export_lerobot(run, out, camera: str | None = None, device: str = "cpu", sam
     streams = {lf.ACTION: lf.stream_stats(norm["action"], mode, "action")}
     if int(cfg["io"].get("state_dim") or 0) and norm.get("state"):
         streams[lf.STATE] = lf.stream_stats(norm["state"], mode, "state")
-    config = lerobot_config(cfg, mode, _cameras(cfg["io"], camera), device, sampler_steps, n_action_steps)
+    bounds = lf.action_bounds(norm, int(cfg["io"]["action_dim"]), data_margin)
+    config = lerobot_config(cfg, mode, _cameras(cfg["io"], camera), device, sampler_steps, n_action_steps,
+                            data_margin)
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -121,7 +129,7 @@ def export_lerobot(run, out, camera: str | None = None, device: str = "cpu", sam
     if head.is_file():
         weights.update({f"objective.{k}": v for k, v in read_safetensors(head).items()})
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    pre, post = lf.pipelines(mode, streams, lf.default_clip(mode), device)
+    pre, post = lf.pipelines(mode, streams, lf.default_clip(mode), device, bounds)
     for name, obj in (("config.json", config), (f"{lf.PREPROCESSOR}.json", pre),
                       (f"{lf.POSTPROCESSOR}.json", post), ("selfflow_run_config.json", cfg)):
         (tmp / name).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
@@ -157,6 +165,12 @@ def parse_args(argv: list[str]) -> tuple[str, dict]:
                 kw[key] = int(pairs[key])
             except ValueError:
                 raise ValueError(f"{key}={pairs[key]}: expected an integer") from None
+    if "data_margin" in pairs:
+        v = pairs["data_margin"]
+        try:
+            kw["data_margin"] = None if v.lower() in ("null", "none") else float(v)
+        except ValueError:
+            raise ValueError(f"data_margin={v}: expected a number >= 0 or null") from None
     if "overwrite" in pairs:
         kw["overwrite"] = _bool("overwrite", pairs["overwrite"])
     return runs[0], kw

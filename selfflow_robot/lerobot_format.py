@@ -10,6 +10,9 @@ Normalisation (the same as policies.normalize / data.normalize, in torch):
             inverse a = 0.5 (x + 1) (q99 - q01) + q01.
   mean_std: x = (a - mean) / (std + 1e-6).
   Dimensions whose mask is False (the gripper) pass through unchanged both ways.
+Bounds (Policy.load's default safety, policies.safety): after un-normalising, every dimension -
+the masked ones too, whose raw model output nothing else bounds - is clipped to the training data's
+range widened by safety.data_margin; `action_bounds` computes them with policies.safety itself.
 LeRobot's own QUANTILES step differs on all three points (no clip, eps instead of 0 where
 q99 == q01, no per-dimension pass-through), hence our own processor steps.
 """
@@ -84,6 +87,34 @@ def unnormalize(x: torch.Tensor, stats: dict, mode: str, clip: float | None = No
     return torch.where(s["mask"], a, y).to(x.dtype)
 
 
+def action_bounds(normalization: dict, action_dim: int, data_margin: float | None) -> tuple[list | None, list | None]:
+    """(low, high) per action dim that Policy.load bounds actions to with safety.data_margin
+    (SafetyFilter's own computation: min/max of normalization.json, else q01/q99, widened);
+    (None, None) when the margin is None or the statistics give no range."""
+    from .policies.safety import SafetyConfig, SafetyFilter, data_range
+
+    f = SafetyFilter(SafetyConfig(data_margin=data_margin), action_dim, data_range=data_range(normalization))
+    return tuple(None if v is None else [float(x) for x in v] for v in (f.low, f.high))
+
+
+def bound(a: torch.Tensor, low: list | None, high: list | None) -> torch.Tensor:
+    """Clip the last dim to [low, high] in float64, back to a's dtype (as SafetyFilter.bound)."""
+    if low is None and high is None:
+        return a
+    if any(v is not None and len(v) != a.shape[-1] for v in (low, high)):
+        raise ValueError(f"action bounds have {len(low or high)} entries, actions have shape {tuple(a.shape)}")
+    lo, hi = (torch.as_tensor(v if v is not None else [fill] * a.shape[-1], dtype=torch.float64, device=a.device)
+              for v, fill in ((low, -float("inf")), (high, float("inf"))))
+    return torch.clamp(a.double(), lo, hi).to(a.dtype)
+
+
+def postprocess_action(x: torch.Tensor, step: dict) -> torch.Tensor:
+    """Model-space actions -> what Policy.infer returns, by the selfflow_unnormalizer step's config
+    (policy_postprocessor.json): clip, un-normalise, bound."""
+    a = unnormalize(x, step["streams"][ACTION], step["mode"], step.get("clip"))
+    return bound(a, step.get("low"), step.get("high"))
+
+
 def default_clip(mode: str) -> float | None:
     """Policy's safety.normalized_clip="auto": 1.0 in q99 mode, none in mean_std mode."""
     return 1.0 if mode == "q99" else None
@@ -94,19 +125,22 @@ def normalizer_step(mode: str, streams: dict) -> dict:
     return {"registry_name": NORMALIZER_STEP, "config": {"mode": mode, "streams": streams}}
 
 
-def unnormalizer_step(mode: str, action: dict, clip: float | None) -> dict:
-    return {"registry_name": UNNORMALIZER_STEP, "config": {"mode": mode, "streams": {ACTION: action}, "clip": clip}}
+def unnormalizer_step(mode: str, action: dict, clip: float | None, low: list | None = None,
+                      high: list | None = None) -> dict:
+    return {"registry_name": UNNORMALIZER_STEP,
+            "config": {"mode": mode, "streams": {ACTION: action}, "clip": clip, "low": low, "high": high}}
 
 
-def pipelines(mode: str, streams: dict, clip: float | None, device: str = "cpu") -> tuple[dict, dict]:
+def pipelines(mode: str, streams: dict, clip: float | None, device: str = "cpu",
+              bounds: tuple = (None, None)) -> tuple[dict, dict]:
     """policy_preprocessor.json and policy_postprocessor.json as LeRobot's PolicyProcessorPipeline
-    writes them: rename -> batch -> device -> our normaliser; our unnormaliser -> cpu."""
+    writes them: rename -> batch -> device -> our normaliser; our unnormaliser (+ bounds) -> cpu."""
     pre = {"name": PREPROCESSOR, "steps": [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
         {"registry_name": "device_processor", "config": {"device": device, "float_dtype": None}},
         normalizer_step(mode, streams)]}
     post = {"name": POSTPROCESSOR, "steps": [
-        unnormalizer_step(mode, streams[ACTION], clip),
+        unnormalizer_step(mode, streams[ACTION], clip, *bounds),
         {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}]}
     return pre, post

@@ -91,7 +91,38 @@ def test_export_writes_what_lerobot_reads(tmp_path):
     streams = pre["steps"][-1]["config"]["streams"]
     assert streams["observation.state"]["q99"] == norm["state"]["q99"]
     assert streams["action"]["mask"] == [True, True, True, False]
+    # Policy.load's default bounds: q01/q99 (no min/max here) widened by 10 % of the range
+    low, high = post["steps"][0]["config"].pop("low"), post["steps"][0]["config"].pop("high")
+    assert np.allclose(low, [-1.2, -2.5, -3.8, -5.1]) and np.allclose(high, [1.2, 3.5, 5.8, 8.1])
     assert post["steps"][0]["config"] == {"mode": "q99", "streams": {"action": streams["action"]}, "clip": 1.0}
+    assert cfg["data_margin"] == 0.1
+
+
+@pytest.mark.parametrize("margin", [0.1, 0.5, None])
+def test_exported_postprocessor_gives_policy_loads_actions(tmp_path, margin):
+    """A masked (pass-through) dim whose raw model output leaves the data's range, and normalised
+    dims whose min/max lie beyond q01/q99: the postprocessor JSON gives what Policy.infer returns."""
+    from selfflow_robot.policies import Policy
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", state_dim=0)
+    path = Path(ckpt) / "normalization.json"
+    norm = json.loads(path.read_text())
+    norm["action"].update(min=[-1.5, -2.0, -4.0, -0.5], max=[1.5, 3.0, 9.0, 1.0])  # dim 3 (gripper): 0.5 .. 1.0
+    path.write_text(json.dumps(norm))
+    kw = {} if margin == 0.1 else {"data_margin": margin}  # 0.1: the default on both sides
+    out = export_lerobot(ckpt, tmp_path / "lerobot", **kw)
+    step = json.loads((out / "policy_postprocessor.json").read_text())["steps"][0]["config"]
+    raw = np.array([[0.3, -2.0, 1.5, 2.0], [-0.9, 0.2, -1.1, -1.6], [1.0, 0.0, 0.0, 1.1], [0.0, 1.0, -1.0, 0.6]],
+                   np.float32)
+    policy = Policy(lambda obs: raw, {"action_dim": 4}, norm,
+                    safety=None if margin == 0.1 else SafetyConfig(data_margin=margin))
+    expected = policy.infer({"image": np.zeros((32, 32, 3), np.uint8)})["actions"]
+    got = lf.postprocess_action(torch.from_numpy(raw), step).numpy()
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    if margin is not None:  # the bound binds on the gripper (raw 2.0 > 1.0 + margin * 1.5)
+        assert expected[0, 3] == np.float32(1.0 + margin * 1.5) and expected[1, 3] == np.float32(-0.5 - margin * 1.5)
+    else:
+        assert step["low"] is None and expected[0, 3] == np.float32(2.0)
 
 
 def test_export_options_and_refusals(tmp_path):
@@ -107,6 +138,8 @@ def test_export_options_and_refusals(tmp_path):
         export_lerobot(ckpt, tmp_path / "file", overwrite=True)
     with pytest.raises(ValueError, match="n_action_steps=9: must be in 1..4"):
         export_lerobot(ckpt, tmp_path / "b", n_action_steps=9)
+    with pytest.raises(ValueError, match="data_margin must be a number >= 0"):
+        export_lerobot(ckpt, tmp_path / "e", data_margin=-0.1)
     with pytest.raises(ValueError, match="this policy sees one camera"):
         export_lerobot(ckpt, tmp_path / "c", camera="a,b")
     cfg_path = Path(ckpt) / "config.json"
@@ -123,9 +156,12 @@ def test_parse_args_errors_name_the_option():
                                                                       "sampler_steps": 4})
     for argv, message in ((["run"], "out is not set"), (["run", "out=x", "step=3"], "unknown option"),
                           (["out=x"], "expected one RUN"), (["run", "out=x", "sampler_steps=a"], "expected an integer"),
-                          (["run", "out=x", "overwrite=maybe"], "expected true or false")):
+                          (["run", "out=x", "overwrite=maybe"], "expected true or false"),
+                          (["run", "out=x", "data_margin=wide"], "expected a number >= 0 or null")):
         with pytest.raises(ValueError, match=message):
             parse_args(argv)
+    assert parse_args(["run", "out=x", "data_margin=null"])[1]["data_margin"] is None
+    assert parse_args(["run", "out=x", "data_margin=0.25"])[1]["data_margin"] == 0.25
 
 
 def test_export_cli_is_one_line_on_error(tmp_path):

@@ -38,6 +38,9 @@ class SelfFlowConfig(PreTrainedConfig):
     action_mask: list[bool] | None = None
     state_mask: list[bool] | None = None
     normalized_clip: float | None = 1.0  # q99 mode: bound of the normalised actions before un-normalising
+    # Bound every action dim (the masked ones too) to the data's range (min/max, else q01/q99) widened by
+    # this fraction on each side, as Policy.load's safety.data_margin; None: no bound.
+    data_margin: float | None = 0.1
     # LeRobot's own normaliser is not used (see processor_selfflow); kept for its tooling.
     normalization_mapping: dict[str, NormalizationMode] = field(default_factory=lambda: {
         "VISUAL": NormalizationMode.IDENTITY, "STATE": NormalizationMode.QUANTILES,
@@ -69,6 +72,9 @@ class SelfFlowConfig(PreTrainedConfig):
                 errors.append(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.n_action_steps > self.chunk_size:
             errors.append(f"n_action_steps ({self.n_action_steps}) must be <= chunk_size ({self.chunk_size})")
+        m = self.data_margin
+        if m is not None and (isinstance(m, bool) or not 0 <= float(m) < float("inf")):
+            errors.append(f"data_margin must be a number >= 0 or None, got {m!r}")
         if str(self.model.get("text", "bytes")) == "embedding":
             errors.append("model.text=embedding needs a precomputed instruction embedding, which LeRobot "
                           "batches do not carry; use bytes or none")

@@ -55,18 +55,24 @@ def test_factory_loads_the_export_and_matches_policy_load(tmp_path):
     from selfflow_robot.export_lerobot import export_lerobot
     from selfflow_robot.policies import Policy
 
-    ckpt = tiny_checkpoint(tmp_path / "ckpt", views=VIEWS, image_size=(32, 64), state_dim=3, action_dim=4)
+    # The masked dim 3 (a gripper: raw model output, about -2..3 here) has a narrow data range, so
+    # Policy.load's default bound (data range widened by safety.data_margin=0.1: -0.6..0.6) binds on it.
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", views=VIEWS, image_size=(32, 64), state_dim=3, action_dim=4,
+                           action_q=([-1.0, -2.0, -3.0, -0.5], [1.0, 3.0, 5.0, 0.5]))
     out = export_lerobot(ckpt, tmp_path / "lerobot", sampler_steps=4)
     ours = Policy.load(ckpt, sampler_steps=4)
+    unbounded = Policy.load(ckpt, sampler_steps=4, data_margin=None)
     policy, pre, post = _load_lerobot(out)
     assert type(policy).__name__ == "SelfFlowPolicy" and policy.config.type == "selfflow"
-    worst = 0.0
+    worst = bound_moved = 0.0
     for obs in _observations(3, 3):  # whole chunks; the context history fills over the calls
         expected = ours.infer(obs)["actions"]
         got = post(policy.predict_action_chunk(pre(_batch(obs))))[0].numpy()
         assert got.shape == expected.shape == (4, 4)
         worst = max(worst, float(np.abs(got - expected).max()))
+        bound_moved = max(bound_moved, float(np.abs(unbounded.infer(obs)["actions"] - expected).max()))
     assert worst <= ATOL, worst
+    assert bound_moved > 0.1, bound_moved  # the bound binds: without it LeRobot would differ
     assert np.ptp(expected[:, 3]) > 0  # the masked dim (raw model output) varies: the weights matter
     # step by step: LeRobot's action queue against our chunker, across two chunks
     ours.reset()
@@ -76,7 +82,8 @@ def test_factory_loads_the_export_and_matches_policy_load(tmp_path):
         got = post(policy.select_action(pre(_batch(obs))))[0].numpy()
         worst = max(worst, float(np.abs(got - expected).max()))
     assert worst <= ATOL, worst
-    print(f"parity: max |LeRobot - Policy.load| = {worst:.3g} over 3 chunks and 6 steps")
+    print(f"parity: max |LeRobot - Policy.load| = {worst:.3g} over 3 chunks and 6 steps "
+          f"(the data-range bound moved actions by up to {bound_moved:.3g})")
 
 
 def test_processors_lerobot_writes_equal_the_exported_json(tmp_path):
@@ -144,3 +151,5 @@ def test_bad_features_are_named():
             output_features={"action": PolicyFeature(FeatureType.ACTION, (2,))}))
     with pytest.raises(ValueError, match="n_action_steps \\(9\\) must be <= chunk_size \\(8\\)"):
         SelfFlowConfig(device="cpu", n_action_steps=9)
+    with pytest.raises(ValueError, match="data_margin must be a number >= 0"):
+        SelfFlowConfig(device="cpu", data_margin=-0.1)
