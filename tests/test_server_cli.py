@@ -148,7 +148,7 @@ def test_serve_end_to_end(tmp_path, monkeypatch):
 def test_override_errors_are_one_line():
     from selfflow_robot.cli import check_overrides
 
-    for override, message in (("model=nope", "error: Could not find 'model/nope'; choose from b, l, s, tiny, xl"),
+    for override, message in (("model=nope", "error: Could not find 'model/nope'; choose from b, l, s, selfflow_xl, tiny, xl"),
                               ("trainer.stesp=1", "error: unknown option trainer.stesp (did you mean trainer.steps?)"),
                               ("+bogus=1", "error: unknown option bogus; `--help` lists the options")):
         with pytest.raises(SystemExit) as e:
