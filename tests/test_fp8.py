@@ -13,8 +13,8 @@ from selfflow_robot.train.ema import ema_update
 
 from test_objectives import make_batch
 
-# These run the FP8 matmul on CPU: torch 2.7 and older have no CPU kernel for it (its users are GPUs).
-cpu_fp8 = pytest.mark.skipif(not cpu_has_scaled_mm(), reason=f"torch {torch.__version__} has no CPU torch._scaled_mm")
+# These run the FP8 matmul on CPU: torch 2.7 has no CPU kernel for it, 2.10's takes no row-wise scales.
+cpu_fp8 = pytest.mark.skipif(not cpu_has_scaled_mm(), reason=f"torch {torch.__version__}: no row-wise CPU _scaled_mm")
 
 
 def test_quantize_rows_error_is_e4m3_sized():
@@ -129,5 +129,5 @@ def test_fp8_teacher_needs_fp8_sized_layers():
 
 def test_fp8_teacher_on_a_cpu_without_the_kernel_is_refused_in_words(monkeypatch):
     monkeypatch.setattr(fp8_mod, "cpu_has_scaled_mm", lambda: False)  # as on torch <= 2.7
-    with pytest.raises(ValueError, match="teacher_fp8 on CPU needs torch._scaled_mm for CPU"):
+    with pytest.raises(ValueError, match="teacher_fp8 on CPU needs a row-wise CPU torch._scaled_mm"):
         use_fp8_teacher(_model(), 1)

@@ -75,10 +75,11 @@ class Fp8Linear(nn.Linear):
 
 
 def cpu_has_scaled_mm() -> bool:
-    """Whether this torch has a CPU kernel for torch._scaled_mm (torch 2.7 and older have none)."""
-    a, one = torch.zeros(16, 16, dtype=torch.float8_e4m3fn), torch.ones(())
+    """Whether this torch's CPU torch._scaled_mm takes row-wise scales, as Fp8Linear calls it
+    (torch 2.7 has no CPU kernel, 2.10's takes one scale per tensor only)."""
+    a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
     try:
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
     except (NotImplementedError, RuntimeError):
         return False
     return True
@@ -94,7 +95,7 @@ def use_fp8_teacher(model: nn.Module, blocks: int) -> int:
         raise ValueError(f"objective.teacher_fp8 needs FP8 tensor cores (compute capability >= 8.9, e.g. H100); "
                          f"{name} has {torch.cuda.get_device_capability(weight.device)}")
     if weight.device.type == "cpu" and not cpu_has_scaled_mm():
-        raise ValueError(f"objective.teacher_fp8 on CPU needs torch._scaled_mm for CPU, which torch "
+        raise ValueError(f"objective.teacher_fp8 on CPU needs a row-wise CPU torch._scaled_mm, which torch "
                          f"{torch.__version__} lacks (torch 2.13 has it); set objective.teacher_fp8=false")
     swapped = 0
     for block in list(model.blocks)[:blocks]:
