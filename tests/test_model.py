@@ -245,7 +245,7 @@ def test_per_block_compile_covers_every_path_a_run_takes(monkeypatch, caplog):
     from torch._dynamo.testing import CompileCounter
 
     from selfflow_robot.sampling import euler_sample
-    from selfflow_robot.train.distributed import DistInfo, parallelize, recompile_limit_name
+    from selfflow_robot.train.distributed import DistInfo, parallelize
 
     torch._dynamo.reset()
     counter, real_compile = CompileCounter(), torch.nn.Module.compile
@@ -253,9 +253,9 @@ def test_per_block_compile_covers_every_path_a_run_takes(monkeypatch, caplog):
     # Dynamo's config is no plain module: patch it with its own patch(), which restores the value.
     # pytest >= 9.2's monkeypatch deletes what it finds outside __dict__, and a deleted dynamo
     # setting breaks every later compile in the session ("recompile_limit does not exist").
-    config, name = torch._dynamo.config, recompile_limit_name()
-    before = getattr(config, name)
-    with config.patch({name: 8}):  # the default; parallelize raises it
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    with config.patch(recompile_limit=8):  # the default; parallelize raises it
         student = build_model("tiny", depth=2, action_dim=3)
         ema = copy.deepcopy(student).requires_grad_(False)
         parallelize(student, ema, "none", DistInfo(), compile=True, param_dtype=None)
@@ -272,9 +272,9 @@ def test_per_block_compile_covers_every_path_a_run_takes(monkeypatch, caplog):
             x = inputs(model, B=1, T=1)
             euler_sample(model, steps=2, context=x["context"], text=x["text"][:1], video_shape=x["video"].shape,
                          action_shape=x["action"].shape)
-    assert getattr(config, name) == before  # restored for the tests that follow
+    assert config.recompile_limit == before  # restored for the tests that follow
     assert counter.frame_count > 8  # the run above needs more than dynamo's default limit
-    assert not [r for r in caplog.records if name in r.getMessage()]
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -144,19 +144,11 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 BLOCK_RECOMPILE_LIMIT = 64
 
 
-def recompile_limit_name() -> str:
-    """Dynamo's per-code-object cache limit: `recompile_limit` from torch 2.6 (`cache_size_limit`,
-    its old name, stays as an alias), `cache_size_limit` before."""
-    import torch._dynamo
-
-    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-
-
 def apply_compile(model: nn.Module) -> None:
     import torch._dynamo
 
-    config, name = torch._dynamo.config, recompile_limit_name()
-    setattr(config, name, max(getattr(config, name), BLOCK_RECOMPILE_LIMIT))
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     blocks = repeated_blocks(model)
     for block in blocks or [model]:
         block.compile()  # in place: no `_orig_mod.` in state-dict keys
