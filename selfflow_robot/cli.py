@@ -131,8 +131,11 @@ def reported_errors(interrupted: str = RESUME_HINT) -> Iterator[None]:
     """Bad input ends with one `error: ...` line, Ctrl-C with one line and exit code 130."""
     from omegaconf.errors import MissingMandatoryValue
 
+    from .interrupts import deliver_swallowed_interrupts
+
     try:
-        yield
+        with deliver_swallowed_interrupts():  # a Ctrl-C during garbage collection is not lost
+            yield
     except MissingMandatoryValue as e:  # a `???` key the command needs, e.g. policy=
         key = getattr(e, "full_key", None) or "a required key"
         raise SystemExit(f"error: {key} is not set: pass {key}=... (--help lists the options)") from None

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from . import cli
 from .fileio import write_json_atomic
+from .interrupts import deliver_swallowed_interrupts
 from .quickstart import _dataset, _evaluate, _model, _trainer
 from .threads import prefer_passive_openmp
 
@@ -94,7 +95,8 @@ def _arm_process(cfg_yaml: str, objective: str, seed: int, out: str, store: str,
 
     torch.set_num_threads(threads)  # arms share the CPU cores instead of each taking all of them
     try:
-        write_json_atomic(result, run_arm(OmegaConf.create(cfg_yaml), objective, seed, out, store))
+        with deliver_swallowed_interrupts():
+            write_json_atomic(result, run_arm(OmegaConf.create(cfg_yaml), objective, seed, out, store))
     except KeyboardInterrupt:  # the parent says what was kept
         sys.exit(130)
 

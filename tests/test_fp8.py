@@ -6,11 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from selfflow_robot.models import build_model
-from selfflow_robot.models.fp8 import Fp8Linear, fp8_matmuls, quantize_rows, use_fp8_teacher
+from selfflow_robot.models import fp8 as fp8_mod
+from selfflow_robot.models.fp8 import Fp8Linear, cpu_has_scaled_mm, fp8_matmuls, quantize_rows, use_fp8_teacher
 from selfflow_robot.objectives import build_objective
 from selfflow_robot.train.ema import ema_update
 
 from test_objectives import make_batch
+
+# These run the FP8 matmul on CPU: torch 2.7 has no CPU kernel for it, 2.10's takes no row-wise scales.
+cpu_fp8 = pytest.mark.skipif(not cpu_has_scaled_mm(), reason=f"torch {torch.__version__}: no row-wise CPU _scaled_mm")
 
 
 def test_quantize_rows_error_is_e4m3_sized():
@@ -23,6 +27,7 @@ def test_quantize_rows_error_is_e4m3_sized():
     assert rel < 2**-4 and (q.float().abs().amax(dim=1) == 448).all()
 
 
+@cpu_fp8
 def test_fp8_linear_shares_parameters_and_is_close():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 96)
@@ -53,6 +58,7 @@ def _teacher_features(ema, batch, k):
     return ema(video=x, video_t=t, text=ema.encode_text(batch["instruction"], x.device), taps=(k,), stop_after=k)["features"][k]
 
 
+@cpu_fp8
 def test_fp8_teacher_keeps_keys_and_matches_full_precision():
     model = _model()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -69,6 +75,7 @@ def test_fp8_teacher_keeps_keys_and_matches_full_precision():
     assert cos.min() > 0.99 and not torch.equal(fp8, ref)
 
 
+@cpu_fp8
 def test_fp8_weights_follow_the_ema_update():
     model = _model()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -86,6 +93,7 @@ def test_fp8_weights_follow_the_ema_update():
         torch.testing.assert_close(lin.weight_scale, scale.view(1, -1))
 
 
+@cpu_fp8
 def test_objective_uses_fp8_teacher_and_refuses_fsdp():
     model = _model()
     obj = build_objective(dict(kind="self_flow", mask_ratio=0.25, teacher_fp8=True), model.cfg)
@@ -111,8 +119,15 @@ def test_objective_uses_fp8_teacher_and_refuses_fsdp():
     assert not any(isinstance(m, Fp8Linear) for m in other.modules())
 
 
+@cpu_fp8
 def test_fp8_teacher_needs_fp8_sized_layers():
     model = build_model("tiny", width=40, heads=4, depth=4, patch_size=8)  # 40 is not a multiple of 16
     obj = build_objective(dict(kind="self_flow", teacher_fp8=True), model.cfg)
     with pytest.raises(ValueError, match="multiples of 16"), pytest.warns(UserWarning):
         obj.prepare_teacher(copy.deepcopy(model), "none")
+
+
+def test_fp8_teacher_on_a_cpu_without_the_kernel_is_refused_in_words(monkeypatch):
+    monkeypatch.setattr(fp8_mod, "cpu_has_scaled_mm", lambda: False)  # as on torch <= 2.7
+    with pytest.raises(ValueError, match="teacher_fp8 on CPU needs a row-wise CPU torch._scaled_mm"):
+        use_fp8_teacher(_model(), 1)

@@ -267,9 +267,14 @@ class SelfFlowDiT(nn.Module):
             return x, rope, None, None
         # A timestep tensor shared by streams gets its slots once. Compared with `is`, not id():
         # under torch.compile id() guards on the tensor object, so each new tensor recompiled.
+        # Plain loops: torch 2.4's dynamo cannot trace this generator expression (it captures source).
         offsets, values, index, seen = 0, [], [], []  # seen: (source, first slot)
         for tt, source in times:
-            first = next((slot for s, slot in seen if source is not None and s is source), None)
+            first = None
+            for s, slot in seen:
+                if source is not None and s is source:
+                    first = slot
+                    break
             if first is None:
                 first = offsets
                 seen.append((source, first))
@@ -311,7 +316,7 @@ class SelfFlowDiT(nn.Module):
                                                             text_emb, state)
         x, rope, cond, select = self._prepare(parts, pos, times)
         kv: list = []
-        for i, block in enumerate(self.blocks, start=1):
+        for i, block in enumerate(self.blocks, 1):  # start= as a keyword breaks torch 2.4's graph
             x = block(x, cond, select, rope, kv_out=kv, kv_only=i == len(self.blocks))
         return PrefixCache(kv, n_ctx)
 
@@ -366,7 +371,7 @@ class SelfFlowDiT(nn.Module):
         out: dict = {"features": {}}
         taps = set(taps)
         last = stop_after if stop_after is not None else len(self.blocks)
-        for i, block in enumerate(self.blocks[:last], start=1):
+        for i, block in enumerate(self.blocks[:last], 1):
             past = prefix.kv[i - 1] if prefix is not None else None
             x = block(x, cond, select, rope, n_prefix, past, mod=modulation.blocks[i - 1] if modulation else None)
             if i in taps:

@@ -74,6 +74,17 @@ class Fp8Linear(nn.Linear):
         return y.to(x.dtype).view(*lead, self.out_features)
 
 
+def cpu_has_scaled_mm() -> bool:
+    """Whether this torch's CPU torch._scaled_mm takes row-wise scales, as Fp8Linear calls it
+    (torch 2.7 has no CPU kernel, 2.10's takes one scale per tensor only)."""
+    a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def use_fp8_teacher(model: nn.Module, blocks: int) -> int:
     """Swap the matmul Linears of model.blocks[:blocks] for Fp8Linear (sharing their parameters).
     Returns how many were swapped; layers whose sizes are not multiples of 16 (an FP8 kernel
@@ -83,6 +94,9 @@ def use_fp8_teacher(model: nn.Module, blocks: int) -> int:
         name = torch.cuda.get_device_name(weight.device)
         raise ValueError(f"objective.teacher_fp8 needs FP8 tensor cores (compute capability >= 8.9, e.g. H100); "
                          f"{name} has {torch.cuda.get_device_capability(weight.device)}")
+    if weight.device.type == "cpu" and not cpu_has_scaled_mm():
+        raise ValueError(f"objective.teacher_fp8 on CPU needs a row-wise CPU torch._scaled_mm, which torch "
+                         f"{torch.__version__} lacks (torch 2.13 has it); set objective.teacher_fp8=false")
     swapped = 0
     for block in list(model.blocks)[:blocks]:
         for path in TEACHER_LINEARS:

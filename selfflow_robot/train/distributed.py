@@ -148,8 +148,7 @@ def apply_compile(model: nn.Module) -> None:
     import torch._dynamo
 
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, name, max(getattr(config, name), BLOCK_RECOMPILE_LIMIT))
+    config.recompile_limit = max(config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     blocks = repeated_blocks(model)
     for block in blocks or [model]:
         block.compile()  # in place: no `_orig_mod.` in state-dict keys

@@ -557,11 +557,14 @@ class Trainer:
                              f"({len(problems)} mismatches):\n{ckpt.mismatch_report(problems)}\nResume with the same "
                              f"model/data overrides as the run; they are in {path / 'config.yaml'}")
         set_model_state_dict(self.train_module, train_sd, options=StateDictOptions(full_state_dict=True, strict=True))
-        # strict=False: parameters that never had a gradient (unused heads) have no optimizer state.
+        # Parameters that never had a gradient (unused heads) have no optimizer state: an empty entry
+        # each (torch <= 2.7's loader raised KeyError without one; strict=False was enough later).
+        stateless = {name for name, _ in self.train_module.named_parameters()} - set(optim_sd["state"])
+        optim_sd["state"].update({name: {} for name in stateless})
         set_optimizer_state_dict(self.train_module, self.optimizer, optim_sd,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
         for name, p in self.train_module.named_parameters():
-            if name not in optim_sd["state"]:  # drop the step-1 zero state DCP creates for them
+            if name in stateless:  # drop the step-1 zero state DCP creates for them
                 self.optimizer.state.pop(p, None)
         set_model_state_dict(self.ema_model, ema_sd, options=StateDictOptions(full_state_dict=True, strict=True))
         with open(state_dir / "state.json") as f:
