@@ -13,7 +13,6 @@ steps (docs/serving.md).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import deque
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .chunking import ChunkConfig
-from .policy import Policy
+from .policy import Policy, chunk_and_safety
 from .safety import SafetyConfig
 
 FORMAT = "selfflow-robot-onnx/1"
@@ -134,13 +133,7 @@ class OnnxPredictor:
 def load_onnx_policy(folder: str | Path, *, chunk: ChunkConfig | None = None, safety: SafetyConfig | None = None,
                      seed: int | None = 0, noise=None, threads: int | None = None, **overrides) -> Policy:
     """A `Policy` over the exported graph; `overrides` are ChunkConfig / SafetyConfig fields as for Policy.load."""
-    chunk_fields = {f.name for f in dataclasses.fields(ChunkConfig)}
-    safety_fields = {f.name for f in dataclasses.fields(SafetyConfig)}
-    unknown = set(overrides) - chunk_fields - safety_fields
-    if unknown:
-        raise TypeError(f"unknown load_onnx_policy options: {sorted(unknown)}")
-    chunk = dataclasses.replace(chunk or ChunkConfig(), **{k: v for k, v in overrides.items() if k in chunk_fields})
-    safety = dataclasses.replace(safety or SafetyConfig(), **{k: v for k, v in overrides.items() if k in safety_fields})
+    chunk, safety = chunk_and_safety(chunk, safety, overrides, "load_onnx_policy")
     predictor = OnnxPredictor(folder, seed=seed, noise=noise, threads=threads)
     m = predictor.manifest
     metadata = {**m["metadata"], "checkpoint": m.get("checkpoint"), "runtime": "onnxruntime",

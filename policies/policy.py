@@ -150,6 +150,19 @@ def _first(d: dict, paths: list[str], default=None):
     return default
 
 
+def chunk_and_safety(chunk: ChunkConfig | None, safety: SafetyConfig | None, overrides: dict,
+                     who: str) -> tuple[ChunkConfig, SafetyConfig]:
+    """Loaders' keyword options: each is a ChunkConfig or SafetyConfig field (else a TypeError naming it)."""
+    chunk_fields = {f.name for f in dataclasses.fields(ChunkConfig)}
+    safety_fields = {f.name for f in dataclasses.fields(SafetyConfig)}
+    unknown = set(overrides) - chunk_fields - safety_fields
+    if unknown:
+        raise TypeError(f"unknown {who} options: {sorted(unknown)}")
+    chunk = dataclasses.replace(chunk or ChunkConfig(), **{k: v for k, v in overrides.items() if k in chunk_fields})
+    safety = dataclasses.replace(safety or SafetyConfig(), **{k: v for k, v in overrides.items() if k in safety_fields})
+    return chunk, safety
+
+
 def merge_safety(chunk: dict | None, step: dict) -> dict:
     """One executed step's safety flags: its own, with the hold and clip of the chunk it was taken
     from (delta_limited stays the step's own: the chunk limits its rows against each other)."""
@@ -371,14 +384,7 @@ class Policy:
         if dtype not in INFERENCE_DTYPES:
             raise ValueError(f"dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
         ckpt = resolve_checkpoint(path)
-        chunk_fields = {f.name for f in dataclasses.fields(ChunkConfig)}
-        safety_fields = {f.name for f in dataclasses.fields(SafetyConfig)}
-        unknown = set(overrides) - chunk_fields - safety_fields
-        if unknown:
-            raise TypeError(f"unknown Policy.load options: {sorted(unknown)}")
-        chunk = dataclasses.replace(chunk or ChunkConfig(), **{k: v for k, v in overrides.items() if k in chunk_fields})
-        safety = dataclasses.replace(safety or SafetyConfig(),
-                                     **{k: v for k, v in overrides.items() if k in safety_fields})
+        chunk, safety = chunk_and_safety(chunk, safety, overrides, "Policy.load")
         with open(ckpt / "config.json", "rb") as f:
             try:
                 cfg = json.loads(f.read().decode("utf-8"))
