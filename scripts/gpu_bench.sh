@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU job: the shared plain reference (reference_dit.py) and the project's own figures, on the
 # same card in the same job. On a GPU machine, from the repo root:
-#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [reference|train|attention|checkpointing|small|sample|policy|study|all ...]
+#   REFERENCE=path/to/reference_dit.py OUT=results bash scripts/gpu_bench.sh [reference|train|attention|checkpointing|small|sample|policy|study|dist|latents|all ...]
 # Needs torch with CUDA and this package (pip install --no-deps -e .). On the workplace's lent GPU
 # (no network), run scripts/gpu_prepare.sh here first, then scripts/gpu_lease.sh there (it installs
 # the carried wheels and runs these stages one by one under time caps).
-# Stages: reference, train, attention, checkpointing and small (new, untimed), sample, policy (measured on one H100, 2026-11-26: 130, 162,
-# 73 for two kernels, 150 and 132 s, mostly compilation; the reference needs > 110 s) and study
-# (capped at STUDY_MINUTES, default 6). Pass several: gpu_bench.sh reference train. Run reference
-# and train on the same warm machine (one card).
+# Stages: reference, train, attention, checkpointing and small (new, untimed), sample, policy (measured
+# on one H100, 2026-11-26: 130, 162, 73 for two kernels, 150 and 132 s, mostly compilation; the
+# reference needs > 110 s), study (capped at STUDY_MINUTES, default 6), dist and latents (new,
+# untimed). pstudy is named only (it fills a run). Pass several: gpu_bench.sh reference train. Run
+# reference and train on the same warm machine (one card).
 # DRY=1 runs every stage on a tiny model on the CPU in about a minute (tests/test_gpu_script.py),
 # so a broken argument never costs device time.
 set -uo pipefail
@@ -17,7 +18,7 @@ OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 PY=${PYTHON:-python3}
-MODEL=xl STUDY_DEVICE=cuda ATTENTION_KERNELS=${ATTENTION_KERNELS:-"auto flash cudnn"} TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=() PSTUDY_X=()
+MODEL=xl STUDY_DEVICE=cuda ATTENTION_KERNELS=${ATTENTION_KERNELS:-"auto flash cudnn"} TRAIN_X=() SAMPLE_X=() POLICY_X=() STUDY_X=() PSTUDY_X=() DIST_X=() LATENTS_X=()
 if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overrides win
   MODEL=tiny STUDY_DEVICE=cpu REFERENCE= ATTENTION_KERNELS=flash
   TRAIN_X=(train.device=cpu train.compile=false train.warmup=1 train.reps=1 'train.cases=[{name:dry,frames:2,grid:4,batch:2}]')
@@ -28,6 +29,9 @@ if [[ ${DRY:-0} == 1 ]]; then  # same commands and keys, CPU-sized; later overri
            validation.batches=1 validation.fraction=0.5 evaluate.episodes_per_task=1 evaluate.workers=0
            evaluate.max_episode_steps=2 collect_workers=0 parallel_arms=2
            "overrides=['trainer.compile=false']")
+  LATENTS_X=(latents.device=cpu latents.compile=false 'latents.image_size=[64,80]' latents.batch=2 'latents.workers=[0,1]'
+             latents.loader_batches=2 latents.warmup=1 latents.reps=1 latents.episodes=2 latents.steps_per_episode=8)
+  DIST_X=(model=tiny trainer.device=cpu 'dataset.image_size=[32,32]' 'clip.image_size=[32,32]' trainer.batch_size=2)
   PSTUDY_X=(device=cpu model.name=tiny 'corpus.tasks=[reach-v3]' corpus.episodes_per_task=2 'target.tasks=[reach-v3]' 'target.demos=[2]'
             'pretrain.overrides=[]' 'finetune.overrides=[]'
             heldout.episodes_per_task=2 'image_size=[32,32]' model.depth=2 model.width=32 model.heads=2 model.patch_size=8
@@ -88,6 +92,13 @@ if want policy; then
   $PY -m selfflow_robot.bench policy policy_bench.random_model=$MODEL 'policy_bench.compile=[false,true]' \
     'policy_bench.modes=[action_first]' policy_bench.iters=100 policy_bench.out="$OUT/bench_policy.jsonl" "${POLICY_X[@]}"
 fi
+if want latents; then
+  # Training on SD-VAE latents of RT-1-sized frames (256x320 -> 32x40x4, patch 2): the store -> loader
+  # rate per worker count, the SD-VAE encoder's rate, and the XL step from frames (encoder inside) and
+  # from latents (as if cached); the summary says how many workers keep each fed.
+  $PY -m selfflow_robot.bench latents model=$MODEL "latents.workers=${LATENTS_WORKERS:-[0,2,4,8,12]}" \
+    latents.out="$OUT/bench_latents.jsonl" "${LATENTS_X[@]}" || echo "latents failed"
+fi
 egl_setup() {  # EGL loaders for MuJoCo's headless rendering (gpu_prepare.sh)
   if [[ ${DRY:-0} != 1 && -d .gl ]]; then
     for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
@@ -118,6 +129,30 @@ if want study; then
     tar czf "$OUT/study_gpu.tgz" --exclude=checkpoints -C "$OUT" study_gpu || exit 1
     if [[ ${DRY:-0} != 1 ]]; then rm -rf "$OUT/study_gpu"; fi
   fi
+fi
+if want dist; then
+  egl_setup
+  # The multi-GPU path on one GPU: torchrun (nccl on CUDA, gloo in DRY) runs finetune and pretrain
+  # under DDP and FSDP2 for DIST_STEPS, then resumes each run to twice that. $OUT/dist.jsonl gets one
+  # line per run (scripts/check_resume.py: the checkpoint's parallel mode and world size, and a
+  # metrics log whose steps continue the first run's instead of restarting).
+  S=${DIST_STEPS:-20}; [[ ${DRY:-0} == 1 ]] && S=2
+  mkdir -p "$OUT/dist"
+  for job in finetune pretrain; do
+    for parallel in ddp fsdp; do
+      run=$OUT/dist/${job}_$parallel
+      for steps in $S $((2 * S)); do
+        MUJOCO_GL=egl $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m selfflow_robot.$job \
+          model=s dataset=metaworld 'dataset.tasks=[reach-v3]' dataset.episodes_per_task=4 \
+          dataset.store_dir="$OUT/dist/data" dataset.workers=0 trainer.parallel=$parallel trainer.steps=$steps \
+          trainer.batch_size=8 trainer.checkpoint_every=$S trainer.log_every=1 trainer.num_workers=0 \
+          logger.progress_bar=false run_dir="$run" resume=true "${DIST_X[@]}" > "$run.log" 2>&1 \
+          || { echo "dist $job $parallel to step $steps failed:"; tail -20 "$run.log"; }
+      done
+      $PY "$(dirname "$0")/check_resume.py" "$run" --steps $S $((2 * S)) --parallel $parallel >> "$OUT/dist.jsonl"
+    done
+  done
+  cat "$OUT/dist.jsonl"
 fi
 if named pstudy; then
   # The pretraining study's GPU configuration (docs/study.md): one seed (PSTUDY_SEED, default 0) per

@@ -18,6 +18,10 @@ plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platfo
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" -d .whl \
   hydra-core==1.3.8 omegaconf==2.3.1 websockets==15.0.1 gymnasium==1.2.0 farama-notifications==0.0.6 \
   mujoco==3.3.0 glfw==2.11.0 pyopengl==3.1.10 metaworld==3.1.1
+# diffusers' AutoencoderKL (the SD-VAE) for the latents stage, with what it imports
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" -d .whl \
+  diffusers==0.42.1 huggingface-hub==2.4.0 hf-xet==1.8.0 regex==2026.12.2 httpx2 click importlib-metadata zipp \
+  || echo "could not fetch diffusers: the latents stage measures the cached-latent step only"
 python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only on PyPI
 du -sh .whl
 # EGL loaders (x86-64 Debian packages): the GPU image has the NVIDIA driver but not libEGL.so.1.

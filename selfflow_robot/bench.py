@@ -1,4 +1,4 @@
-"""`python -m selfflow_robot.bench {params|train|memory|sample|data|policy} [key=value ...]`: performance figures.
+"""`python -m selfflow_robot.bench {params|train|memory|sample|data|latents|policy} [key=value ...]`: performance figures.
 
 params  backbone parameter count of a model size: `params: N`.
 train   training-step throughput of the project's trainer step (compiled blocks, bf16 on CUDA, fused
@@ -7,6 +7,7 @@ train   training-step throughput of the project's trainer step (compiled blocks,
 memory  activation memory kept for backward per sample, with and without activation checkpointing
         (CPU, fp32, forward only), and the fp32 weights + grads + AdamW + EMA size.
 data    episode-store reading and clip-sampler throughput (selfflow_robot.data.bench).
+latents whether the data path keeps a step on SD-VAE latents of RT-1-sized frames fed (bench_latents).
 sample  batch-1 action-chunk latency of the model alone (random weights of any size; eager and
         CUDA-graph compiled; action_first and joint modes).
 policy  batch-1 action-chunk latency and server round-trip overhead (selfflow_robot.policies.bench).
@@ -25,7 +26,7 @@ from omegaconf import DictConfig
 
 from . import cli
 
-VERBS = ("params", "train", "memory", "sample", "data", "policy")
+VERBS = ("params", "train", "memory", "sample", "data", "latents", "policy")
 
 
 def emit(record: dict, out: str | None) -> None:
@@ -296,6 +297,10 @@ def main(cfg: DictConfig):
         from .data.bench import main as data_main
 
         return data_main(cfg)
+    if verb == "latents":
+        from .bench_latents import bench_latents
+
+        return bench_latents(cfg)
     if verb == "policy":
         from .policies.bench import main as policy_main
 

@@ -1,5 +1,6 @@
 """scripts/gpu_bench.sh in DRY mode: every stage's command and keys run on a tiny CPU model, so a
 broken argument is caught here instead of costing scarce GPU time."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -38,6 +39,17 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
     with tarfile.open(out / "study_gpu.tgz") as tar:
         names = tar.getnames()
     assert "study_gpu/runs.json" in names and not any("checkpoints" in n for n in names)
+    latents = {r["part"]: r for r in map(json.loads, (out / "bench_latents.jsonl").read_text().splitlines())}
+    assert set(latents["summary"]["step_clips_per_s"]) == {"frames", "latents"}
+    assert latents["encode"]["encoder_mparams"] > 80  # the SD-VAE's architecture (83.7M)
+    # dist: finetune and pretrain under `torchrun --nproc_per_node 1` with DDP and FSDP2 (gloo here,
+    # nccl on the GPU), stopped and resumed; each checkpoint in the requested mode (not silently
+    # unwrapped at world size 1), the logged steps continuing across the restart
+    dist = [json.loads(x) for x in (out / "dist.jsonl").read_text().splitlines()]
+    assert [(Path(r["run"]).name, r["parallel"], r["world_size"], r["step"]) for r in dist] == [
+        ("finetune_ddp", "ddp", 1, 4), ("finetune_fsdp", "fsdp", 1, 4),
+        ("pretrain_ddp", "ddp", 1, 4), ("pretrain_fsdp", "fsdp", 1, 4)]
+    assert all(r["ok"] for r in dist), dist
 
 
 def test_pretraining_study_stage_runs_dry_and_packs_one_archive(tmp_path):
@@ -55,3 +67,21 @@ def test_pretraining_study_stage_runs_dry_and_packs_one_archive(tmp_path):
         names = tar.getnames()
     assert "pstudy_seed3/report.md" in names
     assert not any("checkpoints" in n or n.startswith("pstudy_seed3/data") for n in names)
+
+
+def test_check_resume_flags_a_restart(tmp_path):
+    """A run that started again from step 0 instead of resuming repeats steps in its metrics log."""
+    spec = importlib.util.spec_from_file_location("check_resume", SCRIPT.parent / "check_resume.py")
+    check_resume = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_resume)
+    state = tmp_path / "checkpoints" / "step_00000004" / "trainer_state"
+    state.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000004")
+    (state / "state.json").write_text(json.dumps({"step": 4, "parallel": "ddp", "world_size": 1}))
+    rows = lambda steps: "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in steps)  # noqa: E731
+    (tmp_path / "metrics.jsonl").write_text(rows([1, 2, 3, 4]))
+    assert check_resume.check(tmp_path, 2, 4, "ddp")["ok"]
+    (tmp_path / "metrics.jsonl").write_text(rows([1, 2, 1, 2, 3, 4]))
+    result = check_resume.check(tmp_path, 2, 4, "ddp")
+    assert not result["ok"] and "restart" in result["why"]
+    assert "parallel=ddp" in check_resume.check(tmp_path, 2, 4, "fsdp")["why"]

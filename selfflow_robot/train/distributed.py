@@ -97,11 +97,11 @@ def resolve_parallel(mode: str, info: DistInfo) -> str:
         return "ddp" if info.distributed else "none"
     if mode not in ("none", "ddp", "fsdp"):
         raise ValueError(f"trainer.parallel must be auto|none|ddp|fsdp, got {mode!r}")
-    if mode == "ddp" and not info.distributed or mode == "fsdp" and not dist.is_initialized():
-        # one process: nothing to synchronise (FSDP2 also runs on a 1-process group, under torchrun)
-        if not dist.is_initialized():
-            warnings.warn(f"trainer.parallel={mode} outside torchrun: training in one process without it "
-                          "(torchrun --nproc_per_node N -m ... starts the processes)", stacklevel=3)
+    if mode in ("ddp", "fsdp") and not dist.is_initialized():
+        # one process outside torchrun: nothing to synchronise. Under torchrun both wrap even a
+        # 1-process group, so `torchrun --nproc_per_node 1` runs the multi-GPU code path on one GPU.
+        warnings.warn(f"trainer.parallel={mode} outside torchrun: training in one process without it "
+                      "(torchrun --nproc_per_node N -m ... starts the processes)", stacklevel=3)
         return "none"
     if mode == "none" and info.distributed:
         raise ValueError("parallel=none under torchrun with WORLD_SIZE>1 would train diverging replicas")
