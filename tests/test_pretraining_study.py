@@ -259,3 +259,18 @@ def test_ctrl_c_says_which_arms_are_kept(tmp_path, monkeypatch, capsys):
     kept = tmp_path / "s" / "runs.json"
     assert f"1 (arm, seed) of 2 finished and are kept in {kept}" in capsys.readouterr().err
     assert [r["arm"] for r in json.loads(kept.read_text())] == ["none"]
+
+
+def test_the_published_cpu_study_rebuilds_from_its_summary(tmp_path):
+    """docs/results/pretraining_study_cpu keeps study.json + study.yaml (no runs.json, checkpoints or
+    data): its report must rebuild from them, with every seed docs/study.md cites."""
+    from selfflow_robot.pretraining_study_report import rebuild
+
+    here = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "pretraining_study_cpu")
+    assert not os.path.exists(os.path.join(here, "runs.json"))
+    r = rebuild([here], out=str(tmp_path / "r"))
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "seeds [0, 1, 2]" in text and "### Verdict" in text
+    with open(os.path.join(here, "report.md")) as f:  # the published report is what its runs give
+        published = f.read()
+    assert r["markdown"] in published
