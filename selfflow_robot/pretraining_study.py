@@ -25,6 +25,7 @@ from omegaconf import OmegaConf, open_dict
 from . import cli
 from .fileio import write_json_atomic
 from .quickstart import _model
+from .study import refuse_existing_study, start_study_dir
 from .threads import prefer_passive_openmp
 
 prefer_passive_openmp()  # before torch is imported
@@ -229,10 +230,7 @@ def check(cfg) -> None:
         raise ValueError(f"evaluate.checkpoints must be all|last, got {cfg.evaluate.checkpoints!r}")
     if not set(cfg.evaluate.modes) <= {"action_first", "joint"} or not cfg.evaluate.modes:
         raise ValueError(f"evaluate.modes must be a non-empty subset of [action_first, joint], got {list(cfg.evaluate.modes)}")
-    out = os.path.abspath(str(cfg.out_dir))
-    if os.path.exists(os.path.join(out, "runs.json")):
-        raise ValueError(f"out_dir {out} already holds a study: choose a new out_dir (its report can be rebuilt "
-                         f"with python -m selfflow_robot.pretraining_study_report {out})")
+    refuse_existing_study(cfg.out_dir, "pretraining_study_report")
 
 
 def main(cfg) -> dict:
@@ -242,9 +240,7 @@ def main(cfg) -> dict:
 
     OmegaConf.resolve(cfg)
     check(cfg)
-    out = os.path.abspath(str(cfg.out_dir))
-    os.makedirs(out, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(out, "study.yaml"))
+    out = start_study_dir(cfg)
     t0 = time.time()
     paths = build_data(cfg, out)
     heldout = EpisodeStore(paths["heldout"])

@@ -166,10 +166,24 @@ def check(cfg) -> None:
         raise ValueError(f"objectives and seeds must not repeat, got {list(cfg.objectives)} and {list(cfg.seeds)}")
     if int(cfg.parallel_arms) < 1:
         raise ValueError(f"parallel_arms must be >= 1, got {cfg.parallel_arms}")
-    out = os.path.abspath(str(cfg.out_dir))
-    if os.path.exists(os.path.join(out, "runs.json")) or os.path.isdir(os.path.join(out, "runs")):
+    refuse_existing_study(cfg.out_dir, "study_report", markers=("runs.json", "runs"))
+
+
+def refuse_existing_study(out_dir, report_module: str, markers=("runs.json",)) -> None:
+    """A ValueError when out_dir already holds a study (any of `markers` exists): a new study there
+    would overwrite its runs, whose report `python -m selfflow_robot.<report_module>` rebuilds."""
+    out = os.path.abspath(str(out_dir))
+    if any(os.path.exists(os.path.join(out, m)) for m in markers):
         raise ValueError(f"out_dir {out} already holds a study: choose a new out_dir (its report can be rebuilt "
-                         f"with python -m selfflow_robot.study_report {out})")
+                         f"with python -m selfflow_robot.{report_module} {out})")
+
+
+def start_study_dir(cfg) -> str:
+    """The absolute out_dir, created, with the study's resolved config saved as study.yaml."""
+    out = os.path.abspath(str(cfg.out_dir))
+    os.makedirs(out, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(out, "study.yaml"))
+    return out
 
 
 def main(cfg) -> dict:
@@ -178,9 +192,7 @@ def main(cfg) -> dict:
 
     OmegaConf.resolve(cfg)
     check(cfg)
-    out = os.path.abspath(str(cfg.out_dir))
-    os.makedirs(out, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(out, "study.yaml"))
+    out = start_study_dir(cfg)
     explicit = os.path.abspath(cfg.store_dir) if cfg.store_dir else "null"
     dataset = cli.compose("finetune", _dataset(cfg, explicit)).dataset
     store = store_path(dataset)  # store_dir, or the dataset cache
