@@ -35,7 +35,7 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_pe
 
 
 def write_frame_store(path: str, episodes: int, steps: int, image_size, seed: int = 0) -> str:
-    """Episodes of RT-1-sized frames (smooth random images drifting over time) with 7-d actions."""
+    """Episodes of RT-1-sized frames (8-pixel blocks of random colour, shifted a block per step) with 7-d actions."""
     from .data.store import EpisodeWriter
 
     h, w = image_size
