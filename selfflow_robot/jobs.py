@@ -156,6 +156,28 @@ def _clip_image_size(size, stored_hw, patch: int, n_views: int, patch_name: str 
     return h, w
 
 
+def cached_latents(clip, store, model, image_size, ranks):
+    """clip.cached_latents=true: the store's frames encoded once by the model's frozen autoencoder
+    (data/latent_cache.py), resuming a cache a killed run left; None when the setting is off."""
+    if not clip.get("cached_latents", False):
+        return None
+    from .data.latent_cache import encode_store, open_cache
+    from .train.distributed import barrier
+
+    if model.autoencoder is None:
+        raise ValueError("clip.cached_latents=true caches autoencoder latents: it needs model.autoencoder=DIR")
+    ae = model.autoencoder
+    encode_store(store, ae, image_size, ranks.device, batch=int(clip.get("cached_latents_batch", 32)),
+                 rank=ranks.rank, world_size=ranks.world_size, progress=ranks.is_main)
+    barrier()  # every rank's shards are written
+    ae.to("cpu")  # the model is moved to the device, whole, by the trainer
+    cache = open_cache(store, ae, image_size)
+    if cache is None:
+        raise RuntimeError(f"clip.cached_latents: the latent cache of {store.path} is incomplete after encoding")
+    log.info("data: cached latents %s (%s per frame)", cache.path, "x".join(map(str, cache.latent_shape)))
+    return cache
+
+
 def check_memory(tcfg, model, objective, loader, train_set, ranks) -> None:
     """Refuse, before the first step, a run whose estimated memory exceeds what the device has
     (trainer.memory_check=false skips it); the error names settings that fit."""
@@ -297,10 +319,21 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
             except DataError as e:
                 raise DataError(f"held-out validation episode: {e}") from None
 
-    def clips(episodes):
+    torch.manual_seed(int(cfg.trainer.seed))
+    model = build_model(mcfg)
+    if cfg.get("init") not in (None, "none", "") and resuming_from is None:
+        # (a resume loads every weight from its checkpoint: the init checkpoint need not exist any more)
+        created = load_backbone(model, cfg.init)
+        log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
+    latents = cached_latents(clip, store, model, image_size, ranks)
+
+    def clips(episodes, train=True):
+        # REPA's encoder targets are frames, so its training clips keep them beside the latents
         return ClipDataset(store, context_frames=clip.context_frames, future_frames=clip.future_frames,
                            frame_stride=clip.frame_stride, action_chunk=clip.action_chunk if finetune else 0,
-                           image_size=image_size, normalizer=normalizer, episodes=episodes)
+                           image_size=image_size, normalizer=normalizer, episodes=episodes,
+                           latents=latents if train else None,
+                           frames=not (train and latents) or cfg.objective.get("kind") == "repa")
 
     train_set = clips(train_eps)
     log.info("data: %s: %d episodes (%d steps; %d train, %d validation), trained at %dx%d (stored %dx%d)",
@@ -310,12 +343,6 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
     loader = make_loader(train_set, int(cfg.trainer.batch_size), num_workers=workers,
                          seed=int(cfg.trainer.seed), grad_accum_steps=accum)
 
-    torch.manual_seed(int(cfg.trainer.seed))
-    model = build_model(mcfg)
-    if cfg.get("init") not in (None, "none", "") and resuming_from is None:
-        # (a resume loads every weight from its checkpoint: the init checkpoint need not exist any more)
-        created = load_backbone(model, cfg.init)
-        log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
     objective = build_objective(to_container(cfg.objective), mcfg)
     if cfg.get("init") not in (None, "none", "") and resuming_from is None and load_objective_head(objective, cfg.init):
         log.info("init=%s: Self-Flow projection head loaded from its objective.safetensors", cfg.init)
@@ -328,7 +355,7 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
         # runs that differ only in those report comparable numbers (no gradients: it fits where
         # a training micro-batch does)
         batch, world = int(cfg.trainer.batch_size), ranks.world_size
-        val_loader = make_loader(clips(val_eps), batch if batch <= 32 else max(world, 32 // world * world),
+        val_loader = make_loader(clips(val_eps, train=False), batch if batch <= 32 else max(world, 32 // world * world),
                                  num_workers=0, seed=1, shuffle=True, drop_last=False)
         v = cfg.get("validation", {})
         validator = Validator(val_loader, int(v.get("batches", 4)), mcfg, objective.cfg.context_noise_max,
@@ -338,7 +365,8 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
     config["model"] = mcfg.to_dict()
     config["job"] = job
     config["data"] = {"episodes": len(store), "train_episodes": len(train_eps), "val_episodes": len(val_eps),
-                      "clips": len(train_set), "store": os.path.abspath(store.path)}
+                      "clips": len(train_set), "store": os.path.abspath(store.path),
+                      "latents": latents.path if latents else None}
     if store.meta.get("source") == "metaworld":  # how the demos were rendered: evaluate rolls out the same way
         config["data"]["metaworld"] = metaworld_settings(store.meta)
     extra = {}

@@ -4,6 +4,8 @@ Item keys (docs/design.md, "Clip sampler"): context uint8[N,h,w,3], future uint8
 future_mask bool[M], actions float32[H,A] (normalised), action_mask bool[H], instruction str,
 instruction_embedding float32[E] (stores with embeddings), state float32[S] at the start step
 (stores with state; normalised when the normaliser has state statistics), plus episode/start.
+With a latent cache (data/latent_cache.py) also context_latents float16[N,h,w,C] and
+future_latents float16[M,h,w,C] of the same frames; frames=False then leaves the frames out.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .normalize import ActionNormalizer
 from .store import EpisodeStore
 
 
-def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     h, w = size
@@ -24,7 +26,7 @@ def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class ClipDataset(torch.utils.data.Dataset):
     def __init__(self, store: EpisodeStore | str, context_frames: int = 1, future_frames: int = 4,
                  frame_stride: int = 1, action_chunk: int = 6, image_size=None,
-                 normalizer: ActionNormalizer | None = None, episodes=None):
+                 normalizer: ActionNormalizer | None = None, episodes=None, latents=None, frames: bool = True):
         self.store = store if isinstance(store, EpisodeStore) else EpisodeStore(store)
         bad = [f"clip.{k}={v} (must be >= {low})" for k, v, low in (
             ("context_frames", context_frames, 1), ("future_frames", future_frames, 0),
@@ -36,6 +38,9 @@ class ClipDataset(torch.utils.data.Dataset):
         self.image_size = native if image_size is None else (int(image_size[0]), int(image_size[1]))
         self._resize = self.image_size != native
         self.normalizer = normalizer
+        self.latents, self.with_frames = latents, bool(frames)
+        if latents is None and not frames:
+            raise ValueError("ClipDataset(frames=False) needs latents to read instead")
         self.episodes = np.arange(len(self.store)) if episodes is None else np.asarray(episodes, dtype=np.int64)
         lengths = self.store.lengths[self.episodes]
         # Every start step of every episode is a sample; flat index -> (episode, start) by bisection.
@@ -62,9 +67,7 @@ class ClipDataset(torch.utils.data.Dataset):
         fut = start + self.s * np.arange(1, self.m + 1)
         future_mask = fut < length
         fut = np.minimum(fut, length - 1)
-        frames = store.frames(ep, np.concatenate([ctx, fut]))  # one gather from the memory map
-        if self._resize:
-            frames = _resize(frames, self.image_size)
+        steps = np.concatenate([ctx, fut])
         act_idx = start + np.arange(self.h)
         action_mask = act_idx < length
         if self.action_dim:
@@ -73,9 +76,17 @@ class ClipDataset(torch.utils.data.Dataset):
                 actions = self.normalizer.normalize(actions)
         else:
             actions = np.zeros((self.h, 0), np.float32)
-        item = {"context": frames[:self.n], "future": frames[self.n:], "future_mask": future_mask,
-                "actions": actions, "action_mask": action_mask, "instruction": store.instruction(ep),
-                "episode": ep, "start": start}
+        item = {"future_mask": future_mask, "actions": actions, "action_mask": action_mask,
+                "instruction": store.instruction(ep), "episode": ep, "start": start}
+        if self.with_frames:
+            frames = store.frames(ep, steps)  # one gather from the memory map
+            if self._resize:
+                frames = resize_frames(frames, self.image_size)
+            item["context"], item["future"] = frames[:self.n], frames[self.n:]
+        if self.latents is not None:
+            shard, first, _ = store.rows(ep)
+            z = self.latents.rows(shard, first + steps)
+            item["context_latents"], item["future_latents"] = z[:self.n], z[self.n:]
         emb = store.instruction_embedding(ep)
         if emb is not None:
             item["instruction_embedding"] = emb

@@ -140,6 +140,23 @@ class EpisodeStore:
         """Length of every episode, in store order."""
         return np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
 
+    @property
+    def shard_names(self) -> list[str]:
+        return [s["name"] for s in self._shards]
+
+    def shard_steps(self, j: int) -> int:
+        return int(self._lengths[j].sum())
+
+    def shard_images(self, j: int) -> np.ndarray:
+        """Shard j's frames, memory-mapped: uint8 [steps, H, W, 3]."""
+        return self._shard(j)["images"]
+
+    def rows(self, i: int) -> tuple[int, int, int]:
+        """(shard, first row in it, length) of episode i: how side arrays such as cached latents,
+        laid out row for row like the shard's frames, find an episode."""
+        j, k = self._locate(i)
+        return j, int(self._offsets[j][k]), int(self._lengths[j][k])
+
     def episode_length(self, i: int) -> int:
         j, k = self._locate(i)
         return int(self._lengths[j][k])

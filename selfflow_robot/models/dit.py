@@ -175,8 +175,15 @@ class SelfFlowDiT(nn.Module):
             B, T = x.shape[:2]
             with torch.no_grad():
                 z = self.autoencoder.encode(x.flatten(0, 1).permute(0, 3, 1, 2).to(self.type_embed.dtype))
-            x = z.permute(0, 2, 3, 1).unflatten(0, (B, T)).float()
+            return self.latents_to_tokens(z.permute(0, 2, 3, 1).unflatten(0, (B, T)))
         return patchify(x, self.cfg.patch_size)
+
+    def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Autoencoder latents [B, T, h, w, C] (e.g. float16 from a latent cache) -> [B, T, h/p, w/p, P]."""
+        if latents.shape[-1] != self.cfg.in_channels:
+            raise ValueError(f"latents of {latents.shape[-1]} channels for a model of {self.cfg.in_channels} "
+                             "input channels (cached by another autoencoder?)")
+        return patchify(latents.float(), self.cfg.patch_size)
 
     def tokens_to_frames(self, tokens: torch.Tensor) -> torch.Tensor:
         x = unpatchify(tokens, self.cfg.patch_size)

@@ -96,9 +96,15 @@ def tokens_per_sample(batch: dict, mcfg) -> int:
             n += int(batch[key][0].shape[:-1].numel())
     p = mcfg.patch_size
     for key in ("future", "context"):
-        if batch.get(key) is not None and batch.get(f"{'video' if key == 'future' else key}_tokens") is None:
+        if batch.get(f"{'video' if key == 'future' else key}_tokens") is not None:
+            continue
+        if batch.get(f"{key}_latents") is not None:
+            T, h, w = batch[f"{key}_latents"].shape[1:4]
+            n += T * (h // p) * (w // p)
+        elif batch.get(key) is not None:  # frames: an autoencoder's latent pixel covers `downsample` pixels
             T, H, W = batch[key].shape[1:4]
-            n += T * (H // p) * (W // p)
+            q = p * int((mcfg.autoencoder or {}).get("downsample", 1))
+            n += T * (H // q) * (W // q)
     if batch.get("actions") is not None and mcfg.action_dim:
         n += int(batch["actions"].shape[1])
     if mcfg.text == "bytes" and "instruction" in batch:
@@ -119,7 +125,8 @@ class FlowInputs:
 
     def __init__(self, model, batch: dict):
         dev = model.type_embed.device
-        # Pre-extracted tokens (e.g. autoencoder latents, or benchmarks) are used as they are.
+        # Pre-extracted tokens (benchmarks) are used as they are; cached autoencoder latents
+        # (clip.cached_latents) are only patchified.
         self.frames = batch.get("future")  # raw uint8 frames (REPA's encoder targets)
         self.video = self._tokens(model, batch, "future", "video_tokens", dev)
         self.context = self._tokens(model, batch, "context", "context_tokens", dev)
@@ -149,6 +156,8 @@ class FlowInputs:
     def _tokens(model, batch, frames_key, tokens_key, dev):
         if batch.get(tokens_key) is not None:
             return batch[tokens_key].to(dev)
+        if batch.get(f"{frames_key}_latents") is not None:
+            return model.latents_to_tokens(batch[f"{frames_key}_latents"].to(dev))
         if batch.get(frames_key) is not None:
             return model.frames_to_tokens(batch[frames_key].to(dev))
         return None

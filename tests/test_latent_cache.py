@@ -1,0 +1,112 @@
+"""Cached latents (clip.cached_latents): encoded once, resumable, keyed by the weights, and the
+same tokens as encoding in the step."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow_robot.data import ClipDataset, DataError, EpisodeStore, EpisodeWriter
+from selfflow_robot.data.latent_cache import encode_store, open_cache
+from selfflow_robot.models import build_model
+from selfflow_robot.models.autoencoder import FrameAutoencoder
+from tests.test_e2e_train import TINY, losses, run
+
+
+def _store(path, episodes=5, steps=7, size=(24, 40)):
+    """Random frames in shards of two episodes, so that caching has several shards to resume."""
+    rng = np.random.default_rng(0)
+    meta = {"source": "test", "image_shape": [*size, 3], "action_dim": 2}
+    with EpisodeWriter(str(path), meta=meta, shard_bytes=2 * steps * size[0] * size[1] * 3) as w:
+        for ep in range(episodes):
+            w.add(key=f"ep{ep}", images=rng.integers(0, 256, (steps, *size, 3), dtype=np.uint8),
+                  actions=rng.normal(size=(steps, 2)).astype(np.float32), instruction="x")
+    return EpisodeStore(str(path))
+
+
+def _ae(seed=0):
+    torch.manual_seed(seed)
+    return FrameAutoencoder(channels=4, width=8, downsample=4).eval().requires_grad_(False)
+
+
+def test_cached_clips_give_the_tokens_of_encoding_in_the_step(tmp_path):
+    store = _store(tmp_path / "s")
+    assert len(store.shard_names) == 3
+    ae = _ae()
+    cache = encode_store(store, ae, (16, 32), progress=False)  # resized 24x40 -> 16x32 as the clips are
+    assert cache.latent_shape == (4, 8, 4)
+    model = build_model("tiny", autoencoder={"channels": 4, "width": 8, "downsample": 4}, patch_size=2)
+    model.autoencoder.load_state_dict(ae.state_dict())
+    cached = ClipDataset(store, 2, 3, frame_stride=2, action_chunk=4, image_size=(16, 32), latents=cache, frames=False)
+    plain = ClipDataset(store, 2, 3, frame_stride=2, action_chunk=4, image_size=(16, 32))
+    for i in (0, 9, len(plain) - 1):  # first, middle and last episode (three different shards)
+        a, b = cached[i], plain[i]
+        assert "future" not in a and a["future_latents"].dtype == np.float16
+        np.testing.assert_array_equal(a["actions"], b["actions"])
+        for key in ("context", "future"):
+            from_cache = model.latents_to_tokens(torch.from_numpy(a[f"{key}_latents"])[None])
+            in_step = model.frames_to_tokens(torch.from_numpy(b[key])[None])
+            torch.testing.assert_close(from_cache, in_step, atol=2e-3, rtol=2e-3)  # float16 storage
+
+
+def test_a_killed_encoding_resumes_and_other_weights_get_their_own_cache(tmp_path, caplog):
+    store = _store(tmp_path / "s")
+    ae = _ae()
+    first = encode_store(store, ae, (24, 40), progress=False)
+    victim = os.path.join(first.path, store.shard_names[1] + ".npy")
+    kept = os.path.join(first.path, store.shard_names[0] + ".npy")
+    before = os.stat(kept).st_mtime_ns
+    os.remove(victim)  # as if the run was killed while encoding shard 1
+    assert open_cache(store, ae, (24, 40)) is None
+    with caplog.at_level(logging.INFO, logger="selfflow_robot.data.latent_cache"):
+        again = encode_store(store, ae, (24, 40), progress=False)
+    assert "encoding 14 frames of 1 shard(s)" in caplog.text  # shard 1 only (two 7-step episodes)
+    assert os.stat(kept).st_mtime_ns == before and os.path.isfile(victim)
+    assert open_cache(store, ae, (24, 40)).path == again.path == first.path
+    other = encode_store(store, _ae(seed=1), (24, 40), progress=False)
+    assert other.path != first.path  # retrained weights never read stale latents
+    assert open_cache(store, ae, (12, 20)) is None  # nor does another frame size
+
+
+def test_a_damaged_cache_file_is_named(tmp_path):
+    store = _store(tmp_path / "s", episodes=2)
+    ae = _ae()
+    cache = encode_store(store, ae, (24, 40), progress=False)
+    bad = os.path.join(cache.path, store.shard_names[0] + ".npy")
+    with open(bad, "wb") as f:
+        f.write(b"not an array")
+    with pytest.raises(DataError, match=f"{bad}: unreadable cached latents .* delete the file"):
+        encode_store(store, ae, (24, 40), progress=False)
+
+
+@pytest.mark.slow
+def test_training_on_cached_latents_matches_encoding_in_the_step(tmp_path):
+    from tests.data_fixtures import write_blob_store
+
+    data = write_blob_store(tmp_path / "store")
+    ae = FrameAutoencoder(channels=4, width=16, downsample=4)
+    ae.save(str(tmp_path / "ae"))
+    args = ["dataset=store", f"data_dir={data}", *TINY, f"model.autoencoder={tmp_path / 'ae'}", "model.patch_size=2",
+            "trainer.steps=3", "validation.every=0"]
+    run("finetune", *args, f"run_dir={tmp_path / 'plain'}", cwd=tmp_path)
+    cached = run("finetune", *args, "clip.cached_latents=true", f"run_dir={tmp_path / 'cached'}", cwd=tmp_path)
+    assert "encoding 72 frames" in cached.stdout + cached.stderr and "cached latents" in cached.stdout + cached.stderr
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+    assert a.keys() == b.keys() and np.allclose(list(a.values()), list(b.values()), rtol=1e-3, atol=1e-4)
+    again = run("finetune", *args, "clip.cached_latents=true", f"run_dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert "encoding" not in again.stdout + again.stderr  # encoded once: the second run reads the cache
+    bad = run("finetune", "dataset=store", f"data_dir={data}", *TINY, "clip.cached_latents=true", "trainer.steps=1",
+              f"run_dir={tmp_path / 'bad'}", cwd=tmp_path, check=False)
+    assert bad.returncode == 1 and "clip.cached_latents=true caches autoencoder latents: it needs model.autoencoder=DIR" in bad.stderr
+
+
+def test_flop_count_sees_latent_tokens_from_frames_and_from_the_cache():
+    from selfflow_robot.objectives.self_flow import tokens_per_sample
+
+    cfg = build_model("tiny", autoencoder={"channels": 4, "width": 8, "downsample": 4}, patch_size=2).cfg
+    frames = {"context": torch.zeros(1, 1, 32, 48, 3, dtype=torch.uint8),
+              "future": torch.zeros(1, 2, 32, 48, 3, dtype=torch.uint8)}
+    latents = {"context_latents": torch.zeros(1, 1, 8, 12, 4), "future_latents": torch.zeros(1, 2, 8, 12, 4)}
+    # a 2x2 patch of 4x-downsampled latents covers 8x8 pixels: 3 frames x 4 x 6 tokens either way
+    assert tokens_per_sample(frames, cfg) == tokens_per_sample(latents, cfg) == 72
