@@ -94,8 +94,9 @@ if want policy; then
 fi
 if want latents; then
   # Training on SD-VAE latents of RT-1-sized frames (256x320 -> 32x40x4, patch 2): the store -> loader
-  # rate per worker count, the SD-VAE encoder's rate, and the XL step from frames (encoder inside) and
-  # from latents (as if cached); the summary says how many workers keep each fed.
+  # rate per worker count, the SD-VAE encoder's rate, encoding the store once (clip.cached_latents) and
+  # the cached store -> loader rate, and the XL step from frames (encoder inside) and from the cached
+  # latents; the summary says how many workers keep each fed.
   $PY -m selfflow_robot.bench latents model=$MODEL "latents.workers=${LATENTS_WORKERS:-[0,2,4,8,12]}" \
     latents.out="$OUT/bench_latents.jsonl" "${LATENTS_X[@]}" || echo "latents failed"
 fi

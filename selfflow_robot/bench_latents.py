@@ -6,13 +6,16 @@ frame) has three costs, measured apart and then as one step, on one device:
 store   episode store -> ClipDataset -> the trainer's DataLoader with W workers: clips/s (CPU work,
         one figure per worker count; worker start-up excluded)
 encode  the frozen SD-VAE encoder on one batch of clips' frames: clips/s (bf16 autocast on CUDA)
+cache   `clip.cached_latents=true`'s one-off encoding of the whole store (data/latent_cache.py):
+        frames/s and bytes on disk against the frames'; then the cached store -> loader clips/s
 step    the trainer's flow-matching step on that batch, from uint8 frames (the encoder runs inside
-        the step: what `model.autoencoder=DIR` trains with) and from latent tokens of the same
-        shape (what a store of cached latents would feed): clips/s and the encoder's share
+        the step: what `model.autoencoder=DIR` trains with) and from cached latents of the same
+        clips (what `clip.cached_latents=true` feeds): clips/s and the encoder's share
 
 The SD-VAE is `latents.autoencoder` (a diffusers AutoencoderKL folder), or by default its
 architecture (sd-vae-ft-ema's config) with random weights: the cost does not depend on the weights.
-The summary line says how many loader workers keep each step fed at the measured rates.
+The summary line says how many loader workers keep each step fed at the measured rates (without
+diffusers there is no SD-VAE: the latent step then takes random tokens and the frame loader's rate).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from omegaconf import DictConfig
 
 from . import cli
 from .bench import _device_name, _middle, _time_steps, emit
+from .data.store import EpisodeStore
 
 # The public SD-VAE (stabilityai/sd-vae-ft-ema) architecture: 8x down, 4 latent channels.
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
@@ -56,11 +60,15 @@ def _loader_rate(dataset, batch: int, workers: int, batches: int) -> float:
     """Clips per second through the trainer's DataLoader, after its first batch (worker start-up)."""
     from .train.loader import make_loader
 
-    it = iter(make_loader(dataset, batch, num_workers=workers, seed=0, pin_memory=False))
+    loader = make_loader(dataset, batch, num_workers=workers, seed=0, pin_memory=False)
+    if len(loader) < 2:
+        raise ValueError(f"latents: the store holds {len(dataset)} clips, too few for batches of {batch} "
+                         "(raise latents.episodes or latents.steps_per_episode)")
+    it = iter(loader)
     next(it)
     t0, n = time.perf_counter(), 0
-    for _ in range(batches):
-        n += len(next(it)["future"])
+    for _ in range(min(batches, len(loader) - 1)):  # one epoch at most: no second worker start-up
+        n += len(next(it)["future_mask"])
     return n / (time.perf_counter() - t0)
 
 
@@ -91,6 +99,32 @@ def _trainer(cfg, device, autoencoder: dict | None, run_dir: str, batch: int):
                                                                         "progress_bar": False})
 
 
+def _cache(b, base, store, ae, image_size, device, frames, batch, rates) -> dict:
+    """Encode the store once as clip.cached_latents=true does; time it and the cached loader."""
+    import torch
+
+    from .data.clips import ClipDataset
+    from .data.latent_cache import encode_store
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n_frames = EpisodeStore(store).num_steps
+    sync()
+    t0 = time.perf_counter()
+    cache = encode_store(EpisodeStore(store), ae, image_size, device, batch=int(b.encode_batch), progress=False)
+    sync()
+    seconds = time.perf_counter() - t0
+    emit({**base, "part": "cache", "frames_encoded": n_frames, "seconds": seconds, "frames_per_s": n_frames / seconds,
+          "bytes_per_frame": int(np.prod(cache.latent_shape)) * 2, "frame_bytes": int(np.prod(image_size)) * 3}, b.out)
+    cached_set = ClipDataset(store, context_frames=1, future_frames=frames - 1, action_chunk=6, latents=cache,
+                             frames=False)
+    for workers in b.workers:
+        rates[int(workers)] = _loader_rate(cached_set, batch, int(workers), int(b.loader_batches))
+        emit({**base, "part": "store", "input": "latents", "workers": int(workers),
+              "clips_per_s": rates[int(workers)], "cpus": os.cpu_count()}, b.out)
+    collate = torch.utils.data.default_collate([cached_set[i] for i in range(batch)])
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate.items()}
+
+
 def bench_latents(cfg: DictConfig) -> dict:
     import torch
 
@@ -108,7 +142,7 @@ def bench_latents(cfg: DictConfig) -> dict:
         loader = {}
         for workers in b.workers:
             loader[int(workers)] = _loader_rate(dataset, batch, int(workers), int(b.loader_batches))
-            emit({**base, "part": "store", "workers": int(workers), "clips_per_s": loader[int(workers)],
+            emit({**base, "part": "store", "input": "frames", "workers": int(workers), "clips_per_s": loader[int(workers)],
                   "cpus": os.cpu_count()}, b.out)
 
         collate = torch.utils.data.default_collate([dataset[i] for i in range(batch)])
@@ -121,7 +155,7 @@ def bench_latents(cfg: DictConfig) -> dict:
         except ImportError as e:  # diffusers missing: the store and cached-latent figures still come
             print(f"latents: no SD-VAE encoder ({e}); measuring the cached-latent step only", flush=True)
             with_encoder = None
-        steps = {}
+        steps, cached_loader = {}, {}
         if with_encoder is not None:
             ae, model = with_encoder.model.autoencoder, with_encoder.model
             pixels = frame_batch["future"]
@@ -137,23 +171,31 @@ def bench_latents(cfg: DictConfig) -> dict:
                   "encoder_mparams": sum(p.numel() for p in ae.parameters()) / 1e6}, b.out)
             steps["frames"] = _time_steps(lambda: with_encoder._train_step(frame_batch), int(b.warmup), int(b.reps),
                                           device)
+            latent_batch = _cache(b, base, store, ae, (h, w), device, frames, batch, cached_loader)
+            # the same model (its encoder idle): what clip.cached_latents=true trains
+            steps["latents"] = _time_steps(lambda: with_encoder._train_step(latent_batch), int(b.warmup),
+                                           int(b.reps), device)
+            model_name = model.cfg.name
             del with_encoder, model, ae
-        cached = _trainer(cfg, device, None, os.path.join(tmp, "cached"), batch)
-        token_batch = {**{k: v for k, v in frame_batch.items() if k not in ("future", "context")},
-                       "video_tokens": torch.randn(batch, frames - 1, *latent_shape, device=device),
-                       "context_tokens": torch.randn(batch, 1, *latent_shape, device=device)}
-        steps["latents"] = _time_steps(lambda: cached._train_step(token_batch), int(b.warmup), int(b.reps), device)
+        else:
+            cached = _trainer(cfg, device, None, os.path.join(tmp, "cached"), batch)
+            token_batch = {**{k: v for k, v in frame_batch.items() if k not in ("future", "context")},
+                           "video_tokens": torch.randn(batch, frames - 1, *latent_shape, device=device),
+                           "context_tokens": torch.randn(batch, 1, *latent_shape, device=device)}
+            steps["latents"] = _time_steps(lambda: cached._train_step(token_batch), int(b.warmup), int(b.reps), device)
+            model_name = cached.model.cfg.name
         tokens = frames * int(np.prod(latent_shape[:2]))
         for source, step_s in steps.items():
-            emit({**base, "part": "step", "input": source, "model": cached.model.cfg.name, "tokens": tokens,
+            emit({**base, "part": "step", "input": source, "model": model_name, "tokens": tokens,
                   "step_s": step_s, "clips_per_s": batch / step_s}, b.out)
-    best_w = max(loader, key=loader.get)
-    per_worker = _middle([loader[k] / max(k, 1) for k in loader])
+    rates = {"frames": loader, "latents": cached_loader or loader}
+    # loader workers that deliver what each step consumes, at the median per-worker rate of its input
+    per_worker = {k: _middle([r[w] / max(w, 1) for w in r]) for k, r in rates.items()}
     summary = {**base, "part": "summary", "store_clips_per_s": {str(k): v for k, v in loader.items()},
+               "cached_store_clips_per_s": {str(k): v for k, v in cached_loader.items()} or None,
                "step_clips_per_s": {k: batch / v for k, v in steps.items()},
                "encoder_share_of_step": 1 - steps["latents"] / steps["frames"] if "frames" in steps else None,
-               # loader workers that deliver what each step consumes, at the median per-worker rate
-               "workers_needed": {k: math.ceil(batch / v / per_worker) for k, v in steps.items()},
-               "fed": {k: loader[best_w] >= batch / v for k, v in steps.items()}}
+               "workers_needed": {k: math.ceil(batch / v / per_worker[k]) for k, v in steps.items()},
+               "fed": {k: max(rates[k].values()) >= batch / v for k, v in steps.items()}}
     emit(summary, b.out)
     return summary

@@ -39,8 +39,13 @@ def test_gpu_job_script_runs_every_stage_dry(tmp_path):
     with tarfile.open(out / "study_gpu.tgz") as tar:
         names = tar.getnames()
     assert "study_gpu/runs.json" in names and not any("checkpoints" in n for n in names)
-    latents = {r["part"]: r for r in map(json.loads, (out / "bench_latents.jsonl").read_text().splitlines())}
+    rows = [json.loads(x) for x in (out / "bench_latents.jsonl").read_text().splitlines()]
+    latents = {r["part"]: r for r in rows}
     assert set(latents["summary"]["step_clips_per_s"]) == {"frames", "latents"}
+    # the latent step reads a cache that clip.cached_latents' own encoder wrote (every stored frame)
+    assert latents["cache"]["frames_encoded"] == 16 and latents["cache"]["bytes_per_frame"] == 8 * 10 * 4 * 2
+    assert sorted((r["input"], r["workers"]) for r in rows if r["part"] == "store") == [
+        ("frames", 0), ("frames", 1), ("latents", 0), ("latents", 1)]
     assert latents["encode"]["encoder_mparams"] > 80  # the SD-VAE's architecture (83.7M)
     # dist: finetune and pretrain under `torchrun --nproc_per_node 1` with DDP and FSDP2 (gloo here,
     # nccl on the GPU), stopped and resumed; each checkpoint in the requested mode (not silently
