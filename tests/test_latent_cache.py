@@ -110,3 +110,22 @@ def test_flop_count_sees_latent_tokens_from_frames_and_from_the_cache():
     latents = {"context_latents": torch.zeros(1, 1, 8, 12, 4), "future_latents": torch.zeros(1, 2, 8, 12, 4)}
     # a 2x2 patch of 4x-downsampled latents covers 8x8 pixels: 3 frames x 4 x 6 tokens either way
     assert tokens_per_sample(frames, cfg) == tokens_per_sample(latents, cfg) == 72
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_encoding_and_train_on_the_cache(tmp_path):
+    from tests.test_distributed import torchrun
+
+    store = _store(tmp_path / "s", episodes=6)  # 3 shards: rank 0 encodes shards 0 and 2, rank 1 shard 1
+    FrameAutoencoder(channels=4, width=8, downsample=4).save(str(tmp_path / "ae"))
+    out = torchrun(["-m", "selfflow_robot.finetune", "dataset=store", f"data_dir={store.path}", "model=tiny",
+                    "model.patch_size=2", f"model.autoencoder={tmp_path / 'ae'}", "clip.cached_latents=true",
+                    "clip.image_size=[24,40]", "trainer.batch_size=4", "trainer.num_workers=0", "trainer.steps=2",
+                    "trainer.warmup_steps=1", "trainer.parallel=ddp", "logger.wandb=disabled",
+                    "logger.progress_bar=false", "hydra.run.dir=outputs/rank${oc.env:RANK}"], tmp_path)
+    assert "encoding 28 frames of 2 shard(s)" in out.stdout + out.stderr  # rank 0's part (rank 1 logs warnings only)
+    from selfflow_robot.models.autoencoder import autoencoder_spec, build_frozen_autoencoder
+
+    cache = open_cache(store, build_frozen_autoencoder(autoencoder_spec(str(tmp_path / "ae"))), (24, 40))
+    assert sorted(os.listdir(cache.path)) == ["latents.json", *(f"{n}.npy" for n in store.shard_names)]
+    assert (tmp_path / "outputs" / "rank0" / "checkpoints" / "latest").is_file()

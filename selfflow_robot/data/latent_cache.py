@@ -104,7 +104,7 @@ def _encode_shard(store: EpisodeStore, j: int, autoencoder, image_size, device, 
     name, steps = store.shard_names[j], store.shard_steps(j)
     images = store.shard_images(j)
     native = tuple(images.shape[1:3])
-    tmp = _shard_file(out, f".{name}.tmp")
+    tmp = _shard_file(out, f".{name}.{os.getpid()}.tmp")  # two runs encoding at once never share one
     z_all = None
     for a in range(0, steps, batch):
         frames = np.array(images[a:a + batch])  # a copy: torch wants writable memory
