@@ -156,7 +156,7 @@ def _clip_image_size(size, stored_hw, patch: int, n_views: int, patch_name: str 
     return h, w
 
 
-def cached_latents(clip, store, model, image_size, ranks):
+def cached_latents(clip, trainer_cfg, store, model, image_size, ranks):
     """clip.cached_latents=true: the store's frames encoded once by the model's frozen autoencoder
     (data/latent_cache.py), resuming a cache a killed run left; None when the setting is off."""
     if not clip.get("cached_latents", False):
@@ -167,8 +167,11 @@ def cached_latents(clip, store, model, image_size, ranks):
     if model.autoencoder is None:
         raise ValueError("clip.cached_latents=true caches autoencoder latents: it needs model.autoencoder=DIR")
     ae = model.autoencoder
+    precision = str(trainer_cfg.get("precision", "auto"))
+    if precision == "auto":  # the trainer's rule: the step would encode under the same autocast
+        precision = "bf16" if ranks.device.type == "cuda" else "fp32"
     encode_store(store, ae, image_size, ranks.device, batch=int(clip.get("cached_latents_batch", 32)),
-                 rank=ranks.rank, world_size=ranks.world_size, progress=ranks.is_main)
+                 rank=ranks.rank, world_size=ranks.world_size, progress=ranks.is_main, precision=precision)
     barrier()  # every rank's shards are written
     ae.to("cpu")  # the model is moved to the device, whole, by the trainer
     cache = open_cache(store, ae, image_size)
@@ -325,7 +328,7 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
         # (a resume loads every weight from its checkpoint: the init checkpoint need not exist any more)
         created = load_backbone(model, cfg.init)
         log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
-    latents = cached_latents(clip, store, model, image_size, ranks)
+    latents = cached_latents(clip, cfg.trainer, store, model, image_size, ranks)
 
     def clips(episodes, train=True):
         # REPA's encoder targets are frames, so its training clips keep them beside the latents

@@ -129,3 +129,14 @@ def test_two_ranks_share_the_encoding_and_train_on_the_cache(tmp_path):
     cache = open_cache(store, build_frozen_autoencoder(autoencoder_spec(str(tmp_path / "ae"))), (24, 40))
     assert sorted(os.listdir(cache.path)) == ["latents.json", *(f"{n}.npy" for n in store.shard_names)]
     assert (tmp_path / "outputs" / "rank0" / "checkpoints" / "latest").is_file()
+
+
+def test_bf16_encoding_shares_the_key_and_differs_by_rounding_only(tmp_path):
+    ae = _ae()
+    fp32 = encode_store(_store(tmp_path / "a", episodes=2), ae, (24, 40), progress=False)
+    bf16 = encode_store(_store(tmp_path / "b", episodes=2), ae, (24, 40), progress=False, precision="bf16")
+    assert os.path.basename(fp32.path) == os.path.basename(bf16.path) and bf16.info["encoded_with"] == "bf16"
+    a, b = fp32.rows(0, range(7)).astype(np.float32), bf16.rows(0, range(7)).astype(np.float32)
+    assert 0 < np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+    with pytest.raises(ValueError, match="precision must be bf16|fp32"):
+        encode_store(_store(tmp_path / "c", episodes=1), ae, (24, 40), progress=False, precision="fp16")

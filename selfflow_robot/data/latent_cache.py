@@ -98,7 +98,8 @@ class LatentCache:
         return np.asarray(a[np.asarray(idx, dtype=np.int64)])
 
 
-def _encode_shard(store: EpisodeStore, j: int, autoencoder, image_size, device, batch: int, out: str, bar) -> None:
+def _encode_shard(store: EpisodeStore, j: int, autoencoder, image_size, device, batch: int, out: str, bar,
+                  autocast) -> None:
     from ..models.tokens import frames_to_float
 
     name, steps = store.shard_names[j], store.shard_steps(j)
@@ -111,7 +112,7 @@ def _encode_shard(store: EpisodeStore, j: int, autoencoder, image_size, device, 
         if native != tuple(image_size):
             frames = resize_frames(frames, image_size)
         x = frames_to_float(torch.from_numpy(frames).to(device)).permute(0, 3, 1, 2)
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             z = autoencoder.encode(x).permute(0, 2, 3, 1).float().cpu().numpy()
         if z_all is None:
             z_all = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(steps, *z.shape[1:]))
@@ -128,9 +129,18 @@ def _encode_shard(store: EpisodeStore, j: int, autoencoder, image_size, device, 
 
 
 def encode_store(store: EpisodeStore, autoencoder: torch.nn.Module, image_size, device="cpu", batch: int = 32,
-                 rank: int = 0, world_size: int = 1, progress: bool = True) -> LatentCache:
+                 rank: int = 0, world_size: int = 1, progress: bool = True, precision: str = "fp32") -> LatentCache:
     """Encode the store's shards that are not cached yet (rank r of w takes every w-th one) and
-    return the cache. Ranks other than 0 only encode; call `open_cache` after a barrier."""
+    return the cache. Ranks other than 0 only encode; call `open_cache` after a barrier.
+    precision="bf16" encodes under bf16 autocast, as the training step encodes frames on a GPU
+    (the cache key does not change: the two differ by bf16 rounding only)."""
+    import contextlib
+
+    device = torch.device(device)
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"latent cache precision must be bf16|fp32, got {precision!r}")
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
+                else contextlib.nullcontext)
     autoencoder = autoencoder.to(device).eval()
     identity = cache_identity(autoencoder, image_size)
     out = cache_path(store, identity)
@@ -142,7 +152,7 @@ def encode_store(store: EpisodeStore, autoencoder: torch.nn.Module, image_size, 
     if rank == 0:
         write_json_atomic(os.path.join(out, "latents.json"), {
             "format": FORMAT, "version": VERSION, "identity": identity, "latent_shape": latent_shape,
-            "dtype": "float16", "store": os.path.abspath(store.path),
+            "dtype": "float16", "encoded_with": precision, "store": os.path.abspath(store.path),
             "shards": {n: store.shard_steps(j) for j, n in enumerate(store.shard_names)}}, indent=1)
     todo = [j for j, n in enumerate(store.shard_names)
             if j % world_size == rank and not _shard_done(out, n, store.shard_steps(j), latent_shape)]
@@ -156,7 +166,7 @@ def encode_store(store: EpisodeStore, autoencoder: torch.nn.Module, image_size, 
             bar = tqdm(total=frames, desc="encode latents", unit="frame", dynamic_ncols=True)
         try:
             for j in todo:
-                _encode_shard(store, j, autoencoder, (h, w), device, batch, out, bar)
+                _encode_shard(store, j, autoencoder, (h, w), device, batch, out, bar, autocast)
         finally:
             if bar is not None:
                 bar.close()
