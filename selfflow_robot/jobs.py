@@ -138,7 +138,7 @@ def _check_clip_fits(clip, store, finetune: bool) -> None:
 DEFAULT_CLIP_HEIGHT = 64
 
 
-def _clip_image_size(size, stored_hw, patch: int, n_views: int, patch_name: str = "model.patch_size") -> tuple[int, int]:
+def _clip_image_size(size, stored_hw, patch: int, n_views: int, patch_desc: str | None = None) -> tuple[int, int]:
     """The trained frame size. null: at most 64 pixels high with the stored frames' aspect ratio
     (RT-1's 4:5 trains at 64x80), so nothing is squashed; a size given whose aspect differs gets a
     warning, since a policy then squashes the robot's frames the same way."""
@@ -149,36 +149,54 @@ def _clip_image_size(size, stored_hw, patch: int, n_views: int, patch_name: str 
         return h, max(unit, round(h * sw / sh / unit) * unit)
     h, w = (int(x) for x in size)
     if h % patch or w % patch:
-        raise ValueError(f"clip.image_size={[h, w]} is not divisible by {patch_name}={patch}")
+        raise ValueError(f"clip.image_size={[h, w]} is not divisible by {patch_desc or f'model.patch_size={patch}'}")
     if abs((h / w) / (sh / sw) - 1) > 0.1:
         warnings.warn(f"clip.image_size={[h, w]} squashes the stored {sh}x{sw} frames (aspect {h / w:.2f} vs "
                       f"{sh / sw:.2f}); clip.image_size=null keeps the data's aspect ratio", stacklevel=2)
     return h, w
 
 
-def cached_latents(clip, trainer_cfg, store, model, image_size, ranks):
+def cached_latents(clip, trainer_cfg, store, model, image_size, ranks, resuming_from=None):
     """clip.cached_latents=true: the store's frames encoded once by the model's frozen autoencoder
     (data/latent_cache.py), resuming a cache a killed run left; None when the setting is off."""
-    if not clip.get("cached_latents", False):
+    setting = clip.get("cached_latents", False)
+    if not isinstance(setting, bool):  # `off` or `yes` from the command line are strings, and truthy
+        raise ValueError(f"clip.cached_latents={setting!r}: must be true or false")
+    if not setting:
         return None
-    from .data.latent_cache import encode_store, open_cache
+    from .data.latent_cache import cache_bytes, encode_store, human_bytes, open_cache
     from .train.distributed import barrier
 
     if model.autoencoder is None:
         raise ValueError("clip.cached_latents=true caches autoencoder latents: it needs model.autoencoder=DIR")
     ae = model.autoencoder
+    if resuming_from is not None:  # the trainer restores the run's own autoencoder: encode with that one
+        _load_saved_autoencoder(ae, resuming_from)
     precision = str(trainer_cfg.get("precision", "auto"))
     if precision == "auto":  # the trainer's rule: the step would encode under the same autocast
         precision = "bf16" if ranks.device.type == "cuda" else "fp32"
+    root = clip.get("cached_latents_dir") or None
     encode_store(store, ae, image_size, ranks.device, batch=int(clip.get("cached_latents_batch", 32)),
-                 rank=ranks.rank, world_size=ranks.world_size, progress=ranks.is_main, precision=precision)
+                 rank=ranks.rank, world_size=ranks.world_size, progress=ranks.is_main, precision=precision,
+                 root=root, source=(model.cfg.autoencoder or {}).get("path"))
     barrier()  # every rank's shards are written
     ae.to("cpu")  # the model is moved to the device, whole, by the trainer
-    cache = open_cache(store, ae, image_size)
+    cache = open_cache(store, ae, image_size, root)
     if cache is None:
         raise RuntimeError(f"clip.cached_latents: the latent cache of {store.path} is incomplete after encoding")
-    log.info("data: cached latents %s (%s per frame)", cache.path, "x".join(map(str, cache.latent_shape)))
+    log.info("data: cached latents %s (%s float16 per frame, %s)", cache.path,
+             "x".join(map(str, cache.latent_shape)), human_bytes(cache_bytes(cache)))
     return cache
+
+
+def _load_saved_autoencoder(ae, checkpoint) -> None:
+    """The frozen autoencoder's tensors from a checkpoint's model.safetensors (read alone, not the model)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(checkpoint) / "model.safetensors"), framework="pt") as f:
+        saved = {k[len("autoencoder."):]: f.get_tensor(k) for k in f.keys() if k.startswith("autoencoder.")}
+    if saved:
+        ae.load_state_dict(saved)
 
 
 def check_memory(tcfg, model, objective, loader, train_set, ranks) -> None:
@@ -296,12 +314,12 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
     # Pixels per token side: a patch of the autoencoder's latent covers `downsample` times more.
     downsample = int((mcfg.autoencoder or {}).get("downsample", 1))
     pixel_patch = mcfg.patch_size * downsample
-    patch_name = "model.patch_size" + (f" x the autoencoder's downsample {downsample}" if downsample > 1 else "")
-    image_size = _clip_image_size(clip.image_size, stored_hw, pixel_patch, len(views), patch_name)
+    patch_desc = (f"model.patch_size {mcfg.patch_size} x the autoencoder's downsample {downsample} = {pixel_patch}"
+                  if downsample > 1 else f"model.patch_size={pixel_patch}")
+    image_size = _clip_image_size(clip.image_size, stored_hw, pixel_patch, len(views), patch_desc)
     if len(views) > 1 and image_size[1] % (len(views) * pixel_patch):  # no patch may straddle two views
         raise ValueError(f"the store tiles {len(views)} camera views side by side ({views}): clip.image_size="
-                         f"{list(image_size)} needs a width of {len(views)} x (a multiple of {patch_name}="
-                         f"{pixel_patch})")
+                         f"{list(image_size)} needs a width of {len(views)} x (a multiple of {patch_desc})")
     patch_values = mcfg.patch_size**2 * mcfg.in_channels
     if mcfg.video_prediction == "v" and patch_values > mcfg.width:
         # Measured on the quickstart (768 into 128): velocity prediction never generated frames.
@@ -328,7 +346,7 @@ def _run_training(cfg: DictConfig, job: str, where: dict) -> dict:
         # (a resume loads every weight from its checkpoint: the init checkpoint need not exist any more)
         created = load_backbone(model, cfg.init)
         log.info("init=%s; new layers: %s", cfg.init, sorted({k.split(".")[0] for k in created}) or "none")
-    latents = cached_latents(clip, cfg.trainer, store, model, image_size, ranks)
+    latents = cached_latents(clip, cfg.trainer, store, model, image_size, ranks, resuming_from)
 
     def clips(episodes, train=True):
         # REPA's encoder targets are frames, so its training clips keep them beside the latents

@@ -240,7 +240,7 @@ def test_frozen_autoencoder_train_and_use(toy_store, tmp_path):
                f"model.autoencoder={ae_dir}", "model.patch_size=2", "trainer.steps=1", f"run_dir={tmp_path / 'odd'}",
                cwd=tmp_path, check=False)
     assert proc.returncode == 1
-    assert "clip.image_size=[32, 36] is not divisible by model.patch_size x the autoencoder's downsample 4=8" in proc.stderr
+    assert "clip.image_size=[32, 36] is not divisible by model.patch_size 2 x the autoencoder's downsample 4 = 8" in proc.stderr
     shutil.rmtree(ae_dir)  # the checkpoint carries the frozen weights: it loads without the directory
     model, config = load_checkpoint_model(pre)
     assert config["model"]["in_channels"] == 4 and config["model"]["autoencoder"]["downsample"] == 4

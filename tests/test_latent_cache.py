@@ -61,7 +61,8 @@ def test_a_killed_encoding_resumes_and_other_weights_get_their_own_cache(tmp_pat
     assert open_cache(store, ae, (24, 40)) is None
     with caplog.at_level(logging.INFO, logger="selfflow_robot.data.latent_cache"):
         again = encode_store(store, ae, (24, 40), progress=False)
-    assert "encoding 14 frames of 1 shard(s)" in caplog.text  # shard 1 only (two 7-step episodes)
+    # shard 1 only (two 7-step episodes); shards 0 and 2 kept
+    assert "encoding 14 frames (1 shard(s))" in caplog.text and "21 frames already cached" in caplog.text
     assert os.stat(kept).st_mtime_ns == before and os.path.isfile(victim)
     assert open_cache(store, ae, (24, 40)).path == again.path == first.path
     other = encode_store(store, _ae(seed=1), (24, 40), progress=False)
@@ -78,6 +79,60 @@ def test_a_damaged_cache_file_is_named(tmp_path):
         f.write(b"not an array")
     with pytest.raises(DataError, match=f"{bad}: unreadable cached latents .* delete the file"):
         encode_store(store, ae, (24, 40), progress=False)
+
+
+def test_a_finished_cache_is_read_without_writing_and_a_read_only_store_is_named(tmp_path, monkeypatch):
+    import selfflow_robot.data.latent_cache as lc
+
+    store, ae = _store(tmp_path / "s", episodes=2), _ae()
+    done = encode_store(store, ae, (24, 40), progress=False)
+
+    def refuse(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(lc, "write_json_atomic", refuse)
+    monkeypatch.setattr(lc.os, "makedirs", refuse)
+    assert encode_store(store, ae, (24, 40), progress=False).path == done.path  # nothing to write
+    with pytest.raises(DataError, match=r"cannot write the latent cache .*/latents/\w+: Read-only file system; "
+                                        r"set clip.cached_latents_dir"):
+        encode_store(store, _ae(seed=1), (24, 40), progress=False)
+    monkeypatch.undo()
+    elsewhere = encode_store(store, _ae(seed=1), (24, 40), progress=False, root=str(tmp_path / "cache"))
+    assert elsewhere.path.startswith(str(tmp_path / "cache" / "s-"))
+    assert open_cache(store, _ae(seed=1), (24, 40), root=str(tmp_path / "cache")).path == elsewhere.path
+
+
+class _NaNAfter(torch.nn.Module):
+    """An encoder whose second call gives NaN: the run stops partway through a shard."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def encode(self, x):
+        self.calls += 1
+        z = x[:, :, ::4, ::4].repeat(1, 2, 1, 1)[:, :4] * self.w
+        return z * float("nan") if self.calls == 3 else z  # call 1 is the shape probe
+
+
+def test_a_stopped_shard_leaves_no_partial_file_and_dead_runs_partials_are_swept(tmp_path):
+    import selfflow_robot.data.latent_cache as lc
+
+    store = _store(tmp_path / "s", episodes=2)  # one shard of 14 frames: batches of 4
+    with pytest.raises(DataError, match=r"shard_000000: the autoencoder gave a non-finite latent for frames 4\.\.7"):
+        encode_store(store, _NaNAfter(), (24, 40), batch=4, progress=False)
+    (cache_dir,) = (tmp_path / "s" / "latents").iterdir()
+    assert sorted(os.listdir(cache_dir)) == ["latents.json"]
+    host = lc._TMP_TAG.rsplit("-", 1)[0]
+    dead = cache_dir / f".shard_000000.{host}-999999999.tmp.npy"  # no such pid
+    live = cache_dir / f".shard_000000.{host}-{os.getpid()}.tmp.npy"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    lc._remove_dead_temporaries(str(cache_dir))
+    assert not dead.exists() and live.exists()
+    with pytest.raises(ValueError, match="clip.cached_latents_batch=0: must be at least 1"):
+        encode_store(store, _ae(), (24, 40), batch=0, progress=False)
 
 
 @pytest.mark.slow
@@ -99,6 +154,35 @@ def test_training_on_cached_latents_matches_encoding_in_the_step(tmp_path):
     bad = run("finetune", "dataset=store", f"data_dir={data}", *TINY, "clip.cached_latents=true", "trainer.steps=1",
               f"run_dir={tmp_path / 'bad'}", cwd=tmp_path, check=False)
     assert bad.returncode == 1 and "clip.cached_latents=true caches autoencoder latents: it needs model.autoencoder=DIR" in bad.stderr
+    off = run("finetune", *args, "clip.cached_latents=off", f"run_dir={tmp_path / 'off'}", cwd=tmp_path, check=False)
+    assert off.returncode == 1 and "clip.cached_latents='off': must be true or false" in off.stderr
+
+
+@pytest.mark.slow
+def test_a_resume_encodes_with_the_runs_own_autoencoder(tmp_path):
+    """The trainer restores the checkpoint's frozen autoencoder: the cache must be that one's, even
+    when the folder model.autoencoder names now holds other weights."""
+    import re
+    import shutil
+
+    from tests.data_fixtures import write_blob_store
+
+    data = write_blob_store(tmp_path / "store")
+    torch.manual_seed(0)
+    FrameAutoencoder(channels=4, width=16, downsample=4).save(str(tmp_path / "ae"))
+    args = ["dataset=store", f"data_dir={data}", *TINY, f"model.autoencoder={tmp_path / 'ae'}", "model.patch_size=2",
+            "clip.cached_latents=true", "validation.every=0", f"run_dir={tmp_path / 'run'}"]
+    first = run("finetune", *args, "trainer.steps=2", cwd=tmp_path)
+    shutil.rmtree(tmp_path / "ae")
+    torch.manual_seed(1)
+    FrameAutoencoder(channels=4, width=16, downsample=4).save(str(tmp_path / "ae"))
+    resumed = run("finetune", *args, "trainer.steps=4", "resume=true", cwd=tmp_path)
+
+    def cache_of(proc):
+        return re.search(r"data: cached latents (\S+)", proc.stdout + proc.stderr).group(1)
+
+    assert cache_of(resumed) == cache_of(first) and "encoding" not in resumed.stdout + resumed.stderr
+    assert max(losses(tmp_path / "run")) == 4
 
 
 def test_flop_count_sees_latent_tokens_from_frames_and_from_the_cache():
@@ -123,7 +207,7 @@ def test_two_ranks_share_the_encoding_and_train_on_the_cache(tmp_path):
                     "clip.image_size=[24,40]", "trainer.batch_size=4", "trainer.num_workers=0", "trainer.steps=2",
                     "trainer.warmup_steps=1", "trainer.parallel=ddp", "logger.wandb=disabled",
                     "logger.progress_bar=false", "hydra.run.dir=outputs/rank${oc.env:RANK}"], tmp_path)
-    assert "encoding 28 frames of 2 shard(s)" in out.stdout + out.stderr  # rank 0's part (rank 1 logs warnings only)
+    assert "encoding 28 frames (2 shard(s))" in out.stdout + out.stderr  # rank 0's part (rank 1 logs warnings only)
     from selfflow_robot.models.autoencoder import autoencoder_spec, build_frozen_autoencoder
 
     cache = open_cache(store, build_frozen_autoencoder(autoencoder_spec(str(tmp_path / "ae"))), (24, 40))

@@ -17,10 +17,12 @@ written under a temporary name and renamed when whole, so the files present are 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import socket
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from .errors import DataError
 from .store import EpisodeStore
 
 FORMAT, VERSION = "selfflow-latent-cache", 1
+_TMP_TAG = f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 log = logging.getLogger(__name__)
 
 
@@ -48,9 +51,14 @@ def cache_identity(autoencoder: torch.nn.Module, image_size) -> dict:
     return {"weights_sha256": weights_digest(autoencoder), "image_size": [int(x) for x in image_size]}
 
 
-def cache_path(store: EpisodeStore, identity: dict) -> str:
+def cache_path(store: EpisodeStore, identity: dict, root: str | None = None) -> str:
+    """STORE/latents/<key>; under another root (a read-only store), ROOT/<store name>-<path hash>/<key>."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(store.path, "latents", key)
+    if root is None:
+        return os.path.join(store.path, "latents", key)
+    where = os.path.abspath(store.path)
+    name = f"{os.path.basename(where.rstrip(os.sep))}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+    return os.path.join(os.path.abspath(root), name, key)
 
 
 def _shard_file(path: str, name: str) -> str:
@@ -100,12 +108,22 @@ class LatentCache:
 
 def _encode_shard(store: EpisodeStore, j: int, autoencoder, image_size, device, batch: int, out: str, bar,
                   autocast) -> None:
-    from ..models.tokens import frames_to_float
-
     name, steps = store.shard_names[j], store.shard_steps(j)
     images = store.shard_images(j)
     native = tuple(images.shape[1:3])
-    tmp = _shard_file(out, f".{name}.{os.getpid()}.tmp")  # two runs encoding at once never share one
+    tmp = _shard_file(out, f".{name}.{_TMP_TAG}.tmp")  # two runs encoding at once never share one
+    try:
+        _fill_shard(store, name, steps, images, native, autoencoder, image_size, device, batch, tmp, bar, autocast)
+    except BaseException:  # an error or Ctrl-C mid-shard: the finished shards stay, the partial one goes
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, _shard_file(out, name))
+
+
+def _fill_shard(store, name, steps, images, native, autoencoder, image_size, device, batch, tmp, bar, autocast):
+    from ..models.tokens import frames_to_float
+
     z_all = None
     for a in range(0, steps, batch):
         frames = np.array(images[a:a + batch])  # a copy: torch wants writable memory
@@ -125,58 +143,99 @@ def _encode_shard(store: EpisodeStore, j: int, autoencoder, image_size, device, 
             bar.update(len(frames))
     z_all.flush()
     del z_all
-    os.replace(tmp, _shard_file(out, name))
+
+
+def _remove_dead_temporaries(out: str) -> None:
+    """Partial shards of runs killed outright (SIGKILL, power loss) on this host; a live run's stay."""
+    host = _TMP_TAG.rsplit("-", 1)[0]
+    for f in os.listdir(out):
+        parts = f.split(".")  # .shard_000003.<host>-<pid>.tmp.npy
+        if not (f.startswith(".") and f.endswith(".tmp.npy") and len(parts) == 5 and parts[2].rsplit("-", 1)[0] == host):
+            continue
+        try:
+            os.kill(int(parts[2].rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(out, f))
+        except (ValueError, PermissionError):
+            pass
+
+
+def human_bytes(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else (
+        f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.1f} KiB")
 
 
 def encode_store(store: EpisodeStore, autoencoder: torch.nn.Module, image_size, device="cpu", batch: int = 32,
-                 rank: int = 0, world_size: int = 1, progress: bool = True, precision: str = "fp32") -> LatentCache:
+                 rank: int = 0, world_size: int = 1, progress: bool = True, precision: str = "fp32",
+                 root: str | None = None, source: str | None = None) -> LatentCache | None:
     """Encode the store's shards that are not cached yet (rank r of w takes every w-th one) and
     return the cache. Ranks other than 0 only encode; call `open_cache` after a barrier.
     precision="bf16" encodes under bf16 autocast, as the training step encodes frames on a GPU
-    (the cache key does not change: the two differ by bf16 rounding only)."""
+    (the cache key does not change: the two differ by bf16 rounding only). A complete cache is
+    opened without writing anything, so a finished cache of a read-only store is usable."""
     import contextlib
 
     device = torch.device(device)
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"latent cache precision must be bf16|fp32, got {precision!r}")
+    if int(batch) < 1:
+        raise ValueError(f"clip.cached_latents_batch={batch}: must be at least 1 frame per encoder call")
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16"
                 else contextlib.nullcontext)
     autoencoder = autoencoder.to(device).eval()
     identity = cache_identity(autoencoder, image_size)
-    out = cache_path(store, identity)
-    os.makedirs(out, exist_ok=True)
+    out = cache_path(store, identity, root)
     h, w = (int(x) for x in image_size)
     with torch.no_grad():
         probe = autoencoder.encode(torch.zeros(1, 3, h, w, device=device))
     latent_shape = [int(probe.shape[2]), int(probe.shape[3]), int(probe.shape[1])]
-    if rank == 0:
-        write_json_atomic(os.path.join(out, "latents.json"), {
-            "format": FORMAT, "version": VERSION, "identity": identity, "latent_shape": latent_shape,
-            "dtype": "float16", "encoded_with": precision, "store": os.path.abspath(store.path),
-            "shards": {n: store.shard_steps(j) for j, n in enumerate(store.shard_names)}}, indent=1)
-    todo = [j for j, n in enumerate(store.shard_names)
-            if j % world_size == rank and not _shard_done(out, n, store.shard_steps(j), latent_shape)]
-    if todo:
-        frames = sum(store.shard_steps(j) for j in todo)
-        log.info("latents: encoding %d frames of %d shard(s) at %dx%d into %s", frames, len(todo), h, w, out)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=frames, desc="encode latents", unit="frame", dynamic_ncols=True)
-        try:
-            for j in todo:
-                _encode_shard(store, j, autoencoder, (h, w), device, batch, out, bar, autocast)
-        finally:
-            if bar is not None:
-                bar.close()
+    shards = {n: store.shard_steps(j) for j, n in enumerate(store.shard_names)}
+    done = [j for j, n in enumerate(store.shard_names)
+            if os.path.isdir(out) and _shard_done(out, n, shards[n], latent_shape)]
+    todo = [j for j in range(len(shards)) if j % world_size == rank and j not in done]
+    info_file = os.path.join(out, "latents.json")
+    try:
+        if rank == 0 and (todo or not os.path.isfile(info_file) or LatentCache(out).info["shards"] != shards):
+            os.makedirs(out, exist_ok=True)
+            write_json_atomic(info_file, {
+                "format": FORMAT, "version": VERSION, "identity": identity, "latent_shape": latent_shape,
+                "dtype": "float16", "encoded_with": precision, "autoencoder": source,
+                "store": os.path.abspath(store.path), "shards": shards}, indent=1)
+        if todo:
+            os.makedirs(out, exist_ok=True)
+            _remove_dead_temporaries(out)
+            _encode_shards(store, todo, done, autoencoder, (h, w), latent_shape, device, batch, out, progress, autocast)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
+            raise
+        raise DataError(f"cannot write the latent cache {out}: {e.strerror}; set clip.cached_latents_dir to a "
+                        "writable folder (a store's finished cache is read without writing)") from None
     return LatentCache(out) if world_size == 1 else None
 
 
-def open_cache(store: EpisodeStore, autoencoder: torch.nn.Module, image_size) -> LatentCache | None:
+def _encode_shards(store, todo, done, autoencoder, image_size, latent_shape, device, batch, out, progress, autocast):
+    frames = sum(store.shard_steps(j) for j in todo)
+    kept = sum(store.shard_steps(j) for j in done)
+    log.info("latents: encoding %d frames (%d shard(s)) at %dx%d into %s, %s as float16%s; finished shards "
+             "are kept if this stops", frames, len(todo), *image_size, out,
+             human_bytes(frames * np.prod(latent_shape) * 2), f"; {kept} frames already cached" if kept else "")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=frames, desc="encode latents", unit="frame", dynamic_ncols=True)
+    try:
+        for j in todo:
+            _encode_shard(store, j, autoencoder, image_size, device, batch, out, bar, autocast)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def open_cache(store: EpisodeStore, autoencoder: torch.nn.Module, image_size, root: str | None = None) -> LatentCache | None:
     """The complete cache of this store for these autoencoder weights and frame size, or None
     (with the reason logged) when some shard is not encoded yet."""
-    out = cache_path(store, cache_identity(autoencoder, image_size))
+    out = cache_path(store, cache_identity(autoencoder, image_size), root)
     if not os.path.isfile(os.path.join(out, "latents.json")):
         return None
     cache = LatentCache(out)
@@ -186,3 +245,7 @@ def open_cache(store: EpisodeStore, autoencoder: torch.nn.Module, image_size) ->
         log.info("latents: %s covers %d of %d shards", out, len(store.shard_names) - len(missing), len(store.shard_names))
         return None
     return cache
+
+
+def cache_bytes(cache: LatentCache) -> int:
+    return sum(os.path.getsize(_shard_file(cache.path, n)) for n in cache.info["shards"])
