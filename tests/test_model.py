@@ -140,6 +140,16 @@ def test_init_mismatch_names_the_differing_setting(tmp_path):
         load_backbone(build_model("tiny", patch_size=8), tmp_path)
 
 
+def test_init_from_a_latent_model_without_its_autoencoder_says_which_setting(tmp_path):
+    from selfflow_robot.models.loading import load_backbone
+    from selfflow_robot.train.checkpoint import save_tensors
+
+    latent = build_model("tiny", autoencoder={"channels": 4, "width": 8, "downsample": 4}, patch_size=2)
+    save_tensors(latent.state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="trained on a frozen autoencoder's latents: add model.autoencoder=DIR"):
+        load_backbone(build_model("tiny", patch_size=2), tmp_path)
+
+
 def test_init_from_a_fine_tuned_run_says_its_action_layers_are_left_out(tmp_path):
     from selfflow_robot.models.loading import load_backbone
     from selfflow_robot.train.checkpoint import save_tensors, write_json

@@ -57,10 +57,18 @@ def load_backbone(model: SelfFlowDiT, path) -> list[str]:
                          + f"this run is {c.name} (depth {c.depth}, width {c.width})"
                          # a differing patch size or autoencoder leaves those descriptions equal
                          + (f"; settings that differ (checkpoint vs this run): {', '.join(differ)}" if differ else "")
-                         + _release_hint(file.parent) + "):\n" + mismatch_report(problems))
+                         + _release_hint(file.parent) + _autoencoder_hint(model, sd) + "):\n"
+                         + mismatch_report(problems))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     _warn_if_prediction_differs(model, file.parent)
     return created
+
+
+def _autoencoder_hint(model: SelfFlowDiT, sd: dict) -> str:
+    if model.autoencoder is None and any(k.startswith("autoencoder.") for k in sd):
+        return ("; the checkpoint was trained on a frozen autoencoder's latents: add model.autoencoder=DIR "
+                "with the same autoencoder folder")
+    return ""
 
 
 def _release_hint(ckpt) -> str:
