@@ -143,16 +143,22 @@ def _clip_image_size(size, stored_hw, patch: int, n_views: int, patch_desc: str 
     (RT-1's 4:5 trains at 64x80), so nothing is squashed; a size given whose aspect differs gets a
     warning, since a policy then squashes the robot's frames the same way."""
     sh, sw = int(stored_hw[0]), int(stored_hw[1])
+    patch_desc = patch_desc or f"model.patch_size={patch}"
     if size is None:
         unit = patch * max(n_views, 1)  # whole patches, none straddling two tiled views
         h = max(patch, min(DEFAULT_CLIP_HEIGHT, sh) // patch * patch)
-        return h, max(unit, round(h * sw / sh / unit) * unit)
-    h, w = (int(x) for x in size)
-    if h % patch or w % patch:
-        raise ValueError(f"clip.image_size={[h, w]} is not divisible by {patch_desc or f'model.patch_size={patch}'}")
-    if abs((h / w) / (sh / sw) - 1) > 0.1:
-        warnings.warn(f"clip.image_size={[h, w]} squashes the stored {sh}x{sw} frames (aspect {h / w:.2f} vs "
-                      f"{sh / sw:.2f}); clip.image_size=null keeps the data's aspect ratio", stacklevel=2)
+        h, w = h, max(unit, round(h * sw / sh / unit) * unit)
+    else:
+        h, w = (int(x) for x in size)
+        if h % patch or w % patch:
+            raise ValueError(f"clip.image_size={[h, w]} is not divisible by {patch_desc}")
+        if abs((h / w) / (sh / sw) - 1) > 0.1:
+            warnings.warn(f"clip.image_size={[h, w]} squashes the stored {sh}x{sw} frames (aspect {h / w:.2f} vs "
+                          f"{sh / sw:.2f}); clip.image_size=null keeps the data's aspect ratio", stacklevel=2)
+    tokens = (h // patch) * (w // patch)
+    if tokens < 4:  # e.g. 64 px frames, patch 8 of an 8x-downsampling autoencoder: one token a frame
+        warnings.warn(f"frames of {h}x{w} with {patch_desc} give {tokens} token(s) per frame: the model sees "
+                      "almost no layout; a smaller model.patch_size or a larger clip.image_size gives more", stacklevel=2)
     return h, w
 
 

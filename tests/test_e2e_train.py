@@ -153,6 +153,9 @@ def test_trained_frame_size_keeps_the_data_aspect_ratio():
     assert _clip_image_size([48, 64], [96, 128], 16, 1) == (48, 64)
     with pytest.warns(UserWarning, match=r"clip.image_size=\[64, 64\] squashes the stored 128x160 frames"):
         _clip_image_size([64, 64], [128, 160], 8, 1)
+    with pytest.warns(UserWarning, match=r"frames of 64x64 with model.patch_size 8 x the autoencoder's downsample 8 "
+                                         r"= 64 give 1 token\(s\) per frame"):
+        _clip_image_size(None, [64, 64], 64, 1, "model.patch_size 8 x the autoencoder's downsample 8 = 64")
 
 
 def test_a_clip_longer_than_every_episode_is_refused():
