@@ -107,17 +107,18 @@ def _cache(b, base, store, ae, image_size, device, frames, batch, rates) -> dict
     from .data.latent_cache import encode_store
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    n_frames = EpisodeStore(store).num_steps
+    episodes = EpisodeStore(store)
+    precision = "bf16" if device.type == "cuda" else "fp32"  # as clip.cached_latents encodes with trainer.precision=auto
     sync()
     t0 = time.perf_counter()
-    precision = "bf16" if device.type == "cuda" else "fp32"  # as clip.cached_latents encodes with trainer.precision=auto
-    cache = encode_store(EpisodeStore(store), ae, image_size, device, batch=int(b.encode_batch), progress=False,
+    cache = encode_store(episodes, ae, image_size, device, batch=int(b.encode_batch), progress=False,
                          precision=precision)
     sync()
     seconds = time.perf_counter() - t0
+    n_frames = episodes.num_steps
     emit({**base, "part": "cache", "precision": precision, "frames_encoded": n_frames, "seconds": seconds, "frames_per_s": n_frames / seconds,
           "bytes_per_frame": int(np.prod(cache.latent_shape)) * 2, "frame_bytes": int(np.prod(image_size)) * 3}, b.out)
-    cached_set = ClipDataset(store, context_frames=1, future_frames=frames - 1, action_chunk=6, latents=cache,
+    cached_set = ClipDataset(episodes, context_frames=1, future_frames=frames - 1, action_chunk=6, latents=cache,
                              frames=False)
     for workers in b.workers:
         rates[int(workers)] = _loader_rate(cached_set, batch, int(workers), int(b.loader_batches))

@@ -182,12 +182,13 @@ def cached_latents(clip, trainer_cfg, store, model, image_size, ranks, resuming_
     if precision == "auto":  # the trainer's rule: the step would encode under the same autocast
         precision = "bf16" if ranks.device.type == "cuda" else "fp32"
     root = clip.get("cached_latents_dir") or None
-    encode_store(store, ae, image_size, ranks.device, batch=int(clip.get("cached_latents_batch", 32)),
-                 rank=ranks.rank, world_size=ranks.world_size, progress=ranks.is_main, precision=precision,
-                 root=root, source=(model.cfg.autoencoder or {}).get("path"))
+    cache = encode_store(store, ae, image_size, ranks.device, batch=int(clip.get("cached_latents_batch", 32)),
+                         rank=ranks.rank, world_size=ranks.world_size, progress=ranks.is_main, precision=precision,
+                         root=root, source=(model.cfg.autoencoder or {}).get("path"))
     barrier()  # every rank's shards are written
     ae.to("cpu")  # the model is moved to the device, whole, by the trainer
-    cache = open_cache(store, ae, image_size, root)
+    if cache is None:  # several ranks each wrote a share: check the whole
+        cache = open_cache(store, ae, image_size, root)
     if cache is None:
         raise RuntimeError(f"clip.cached_latents: the latent cache of {store.path} is incomplete after encoding")
     log.info("data: cached latents %s (%s float16 per frame, %s)", cache.path,

@@ -191,7 +191,7 @@ def encode_store(store: EpisodeStore, autoencoder: torch.nn.Module, image_size, 
     latent_shape = [int(probe.shape[2]), int(probe.shape[3]), int(probe.shape[1])]
     shards = {n: store.shard_steps(j) for j, n in enumerate(store.shard_names)}
     done = [j for j, n in enumerate(store.shard_names)
-            if os.path.isdir(out) and _shard_done(out, n, shards[n], latent_shape)]
+            if _shard_done(out, n, shards[n], latent_shape)] if os.path.isdir(out) else []
     todo = [j for j in range(len(shards)) if j % world_size == rank and j not in done]
     info_file = os.path.join(out, "latents.json")
     try:
@@ -210,7 +210,7 @@ def encode_store(store: EpisodeStore, autoencoder: torch.nn.Module, image_size, 
             raise
         raise DataError(f"cannot write the latent cache {out}: {e.strerror}; set clip.cached_latents_dir to a "
                         "writable folder (a store's finished cache is read without writing)") from None
-    return LatentCache(out) if world_size == 1 else None
+    return LatentCache(out) if world_size == 1 else None  # whole when one process encoded every shard
 
 
 def _encode_shards(store, todo, done, autoencoder, image_size, latent_shape, device, batch, out, progress, autocast):
